@@ -1,0 +1,1 @@
+//! Wiring of the agent: datastore adapter, dataplane backends and the reconcile loop.

@@ -1,0 +1,1 @@
+//! Real kernel subsystems over rtnetlink and WireGuard's generic netlink. (Filled in next.)

@@ -1,0 +1,1 @@
+//! wireguard-go driven over its UAPI socket. (Filled in next.)

@@ -1,0 +1,150 @@
+//! The WireGuard device subsystem: device settings and peers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+
+use super::{Backend, DataplaneError};
+use crate::keys::PrivateKey;
+use crate::mesh::{DataplaneSpec, PeerSpec};
+use crate::model::WgKey;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerState {
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: BTreeSet<IpNet>,
+    pub keepalive: u16,
+    /// `None` when no handshake ever happened.
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// What a WireGuard device holds now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceState {
+    pub name: String,
+    /// Public key derived from the device's private key; `None` when no key is set.
+    pub public_key: Option<WgKey>,
+    pub listen_port: u16,
+    pub fwmark: u32,
+    pub peers: BTreeMap<WgKey, PeerState>,
+}
+
+#[derive(Clone, PartialEq)]
+pub enum WgOp {
+    CreateDevice { name: String },
+    DeleteDevice { name: String },
+    /// Private key, listen port and fwmark; never touches peers.
+    ConfigureDevice { name: String, private_key: PrivateKey, listen_port: u16, fwmark: u32 },
+    /// Adds the peer or updates it in place, replacing its allowed IPs.
+    SetPeer { name: String, public_key: WgKey, peer: PeerSpec },
+    RemovePeer { name: String, public_key: WgKey },
+}
+
+impl WgOp {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WgOp::CreateDevice { .. } => "create_device",
+            WgOp::DeleteDevice { .. } => "delete_device",
+            WgOp::ConfigureDevice { .. } => "configure_device",
+            WgOp::SetPeer { .. } => "set_peer",
+            WgOp::RemovePeer { .. } => "remove_peer",
+        }
+    }
+}
+
+impl fmt::Display for WgOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WgOp::CreateDevice { name } => write!(f, "create WireGuard device {name}"),
+            WgOp::DeleteDevice { name } => write!(f, "delete WireGuard device {name}"),
+            WgOp::ConfigureDevice { name, private_key, listen_port, fwmark } => write!(
+                f,
+                "configure {name}: public key {}, listen port {listen_port}, fwmark {fwmark:#x}",
+                private_key.public_key()
+            ),
+            WgOp::SetPeer { name, public_key, peer } => write!(
+                f,
+                "set peer {public_key} ({}) on {name}: endpoint {}, allowed IPs {}",
+                peer.node,
+                peer.endpoint,
+                peer.allowed_ips.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
+            ),
+            WgOp::RemovePeer { name, public_key } => write!(f, "remove peer {public_key} from {name}"),
+        }
+    }
+}
+
+impl fmt::Debug for WgOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[async_trait]
+pub trait WireguardDataplane: Send {
+    fn backend(&self) -> Backend;
+    /// The devices among `names` that exist.
+    async fn observe(&mut self, names: &BTreeSet<String>) -> Result<BTreeMap<String, DeviceState>, DataplaneError>;
+    async fn apply(&mut self, ops: &[WgOp]) -> Result<(), DataplaneError>;
+}
+
+fn peer_matches(want: &PeerSpec, have: &PeerState) -> bool {
+    have.endpoint == Some(want.endpoint) && have.allowed_ips == want.allowed_ips && have.keepalive == want.keepalive
+}
+
+/// Minimal operations taking `actual` to `desired`. Devices we own but no longer want are
+/// deleted; existing peers are updated in place, never replaced wholesale.
+pub fn plan(desired: &DataplaneSpec, actual: &BTreeMap<String, DeviceState>) -> Vec<WgOp> {
+    let mut ops = Vec::new();
+    let wanted: BTreeSet<&str> = desired.devices.values().map(|d| d.name.as_str()).collect();
+    for name in actual.keys() {
+        if desired.owned_interfaces.contains(name) && !wanted.contains(name.as_str()) {
+            ops.push(WgOp::DeleteDevice { name: name.clone() });
+        }
+    }
+    for device in desired.devices.values() {
+        let name = &device.name;
+        let configure = WgOp::ConfigureDevice {
+            name: name.clone(),
+            private_key: device.private_key.clone(),
+            listen_port: device.listen_port,
+            fwmark: device.fwmark,
+        };
+        let empty = BTreeMap::new();
+        let have_peers = match actual.get(name) {
+            None => {
+                ops.push(WgOp::CreateDevice { name: name.clone() });
+                ops.push(configure);
+                &empty
+            }
+            Some(state) => {
+                if state.public_key != Some(device.private_key.public_key())
+                    || state.listen_port != device.listen_port
+                    || state.fwmark != device.fwmark
+                {
+                    ops.push(configure);
+                }
+                &state.peers
+            }
+        };
+        // Removals first: a key that changed is a new peer; the old one goes before the new
+        // one is added, so an allowed IP never sits on two peers.
+        for key in have_peers.keys() {
+            if !device.peers.contains_key(key) {
+                ops.push(WgOp::RemovePeer { name: name.clone(), public_key: *key });
+            }
+        }
+        for (key, want) in &device.peers {
+            if have_peers.get(key).is_none_or(|have| !peer_matches(want, have)) {
+                ops.push(WgOp::SetPeer { name: name.clone(), public_key: *key, peer: want.clone() });
+            }
+        }
+    }
+    ops
+}

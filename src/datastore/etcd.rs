@@ -1,0 +1,1 @@
+//! etcd v3 with Calico's key layout. (Filled in next.)

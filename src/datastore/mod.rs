@@ -1,0 +1,67 @@
+//! The datastore behind one trait: list + watch into a shared snapshot, and publish this
+//! node's WireGuard fields. `etcd` (Calico's key layout) is the adapter for bare metal and the
+//! lab; the Kubernetes adapter fits the same trait.
+
+pub mod etcd;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::model::{ClusterSnapshot, PublishedWireguard};
+
+/// The snapshot every adapter keeps current; the reconcile loop waits on its receiver.
+pub type SnapshotSender = watch::Sender<ClusterSnapshot>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreError {
+    #[error("connecting to {endpoint}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("listing {what}")]
+    List {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("watching {what}")]
+    Watch {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("node {node} does not exist in the datastore; it must be registered before this agent can publish its key")]
+    NodeNotFound { node: String },
+    #[error("publishing WireGuard fields on node {node}")]
+    Publish {
+        node: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("node {node} kept changing while we updated it ({attempts} attempts)")]
+    Conflict { node: String, attempts: u32 },
+}
+
+impl DatastoreError {
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, DatastoreError::NodeNotFound { .. })
+    }
+}
+
+#[async_trait]
+pub trait Datastore: Send + Sync {
+    /// Short name for logs and status (`etcd`, `kubernetes`).
+    fn kind(&self) -> &'static str;
+
+    /// Lists every resource, marks the snapshot synced, then watches, keeping `cache` current;
+    /// reconnects and resumes (or re-lists) by itself. Returns only on a fatal error.
+    async fn run(&self, cache: SnapshotSender) -> Result<(), DatastoreError>;
+
+    /// Writes this node's WireGuard public keys and tunnel addresses (a `None` clears the
+    /// field), touching nothing else on the node object.
+    async fn publish(&self, node: &str, published: &PublishedWireguard) -> Result<(), DatastoreError>;
+}

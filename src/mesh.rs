@@ -1,0 +1,433 @@
+//! `desired()`: the whole WireGuard dataplane as a pure function of the datastore snapshot,
+//! the effective settings and this node's keys. No I/O, no clock; ordered collections only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::config::{ConfigFieldError, FamilySettings, MTU_OVERHEAD_V4, MTU_OVERHEAD_V6, WireguardSettings};
+use crate::keys::PrivateKey;
+use crate::model::{Family, NodeResource, PublishedWireguard, WgKey};
+
+/// Facts the agent itself contributes: identity, keys, marks and what it observed of the host.
+#[derive(Debug, Clone)]
+pub struct LocalFacts {
+    pub node_name: String,
+    /// This node's private key per family (present for every enabled family).
+    pub private_keys: BTreeMap<Family, PrivateKey>,
+    pub fwmark: u32,
+    pub routing_table: u32,
+    /// Smallest MTU of the host's uplinks (observed); used when the MTU setting is 0 (auto).
+    pub host_mtu: u32,
+}
+
+/// Everything `desired()` reads.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub local: LocalFacts,
+    pub settings: WireguardSettings,
+    pub nodes: BTreeMap<String, NodeResource>,
+}
+
+/// Why a node is not a WireGuard peer for one family. Reported in logs and status.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(tag = "reason", rename_all = "camelCase")]
+pub enum SkipReason {
+    /// The node publishes no key for this family (WireGuard off there, or not started yet).
+    NoKey,
+    MalformedKey { value: String, error: String },
+    /// The key is also published by these nodes; none of them is peered.
+    KeyCollision { with: Vec<String> },
+    NoUnderlayAddress,
+    MalformedUnderlayAddress { value: String },
+    MalformedPodCidr { value: String },
+    MalformedInterfaceAddress { value: String },
+    /// The datastore object could not be decoded.
+    Undecodable { error: String },
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SkipReason::NoKey => write!(f, "publishes no WireGuard public key"),
+            SkipReason::MalformedKey { value, error } => {
+                write!(f, "malformed WireGuard public key {value:?}: {error}")
+            }
+            SkipReason::KeyCollision { with } => {
+                write!(f, "public key is also published by {}", with.join(", "))
+            }
+            SkipReason::NoUnderlayAddress => write!(f, "has no underlay address for this family"),
+            SkipReason::MalformedUnderlayAddress { value } => {
+                write!(f, "malformed underlay address {value:?}")
+            }
+            SkipReason::MalformedPodCidr { value } => write!(f, "malformed pod CIDR {value:?}"),
+            SkipReason::MalformedInterfaceAddress { value } => {
+                write!(f, "malformed WireGuard interface address {value:?}")
+            }
+            SkipReason::Undecodable { error } => write!(f, "node object cannot be decoded: {error}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct SkippedNode {
+    pub node: String,
+    pub family: Family,
+    #[serde(flatten)]
+    pub reason: SkipReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerSpec {
+    pub node: String,
+    pub endpoint: SocketAddr,
+    pub allowed_ips: BTreeSet<IpNet>,
+    /// Persistent keepalive in seconds; 0 = off.
+    pub keepalive: u16,
+}
+
+/// One family's WireGuard device as it should be.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceSpec {
+    pub family: Family,
+    pub name: String,
+    pub private_key: PrivateKey,
+    pub listen_port: u16,
+    pub fwmark: u32,
+    pub mtu: u32,
+    /// The device's one address (/32 or /128), if this node has a tunnel address.
+    pub address: Option<IpNet>,
+    pub peers: BTreeMap<WgKey, PeerSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RouteKind {
+    /// `<dest> dev <interface> scope link`
+    Device { interface: String },
+    /// `throw <dest>`: fall through to the main table (clear text).
+    Throw,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct RouteSpec {
+    pub table: u32,
+    pub dest: IpNet,
+    pub kind: RouteKind,
+}
+
+impl RouteSpec {
+    pub fn family(&self) -> Family {
+        Family::of_net(&self.dest)
+    }
+}
+
+/// `not fwmark <mark>/<mask> lookup <table> pref <priority>`, per family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct RuleSpec {
+    pub family: Family,
+    pub priority: u32,
+    pub table: u32,
+    pub fwmark: u32,
+    pub mask: u32,
+    pub invert: bool,
+}
+
+/// The complete desired WireGuard dataplane of this node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataplaneSpec {
+    /// Devices of the enabled families.
+    pub devices: BTreeMap<Family, DeviceSpec>,
+    /// Every interface name this agent may own (both families' configured names); a device with
+    /// one of these names that is not in `devices` is removed.
+    pub owned_interfaces: BTreeSet<String>,
+    pub routing_table: u32,
+    pub routes: BTreeSet<RouteSpec>,
+    pub rules: BTreeSet<RuleSpec>,
+    /// What this node publishes on its own node object.
+    pub publish: PublishedWireguard,
+    pub skipped: BTreeSet<SkippedNode>,
+}
+
+impl DataplaneSpec {
+    pub fn enabled(&self) -> bool {
+        !self.devices.is_empty()
+    }
+}
+
+/// Effective settings from a snapshot's FelixConfigurations: `default` then `node.<name>`.
+pub fn effective_settings(
+    node_name: &str,
+    configs: &BTreeMap<String, Result<crate::config::FelixConfigurationSpec, String>>,
+) -> (WireguardSettings, Vec<ConfigFieldError>) {
+    let node_object = format!("node.{node_name}");
+    let mut layers = Vec::new();
+    let mut errors = Vec::new();
+    for name in ["default", node_object.as_str()] {
+        match configs.get(name) {
+            Some(Ok(spec)) => layers.push((name, spec)),
+            Some(Err(reason)) => errors.push(ConfigFieldError {
+                object: name.to_string(),
+                field: "spec",
+                reason: reason.clone(),
+            }),
+            None => {}
+        }
+    }
+    let (settings, mut field_errors) = WireguardSettings::merge(&layers);
+    errors.append(&mut field_errors);
+    (settings, errors)
+}
+
+/// A remote node validated for one family.
+struct Candidate<'a> {
+    name: &'a str,
+    key: WgKey,
+    underlay: IpAddr,
+    cidrs: BTreeSet<IpNet>,
+    interface_address: Option<IpAddr>,
+}
+
+/// Parses an address that may carry a prefix length (Calico stores `172.30.0.1/24`).
+pub fn parse_address(text: &str) -> Option<IpAddr> {
+    let text = text.trim();
+    text.parse::<IpAddr>()
+        .ok()
+        .or_else(|| text.parse::<IpNet>().ok().map(|n| n.addr()))
+}
+
+/// The node's pod CIDRs of one family, each normalised to its network; the first malformed
+/// one is returned as the error.
+fn pod_cidrs(node: &NodeResource, family: Family) -> Result<BTreeSet<IpNet>, String> {
+    let mut out = BTreeSet::new();
+    for raw in &node.pod_cidrs {
+        let net: IpNet = raw.trim().parse().map_err(|_| raw.clone())?;
+        if Family::of_net(&net) == family {
+            out.insert(net.trunc());
+        }
+    }
+    Ok(out)
+}
+
+/// With host-local IPAM the tunnel address is the first pod CIDR's network address + 1
+/// (`10.244.1.0/24` -> `10.244.1.1`), as Calico does.
+pub fn tunnel_address(cidrs: &BTreeSet<IpNet>) -> Option<IpAddr> {
+    let net = cidrs.iter().find(|n| n.prefix_len() < n.max_prefix_len())?;
+    match net.network() {
+        IpAddr::V4(a) => Some(IpAddr::V4(u32::from(a).checked_add(1)?.into())),
+        IpAddr::V6(a) => Some(IpAddr::V6(u128::from(a).checked_add(1)?.into())),
+    }
+}
+
+fn host_net(addr: IpAddr) -> IpNet {
+    IpNet::new(addr, Family::of_addr(&addr).host_prefix()).unwrap_or_else(|_| IpNet::from(addr))
+}
+
+fn auto_mtu(settings: &FamilySettings, family: Family, host_mtu: u32) -> u32 {
+    if settings.mtu != 0 {
+        return settings.mtu;
+    }
+    let overhead = match family {
+        Family::V4 => MTU_OVERHEAD_V4,
+        Family::V6 => MTU_OVERHEAD_V6,
+    };
+    host_mtu.saturating_sub(overhead).max(1280.min(host_mtu))
+}
+
+/// The desired dataplane. See docs/architecture.md for the rules this encodes.
+pub fn desired(inputs: &Inputs) -> DataplaneSpec {
+    let local = &inputs.local;
+    let settings = &inputs.settings;
+    let mut spec = DataplaneSpec {
+        devices: BTreeMap::new(),
+        owned_interfaces: [settings.v4.interface_name.clone(), settings.v6.interface_name.clone()]
+            .into_iter()
+            .collect(),
+        routing_table: local.routing_table,
+        routes: BTreeSet::new(),
+        rules: BTreeSet::new(),
+        publish: PublishedWireguard::default(),
+        skipped: BTreeSet::new(),
+    };
+    let local_node = inputs.nodes.get(&local.node_name);
+
+    for family in Family::ALL {
+        let fs = settings.family(family);
+        if !fs.enabled {
+            continue;
+        }
+        let Some(private_key) = local.private_keys.get(&family) else {
+            continue;
+        };
+        let local_key = private_key.public_key();
+        let local_cidrs = local_node
+            .and_then(|n| pod_cidrs(n, family).ok())
+            .unwrap_or_default();
+        let local_tunnel = tunnel_address(&local_cidrs);
+        let local_underlay = local_node
+            .and_then(|n| n.underlay_address(family))
+            .and_then(parse_address);
+
+        // Validate every remote node; keep candidates and reasons.
+        let mut candidates: Vec<Candidate> = Vec::new();
+        let mut non_peer_cidrs: BTreeSet<IpNet> = BTreeSet::new();
+        for (name, node) in &inputs.nodes {
+            if name == &local.node_name {
+                continue;
+            }
+            let skip = |reason| SkippedNode { node: name.clone(), family, reason };
+            if let Some(error) = &node.decode_error {
+                spec.skipped.insert(skip(SkipReason::Undecodable { error: error.clone() }));
+                continue;
+            }
+            let cidrs = match pod_cidrs(node, family) {
+                Ok(c) => c,
+                Err(value) => {
+                    spec.skipped.insert(skip(SkipReason::MalformedPodCidr { value }));
+                    // Keep what parses so its traffic at least falls back to clear.
+                    non_peer_cidrs.extend(
+                        node.pod_cidrs
+                            .iter()
+                            .filter_map(|c| c.trim().parse::<IpNet>().ok())
+                            .filter(|n| Family::of_net(n) == family)
+                            .map(|n| n.trunc()),
+                    );
+                    continue;
+                }
+            };
+            let reason = (|| {
+                let key_text = node.public_key(family).ok_or(SkipReason::NoKey)?;
+                let key = key_text.parse::<WgKey>().map_err(|e| SkipReason::MalformedKey {
+                    value: key_text.to_string(),
+                    error: e.to_string(),
+                })?;
+                let underlay_text = node.underlay_address(family).ok_or(SkipReason::NoUnderlayAddress)?;
+                let underlay = parse_address(underlay_text)
+                    .filter(|a| Family::of_addr(a) == family)
+                    .ok_or_else(|| SkipReason::MalformedUnderlayAddress { value: underlay_text.into() })?;
+                let interface_address = match node.interface_address(family) {
+                    None => None,
+                    Some(text) => Some(
+                        text.trim()
+                            .parse::<IpAddr>()
+                            .ok()
+                            .filter(|a| Family::of_addr(a) == family)
+                            .ok_or_else(|| SkipReason::MalformedInterfaceAddress { value: text.into() })?,
+                    ),
+                };
+                Ok(Candidate { name, key, underlay, cidrs: cidrs.clone(), interface_address })
+            })();
+            match reason {
+                Ok(candidate) => candidates.push(candidate),
+                Err(reason) => {
+                    spec.skipped.insert(skip(reason));
+                    non_peer_cidrs.extend(cidrs);
+                }
+            }
+        }
+
+        // A key claimed by more than one node (this one included) peers none of them.
+        let mut claimants: BTreeMap<WgKey, Vec<&str>> = BTreeMap::new();
+        claimants.entry(local_key).or_default().push(&local.node_name);
+        for c in &candidates {
+            claimants.entry(c.key).or_default().push(c.name);
+        }
+        let mut peers: Vec<Candidate> = Vec::new();
+        for c in candidates {
+            let owners = &claimants[&c.key];
+            if owners.len() > 1 {
+                let with = owners.iter().filter(|o| **o != c.name).map(|o| o.to_string()).collect();
+                spec.skipped.insert(SkippedNode {
+                    node: c.name.to_string(),
+                    family,
+                    reason: SkipReason::KeyCollision { with },
+                });
+                non_peer_cidrs.extend(c.cidrs);
+            } else {
+                peers.push(c);
+            }
+        }
+
+        let device_name = fs.interface_name.clone();
+        let mut device = DeviceSpec {
+            family,
+            name: device_name.clone(),
+            private_key: private_key.clone(),
+            listen_port: fs.listening_port,
+            fwmark: local.fwmark,
+            mtu: auto_mtu(fs, family, local.host_mtu),
+            address: local_tunnel.map(host_net),
+            peers: BTreeMap::new(),
+        };
+        // A CIDR belongs to one place: local CIDRs are never allowed IPs of a peer, and a CIDR
+        // claimed by two peers goes to neither (WireGuard would silently move it).
+        let mut cidr_owners: BTreeMap<IpNet, usize> = BTreeMap::new();
+        for p in &peers {
+            for c in &p.cidrs {
+                *cidr_owners.entry(*c).or_default() += 1;
+            }
+        }
+        for p in &peers {
+            let mut allowed: BTreeSet<IpNet> = p
+                .cidrs
+                .iter()
+                .filter(|c| cidr_owners[*c] == 1 && !local_cidrs.contains(*c))
+                .copied()
+                .collect();
+            non_peer_cidrs.extend(p.cidrs.iter().filter(|c| cidr_owners[*c] > 1).copied());
+            let tunnel = p.interface_address.or_else(|| tunnel_address(&p.cidrs));
+            if let Some(addr) = tunnel {
+                if !allowed.iter().any(|n| n.contains(&addr)) {
+                    allowed.insert(host_net(addr));
+                }
+            }
+            if settings.host_encryption && Some(p.underlay) != local_underlay {
+                allowed.insert(host_net(p.underlay));
+            }
+            for dest in &allowed {
+                spec.routes.insert(RouteSpec {
+                    table: local.routing_table,
+                    dest: *dest,
+                    kind: RouteKind::Device { interface: device_name.clone() },
+                });
+            }
+            device.peers.insert(
+                p.key,
+                PeerSpec {
+                    node: p.name.to_string(),
+                    endpoint: SocketAddr::new(p.underlay, fs.listening_port),
+                    allowed_ips: allowed,
+                    keepalive: u16::try_from(settings.keepalive.as_secs()).unwrap_or(u16::MAX),
+                },
+            );
+        }
+        let routed: BTreeSet<IpNet> = spec.routes.iter().map(|r| r.dest).collect();
+        for dest in local_cidrs.iter().chain(non_peer_cidrs.iter()) {
+            if !routed.contains(dest) {
+                spec.routes.insert(RouteSpec { table: local.routing_table, dest: *dest, kind: RouteKind::Throw });
+            }
+        }
+        spec.rules.insert(RuleSpec {
+            family,
+            priority: settings.routing_rule_priority,
+            table: local.routing_table,
+            fwmark: local.fwmark,
+            mask: local.fwmark,
+            invert: true,
+        });
+        match family {
+            Family::V4 => {
+                spec.publish.public_key_v4 = Some(local_key);
+                spec.publish.interface_ipv4_address = local_tunnel;
+            }
+            Family::V6 => {
+                spec.publish.public_key_v6 = Some(local_key);
+                spec.publish.interface_ipv6_address = local_tunnel;
+            }
+        }
+        spec.devices.insert(family, device);
+    }
+    spec
+}

@@ -1,0 +1,370 @@
+//! The one level-triggered reconcile loop: datastore changes, a slow resync timer and retries
+//! only mark the state dirty; one task snapshots and runs desired -> observe -> plan -> apply.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::config::ConfigFieldError;
+use crate::dataplane::link::{self, LinkDataplane};
+use crate::dataplane::route::{self, RoutingDataplane};
+use crate::dataplane::wg::{self, WireguardDataplane};
+use crate::dataplane::{Backend, DataplaneError};
+use crate::datastore::{Datastore, DatastoreError};
+use crate::keys::{KeyError, KeyStore, PrivateKey};
+use crate::mesh::{self, DataplaneSpec, Inputs, LocalFacts, SkippedNode};
+use crate::model::{ClusterSnapshot, Family, WgKey};
+
+/// Agent settings that come from flags, not from FelixConfiguration.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub fwmark: u32,
+    pub routing_table: u32,
+    /// Full resync even without datastore changes (Felix's RouteRefreshInterval: 90 s).
+    pub resync_interval: Duration,
+    /// Least time between two runs; changes arriving meanwhile are coalesced.
+    pub min_interval: Duration,
+}
+
+impl AgentSettings {
+    pub fn new(node_name: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
+        AgentSettings {
+            node_name: node_name.into(),
+            state_dir: state_dir.into(),
+            fwmark: crate::config::DEFAULT_FWMARK,
+            routing_table: crate::config::DEFAULT_ROUTING_TABLE,
+            resync_interval: Duration::from_secs(90),
+            min_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("loading the {family} private key")]
+    Keys {
+        family: Family,
+        #[source]
+        source: KeyError,
+    },
+    #[error("programming the dataplane")]
+    Dataplane(#[from] DataplaneError),
+    #[error("publishing this node's WireGuard fields")]
+    Publish(#[from] DatastoreError),
+}
+
+impl ReconcileError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReconcileError::Keys { .. } => false,
+            ReconcileError::Dataplane(e) => e.is_transient(),
+            ReconcileError::Publish(e) => e.is_transient(),
+        }
+    }
+}
+
+/// What one run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Operation counts by subsystem and kind, e.g. `("wireguard", "set_peer") -> 2`.
+    pub ops: BTreeMap<(&'static str, &'static str), usize>,
+    pub published: bool,
+}
+
+impl Outcome {
+    pub fn total_ops(&self) -> usize {
+        self.ops.values().sum()
+    }
+}
+
+/// What the agent last did and saw, written to `<state-dir>/status.json` for `wiremesh status`
+/// and tests.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    pub node: String,
+    pub backend: Option<Backend>,
+    pub enabled: BTreeMap<Family, bool>,
+    pub devices: Vec<DeviceStatus>,
+    pub skipped: Vec<SkippedNode>,
+    pub config_errors: Vec<String>,
+    pub last_error: Option<String>,
+    pub reconciles: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceStatus {
+    pub family: Family,
+    pub interface: String,
+    pub public_key: WgKey,
+    pub listen_port: u16,
+    pub mtu: u32,
+    pub peers: Vec<mesh::PeerSpec>,
+}
+
+pub struct Reconciler<W, L, R> {
+    settings: Arc<AgentSettings>,
+    keys: KeyStore,
+    loaded_keys: BTreeMap<Family, PrivateKey>,
+    wg: W,
+    links: L,
+    routing: R,
+    datastore: Arc<dyn Datastore>,
+    last_skipped: BTreeSet<SkippedNode>,
+    last_config_errors: Vec<String>,
+    status: AgentStatus,
+}
+
+impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W, L, R> {
+    pub fn new(settings: Arc<AgentSettings>, wg: W, links: L, routing: R, datastore: Arc<dyn Datastore>) -> Self {
+        let status = AgentStatus { node: settings.node_name.clone(), backend: Some(wg.backend()), ..Default::default() };
+        Reconciler {
+            keys: KeyStore::new(&settings.state_dir),
+            settings,
+            loaded_keys: BTreeMap::new(),
+            wg,
+            links,
+            routing,
+            datastore,
+            last_skipped: BTreeSet::new(),
+            last_config_errors: Vec::new(),
+            status,
+        }
+    }
+
+    pub fn status(&self) -> &AgentStatus {
+        &self.status
+    }
+
+    fn key(&mut self, family: Family) -> Result<PrivateKey, ReconcileError> {
+        if let Some(k) = self.loaded_keys.get(&family) {
+            return Ok(k.clone());
+        }
+        let (key, created) =
+            self.keys.load_or_generate(family).map_err(|source| ReconcileError::Keys { family, source })?;
+        if created {
+            info!(%family, public_key = %key.public_key(), "generated new private/public key pair");
+        } else {
+            info!(%family, public_key = %key.public_key(), "loaded private key from state directory");
+        }
+        self.loaded_keys.insert(family, key.clone());
+        Ok(key)
+    }
+
+    /// Builds the desired state for a snapshot (reporting bad input once per change).
+    fn desired(&mut self, snapshot: &ClusterSnapshot, host_mtu: u32) -> Result<DataplaneSpec, ReconcileError> {
+        let settings = Arc::clone(&self.settings);
+        let node = &settings.node_name;
+        let (settings, config_errors) = mesh::effective_settings(node, &snapshot.felix_configurations);
+        let config_errors: Vec<String> = config_errors.iter().map(ConfigFieldError::to_string).collect();
+        if config_errors != self.last_config_errors {
+            for e in &config_errors {
+                warn!(error = %e, "ignoring invalid FelixConfiguration field");
+            }
+            self.last_config_errors = config_errors.clone();
+        }
+        let mut private_keys = BTreeMap::new();
+        for family in Family::ALL {
+            if settings.family(family).enabled {
+                private_keys.insert(family, self.key(family)?);
+            }
+        }
+        let inputs = Inputs {
+            local: LocalFacts {
+                node_name: node.clone(),
+                private_keys,
+                fwmark: self.settings.fwmark,
+                routing_table: self.settings.routing_table,
+                host_mtu,
+            },
+            settings,
+            nodes: snapshot.nodes.clone(),
+        };
+        let spec = mesh::desired(&inputs);
+        if spec.skipped != self.last_skipped {
+            for s in spec.skipped.difference(&self.last_skipped) {
+                warn!(node = %s.node, family = %s.family, reason = %s.reason, "not peering with node");
+            }
+            for s in self.last_skipped.difference(&spec.skipped) {
+                if !spec.skipped.iter().any(|n| n.node == s.node && n.family == s.family) {
+                    info!(node = %s.node, family = %s.family, "node no longer skipped");
+                }
+            }
+            self.last_skipped = spec.skipped.clone();
+        }
+        self.status.config_errors = config_errors;
+        Ok(spec)
+    }
+
+    /// One pass: desired -> (observe, plan, apply) per subsystem -> publish.
+    pub async fn reconcile_once(&mut self, snapshot: &ClusterSnapshot) -> Result<Outcome, ReconcileError> {
+        let mut outcome = Outcome::default();
+        let host_mtu = self.links.host_mtu().await?.unwrap_or(crate::config::FALLBACK_HOST_MTU);
+        let spec = self.desired(snapshot, host_mtu)?;
+
+        // Rules and routes go first when removed and last when added.
+        let routing_actual = self.routing.observe(spec.routing_table).await?;
+        let route_ops = route::plan(&spec, &routing_actual);
+        let (route_deletes, route_adds): (Vec<_>, Vec<_>) = route_ops.into_iter().partition(|op| op.is_delete());
+        apply_logged(&mut outcome, "routing", &route_deletes, |op| op.kind());
+        self.routing.apply(&route_deletes).await?;
+
+        let wg_actual = self.wg.observe(&spec.owned_interfaces).await?;
+        let wg_ops = wg::plan(&spec, &wg_actual);
+        apply_logged(&mut outcome, "wireguard", &wg_ops, |op| op.kind());
+        self.wg.apply(&wg_ops).await?;
+
+        let device_names: BTreeSet<String> = spec.devices.values().map(|d| d.name.clone()).collect();
+        let link_actual = self.links.observe(&device_names).await?;
+        let link_ops = link::plan(&spec, &link_actual);
+        apply_logged(&mut outcome, "link", &link_ops, |op| op.kind());
+        self.links.apply(&link_ops).await?;
+
+        apply_logged(&mut outcome, "routing", &route_adds, |op| op.kind());
+        self.routing.apply(&route_adds).await?;
+
+        let node = &self.settings.node_name;
+        match snapshot.nodes.get(node) {
+            Some(local) if !spec.publish.matches(local) => {
+                info!(
+                    public_key_v4 = ?spec.publish.public_key_v4.map(|k| k.to_string()),
+                    public_key_v6 = ?spec.publish.public_key_v6.map(|k| k.to_string()),
+                    "publishing WireGuard public key on node"
+                );
+                self.datastore.publish(node, &spec.publish).await?;
+                outcome.published = true;
+            }
+            Some(_) => {}
+            None => debug!(node = %node, "this node is not in the datastore yet; nothing to publish"),
+        }
+        self.record_status(&spec);
+        Ok(outcome)
+    }
+
+    fn record_status(&mut self, spec: &DataplaneSpec) {
+        self.status.enabled = Family::ALL.iter().map(|f| (*f, spec.devices.contains_key(f))).collect();
+        self.status.devices = spec
+            .devices
+            .values()
+            .map(|d| DeviceStatus {
+                family: d.family,
+                interface: d.name.clone(),
+                public_key: d.private_key.public_key(),
+                listen_port: d.listen_port,
+                mtu: d.mtu,
+                peers: d.peers.values().cloned().collect(),
+            })
+            .collect();
+        self.status.skipped = spec.skipped.iter().cloned().collect();
+    }
+
+    fn write_status(&self) {
+        let path = self.settings.state_dir.join("status.json");
+        let tmp = self.settings.state_dir.join("status.json.tmp");
+        let result = serde_json::to_vec_pretty(&self.status)
+            .map_err(std::io::Error::other)
+            .and_then(|body| std::fs::write(&tmp, body))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = result {
+            debug!(error = %e, path = %path.display(), "could not write status file");
+        }
+    }
+
+    /// Runs until `shutdown` resolves. Nothing is applied before the datastore's initial sync.
+    /// Leaving does not tear anything down: a restarted agent finds the dataplane in place.
+    pub async fn run(mut self, mut snapshots: watch::Receiver<ClusterSnapshot>, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut resync = tokio::time::interval(self.settings.resync_interval);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = Duration::ZERO;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        loop {
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => {
+                    info!("shutting down; the dataplane stays in place");
+                    return;
+                }
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        warn!("datastore cache closed; stopping the reconcile loop");
+                        return;
+                    }
+                }
+                _ = resync.tick() => {}
+                () = retry => {}
+            }
+            let snapshot = snapshots.borrow_and_update().clone();
+            if !snapshot.synced {
+                debug!("waiting for the datastore's initial sync before the first apply");
+                continue;
+            }
+            self.status.reconciles += 1;
+            let span = info_span!("reconcile", run = self.status.reconciles);
+            let result = self.reconcile_once(&snapshot).instrument(span).await;
+            match result {
+                Ok(outcome) => {
+                    backoff = Duration::ZERO;
+                    retry_at = None;
+                    self.status.last_error = None;
+                    if outcome.total_ops() > 0 {
+                        debug!(ops = outcome.total_ops(), "dataplane updated");
+                    }
+                }
+                Err(e) => {
+                    backoff = (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
+                    let message = error_chain(&e);
+                    warn!(error = %message, transient = e.is_transient(), retry_in = ?backoff, "reconcile failed");
+                    self.status.last_error = Some(message);
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                }
+            }
+            self.write_status();
+            tokio::time::sleep(self.settings.min_interval).await;
+        }
+    }
+}
+
+/// Counts the ops and logs each change once at info (a summary when there are many).
+fn apply_logged<T: std::fmt::Display>(
+    outcome: &mut Outcome,
+    subsystem: &'static str,
+    ops: &[T],
+    kind: impl Fn(&T) -> &'static str,
+) {
+    const DETAIL_LIMIT: usize = 16;
+    for (i, op) in ops.iter().enumerate() {
+        *outcome.ops.entry((subsystem, kind(op))).or_default() += 1;
+        if i < DETAIL_LIMIT {
+            info!(subsystem, "{op}");
+        }
+    }
+    if ops.len() > DETAIL_LIMIT {
+        info!(subsystem, more = ops.len() - DETAIL_LIMIT, "further dataplane changes not shown");
+    }
+}
+
+/// `error: cause: cause` on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
