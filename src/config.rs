@@ -36,11 +36,17 @@ pub struct FelixConfigurationSpec {
     pub wireguard_enabled_v6: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wireguard_interface_name: Option<String>,
-    #[serde(rename = "wireguardInterfaceNameV6", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "wireguardInterfaceNameV6",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub wireguard_interface_name_v6: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wireguard_listening_port: Option<i64>,
-    #[serde(rename = "wireguardListeningPortV6", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "wireguardListeningPortV6",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub wireguard_listening_port_v6: Option<i64>,
     #[serde(rename = "wireguardMTU", skip_serializing_if = "Option::is_none")]
     pub wireguard_mtu: Option<i64>,
@@ -122,7 +128,11 @@ impl WireguardSettings {
         let mut errors = Vec::new();
         for (object, spec) in layers {
             let mut err = |field: &'static str, reason: String| {
-                errors.push(ConfigFieldError { object: (*object).to_string(), field, reason })
+                errors.push(ConfigFieldError {
+                    object: (*object).to_string(),
+                    field,
+                    reason,
+                })
             };
             if let Some(v) = spec.wireguard_enabled {
                 out.v4.enabled = v;
@@ -145,13 +155,19 @@ impl WireguardSettings {
             if let Some(port) = spec.wireguard_listening_port {
                 match u16::try_from(port).ok().filter(|p| *p >= 1) {
                     Some(p) => out.v4.listening_port = p,
-                    None => err("wireguardListeningPort", format!("{port} is not in 1-65535")),
+                    None => err(
+                        "wireguardListeningPort",
+                        format!("{port} is not in 1-65535"),
+                    ),
                 }
             }
             if let Some(port) = spec.wireguard_listening_port_v6 {
                 match u16::try_from(port).ok().filter(|p| *p >= 1) {
                     Some(p) => out.v6.listening_port = p,
-                    None => err("wireguardListeningPortV6", format!("{port} is not in 1-65535")),
+                    None => err(
+                        "wireguardListeningPortV6",
+                        format!("{port} is not in 1-65535"),
+                    ),
                 }
             }
             if let Some(mtu) = spec.wireguard_mtu {
@@ -169,7 +185,10 @@ impl WireguardSettings {
             if let Some(prio) = spec.wireguard_routing_rule_priority {
                 match u32::try_from(prio).ok().filter(|p| (1..=32765).contains(p)) {
                     Some(p) => out.routing_rule_priority = p,
-                    None => err("wireguardRoutingRulePriority", format!("{prio} is not in 1-32765")),
+                    None => err(
+                        "wireguardRoutingRulePriority",
+                        format!("{prio} is not in 1-32765"),
+                    ),
                 }
             }
             if let Some(text) = &spec.wireguard_keep_alive {
@@ -215,7 +234,9 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
         return Ok(Duration::ZERO);
     }
     if text.is_empty() || text.starts_with('-') {
-        return Err(format!("{text:?} is not a non-negative duration such as 25s"));
+        return Err(format!(
+            "{text:?} is not a non-negative duration such as 25s"
+        ));
     }
     let mut rest = text.trim_start_matches('+');
     let mut total = 0f64;
@@ -238,7 +259,11 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ns, us, ms, s, m, h)")),
+            _ => {
+                return Err(format!(
+                    "{text:?}: unknown unit {unit:?} (use ns, us, ms, s, m, h)"
+                ));
+            }
         };
         total += value * scale;
         rest = tail;
@@ -297,7 +322,10 @@ mod tests {
             ..Default::default()
         };
         let (s, errors) = WireguardSettings::merge(&[("default", &default), ("node.n1", &node)]);
-        assert_eq!(s.v4.listening_port, 4000, "the valid lower layer still applies");
+        assert_eq!(
+            s.v4.listening_port, 4000,
+            "the valid lower layer still applies"
+        );
         assert_eq!(s.v4.interface_name, "wireguard.cali");
         assert_eq!(s.routing_rule_priority, 99);
         let fields: Vec<_> = errors.iter().map(|e| e.field).collect();

@@ -59,7 +59,13 @@ impl PrivateKey {
 
     /// Lowercase hex, as the WireGuard UAPI wants it. Only for writing to the device.
     pub fn to_hex(&self) -> Zeroizing<String> {
-        Zeroizing::new(self.0.as_bytes().iter().map(|b| format!("{b:02x}")).collect())
+        Zeroizing::new(
+            self.0
+                .as_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        )
     }
 
     pub fn to_bytes(&self) -> Zeroizing<[u8; 32]> {
@@ -125,13 +131,19 @@ impl KeyStore {
 }
 
 fn ensure_private_dir(dir: &Path) -> Result<(), KeyError> {
-    let wrap = |source| KeyError::CreateDir { path: dir.to_path_buf(), source };
+    let wrap = |source| KeyError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    };
     fs::create_dir_all(dir).map_err(wrap)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(wrap)
 }
 
 fn parse_key_file(path: &Path, bytes: &[u8]) -> Result<PrivateKey, KeyError> {
-    let corrupt = |reason: String| KeyError::Corrupt { path: path.to_path_buf(), reason };
+    let corrupt = |reason: String| KeyError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
     let text = std::str::from_utf8(bytes).map_err(|_| corrupt("not UTF-8 text".into()))?;
     let decoded = Zeroizing::new(
         BASE64
@@ -150,7 +162,10 @@ fn parse_key_file(path: &Path, bytes: &[u8]) -> Result<PrivateKey, KeyError> {
 
 /// Writes atomically: a 0600 temporary file in the same directory, fsync, rename.
 fn write_key_file(path: &Path, key: &PrivateKey) -> Result<(), KeyError> {
-    let wrap = |source| KeyError::Write { path: path.to_path_buf(), source };
+    let wrap = |source| KeyError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     let tmp = path.with_extension("key.tmp");
     let _ = fs::remove_file(&tmp);
     let mut file = fs::OpenOptions::new()
@@ -189,7 +204,10 @@ mod tests {
         let state = dir.path().join("state");
         let store = KeyStore::new(&state);
         store.load_or_generate(Family::V4).expect("generate");
-        let file_mode = fs::metadata(store.path(Family::V4)).expect("meta").permissions().mode();
+        let file_mode = fs::metadata(store.path(Family::V4))
+            .expect("meta")
+            .permissions()
+            .mode();
         let dir_mode = fs::metadata(&state).expect("meta").permissions().mode();
         assert_eq!(file_mode & 0o777, 0o600);
         assert_eq!(dir_mode & 0o777, 0o700);
@@ -203,7 +221,11 @@ mod tests {
             fs::write(store.path(Family::V4), bad).expect("write");
             let err = store.load_or_generate(Family::V4).expect_err("corrupt");
             assert!(matches!(err, KeyError::Corrupt { .. }), "{err}");
-            assert_eq!(fs::read(store.path(Family::V4)).expect("read"), bad, "file kept");
+            assert_eq!(
+                fs::read(store.path(Family::V4)).expect("read"),
+                bad,
+                "file kept"
+            );
         }
     }
 
@@ -212,10 +234,17 @@ mod tests {
         // Test vector from `wg genkey | tee k | wg pubkey`.
         let dir = tempfile::tempdir().expect("tempdir");
         let store = KeyStore::new(dir.path());
-        fs::write(store.path(Family::V4), "oH6fpWhjl8Qa1t8imvuSQsBMyPQjG3zyUp1LAaxKi0w=\n").expect("write");
+        fs::write(
+            store.path(Family::V4),
+            "oH6fpWhjl8Qa1t8imvuSQsBMyPQjG3zyUp1LAaxKi0w=\n",
+        )
+        .expect("write");
         let (key, created) = store.load_or_generate(Family::V4).expect("load");
         assert!(!created);
-        assert_eq!(key.public_key().to_base64(), "nT0rj1mFVY/XoLpDAJc1Lpwh6GAu7aKSp6PySRnzwTQ=");
+        assert_eq!(
+            key.public_key().to_base64(),
+            "nT0rj1mFVY/XoLpDAJc1Lpwh6GAu7aKSp6PySRnzwTQ="
+        );
     }
 
     #[test]

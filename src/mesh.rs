@@ -7,7 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::config::{ConfigFieldError, FamilySettings, MTU_OVERHEAD_V4, MTU_OVERHEAD_V6, WireguardSettings};
+use crate::config::{
+    ConfigFieldError, FamilySettings, MTU_OVERHEAD_V4, MTU_OVERHEAD_V6, WireguardSettings,
+};
 use crate::keys::PrivateKey;
 use crate::model::{Family, NodeResource, PublishedWireguard, WgKey};
 
@@ -21,6 +23,9 @@ pub struct LocalFacts {
     pub routing_table: u32,
     /// Smallest MTU of the host's uplinks (observed); used when the MTU setting is 0 (auto).
     pub host_mtu: u32,
+    /// Devices this agent created under names no longer configured (recorded in the state
+    /// directory), so that a rename removes the old device.
+    pub previous_interfaces: BTreeSet<String>,
 }
 
 /// Everything `desired()` reads.
@@ -37,15 +42,28 @@ pub struct Inputs {
 pub enum SkipReason {
     /// The node publishes no key for this family (WireGuard off there, or not started yet).
     NoKey,
-    MalformedKey { value: String, error: String },
+    MalformedKey {
+        value: String,
+        error: String,
+    },
     /// The key is also published by these nodes; none of them is peered.
-    KeyCollision { with: Vec<String> },
+    KeyCollision {
+        with: Vec<String>,
+    },
     NoUnderlayAddress,
-    MalformedUnderlayAddress { value: String },
-    MalformedPodCidr { value: String },
-    MalformedInterfaceAddress { value: String },
+    MalformedUnderlayAddress {
+        value: String,
+    },
+    MalformedPodCidr {
+        value: String,
+    },
+    MalformedInterfaceAddress {
+        value: String,
+    },
     /// The datastore object could not be decoded.
-    Undecodable { error: String },
+    Undecodable {
+        error: String,
+    },
 }
 
 impl std::fmt::Display for SkipReason {
@@ -66,7 +84,9 @@ impl std::fmt::Display for SkipReason {
             SkipReason::MalformedInterfaceAddress { value } => {
                 write!(f, "malformed WireGuard interface address {value:?}")
             }
-            SkipReason::Undecodable { error } => write!(f, "node object cannot be decoded: {error}"),
+            SkipReason::Undecodable { error } => {
+                write!(f, "node object cannot be decoded: {error}")
+            }
         }
     }
 }
@@ -242,9 +262,13 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
     let settings = &inputs.settings;
     let mut spec = DataplaneSpec {
         devices: BTreeMap::new(),
-        owned_interfaces: [settings.v4.interface_name.clone(), settings.v6.interface_name.clone()]
-            .into_iter()
-            .collect(),
+        owned_interfaces: [
+            settings.v4.interface_name.clone(),
+            settings.v6.interface_name.clone(),
+        ]
+        .into_iter()
+        .chain(local.previous_interfaces.iter().cloned())
+        .collect(),
         routing_table: local.routing_table,
         routes: BTreeSet::new(),
         rules: BTreeSet::new(),
@@ -277,15 +301,22 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
             if name == &local.node_name {
                 continue;
             }
-            let skip = |reason| SkippedNode { node: name.clone(), family, reason };
+            let skip = |reason| SkippedNode {
+                node: name.clone(),
+                family,
+                reason,
+            };
             if let Some(error) = &node.decode_error {
-                spec.skipped.insert(skip(SkipReason::Undecodable { error: error.clone() }));
+                spec.skipped.insert(skip(SkipReason::Undecodable {
+                    error: error.clone(),
+                }));
                 continue;
             }
             let cidrs = match pod_cidrs(node, family) {
                 Ok(c) => c,
                 Err(value) => {
-                    spec.skipped.insert(skip(SkipReason::MalformedPodCidr { value }));
+                    spec.skipped
+                        .insert(skip(SkipReason::MalformedPodCidr { value }));
                     // Keep what parses so its traffic at least falls back to clear.
                     non_peer_cidrs.extend(
                         node.pod_cidrs
@@ -299,14 +330,20 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
             };
             let reason = (|| {
                 let key_text = node.public_key(family).ok_or(SkipReason::NoKey)?;
-                let key = key_text.parse::<WgKey>().map_err(|e| SkipReason::MalformedKey {
-                    value: key_text.to_string(),
-                    error: e.to_string(),
-                })?;
-                let underlay_text = node.underlay_address(family).ok_or(SkipReason::NoUnderlayAddress)?;
+                let key = key_text
+                    .parse::<WgKey>()
+                    .map_err(|e| SkipReason::MalformedKey {
+                        value: key_text.to_string(),
+                        error: e.to_string(),
+                    })?;
+                let underlay_text = node
+                    .underlay_address(family)
+                    .ok_or(SkipReason::NoUnderlayAddress)?;
                 let underlay = parse_address(underlay_text)
                     .filter(|a| Family::of_addr(a) == family)
-                    .ok_or_else(|| SkipReason::MalformedUnderlayAddress { value: underlay_text.into() })?;
+                    .ok_or_else(|| SkipReason::MalformedUnderlayAddress {
+                        value: underlay_text.into(),
+                    })?;
                 let interface_address = match node.interface_address(family) {
                     None => None,
                     Some(text) => Some(
@@ -314,10 +351,18 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
                             .parse::<IpAddr>()
                             .ok()
                             .filter(|a| Family::of_addr(a) == family)
-                            .ok_or_else(|| SkipReason::MalformedInterfaceAddress { value: text.into() })?,
+                            .ok_or_else(|| SkipReason::MalformedInterfaceAddress {
+                                value: text.into(),
+                            })?,
                     ),
                 };
-                Ok(Candidate { name, key, underlay, cidrs: cidrs.clone(), interface_address })
+                Ok(Candidate {
+                    name,
+                    key,
+                    underlay,
+                    cidrs: cidrs.clone(),
+                    interface_address,
+                })
             })();
             match reason {
                 Ok(candidate) => candidates.push(candidate),
@@ -330,7 +375,10 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
 
         // A key claimed by more than one node (this one included) peers none of them.
         let mut claimants: BTreeMap<WgKey, Vec<&str>> = BTreeMap::new();
-        claimants.entry(local_key).or_default().push(&local.node_name);
+        claimants
+            .entry(local_key)
+            .or_default()
+            .push(&local.node_name);
         for c in &candidates {
             claimants.entry(c.key).or_default().push(c.name);
         }
@@ -338,7 +386,11 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
         for c in candidates {
             let owners = &claimants[&c.key];
             if owners.len() > 1 {
-                let with = owners.iter().filter(|o| **o != c.name).map(|o| o.to_string()).collect();
+                let with = owners
+                    .iter()
+                    .filter(|o| **o != c.name)
+                    .map(|o| o.to_string())
+                    .collect();
                 spec.skipped.insert(SkippedNode {
                     node: c.name.to_string(),
                     family,
@@ -378,10 +430,10 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
                 .collect();
             non_peer_cidrs.extend(p.cidrs.iter().filter(|c| cidr_owners[*c] > 1).copied());
             let tunnel = p.interface_address.or_else(|| tunnel_address(&p.cidrs));
-            if let Some(addr) = tunnel {
-                if !allowed.iter().any(|n| n.contains(&addr)) {
-                    allowed.insert(host_net(addr));
-                }
+            if let Some(addr) = tunnel
+                && !allowed.iter().any(|n| n.contains(&addr))
+            {
+                allowed.insert(host_net(addr));
             }
             if settings.host_encryption && Some(p.underlay) != local_underlay {
                 allowed.insert(host_net(p.underlay));
@@ -390,7 +442,9 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
                 spec.routes.insert(RouteSpec {
                     table: local.routing_table,
                     dest: *dest,
-                    kind: RouteKind::Device { interface: device_name.clone() },
+                    kind: RouteKind::Device {
+                        interface: device_name.clone(),
+                    },
                 });
             }
             device.peers.insert(
@@ -406,7 +460,11 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
         let routed: BTreeSet<IpNet> = spec.routes.iter().map(|r| r.dest).collect();
         for dest in local_cidrs.iter().chain(non_peer_cidrs.iter()) {
             if !routed.contains(dest) {
-                spec.routes.insert(RouteSpec { table: local.routing_table, dest: *dest, kind: RouteKind::Throw });
+                spec.routes.insert(RouteSpec {
+                    table: local.routing_table,
+                    dest: *dest,
+                    kind: RouteKind::Throw,
+                });
             }
         }
         spec.rules.insert(RuleSpec {

@@ -45,8 +45,10 @@ impl WgKey {
         }
         let mut out = [0u8; 32];
         for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
-            let pair = std::str::from_utf8(chunk).map_err(|e| KeyParseError::Base64(e.to_string()))?;
-            out[i] = u8::from_str_radix(pair, 16).map_err(|e| KeyParseError::Base64(e.to_string()))?;
+            let pair =
+                std::str::from_utf8(chunk).map_err(|e| KeyParseError::Base64(e.to_string()))?;
+            out[i] =
+                u8::from_str_radix(pair, 16).map_err(|e| KeyParseError::Base64(e.to_string()))?;
         }
         Ok(WgKey(out))
     }
@@ -205,8 +207,14 @@ impl PublishedWireguard {
         }
         same(&self.public_key_v4, node.public_key(Family::V4))
             && same(&self.public_key_v6, node.public_key(Family::V6))
-            && same(&self.interface_ipv4_address, node.interface_address(Family::V4))
-            && same(&self.interface_ipv6_address, node.interface_address(Family::V6))
+            && same(
+                &self.interface_ipv4_address,
+                node.interface_address(Family::V4),
+            )
+            && same(
+                &self.interface_ipv6_address,
+                node.interface_address(Family::V6),
+            )
     }
 }
 

@@ -120,13 +120,32 @@ pub struct Reconciler<W, L, R> {
     datastore: Arc<dyn Datastore>,
     last_skipped: BTreeSet<SkippedNode>,
     last_config_errors: Vec<String>,
+    /// Names of the devices we programmed, persisted so a rename or a restart still knows them.
+    created_interfaces: BTreeSet<String>,
     status: AgentStatus,
 }
 
+const INTERFACES_FILE: &str = "interfaces.json";
+
 impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W, L, R> {
-    pub fn new(settings: Arc<AgentSettings>, wg: W, links: L, routing: R, datastore: Arc<dyn Datastore>) -> Self {
-        let status = AgentStatus { node: settings.node_name.clone(), backend: Some(wg.backend()), ..Default::default() };
+    pub fn new(
+        settings: Arc<AgentSettings>,
+        wg: W,
+        links: L,
+        routing: R,
+        datastore: Arc<dyn Datastore>,
+    ) -> Self {
+        let status = AgentStatus {
+            node: settings.node_name.clone(),
+            backend: Some(wg.backend()),
+            ..Default::default()
+        };
+        let created_interfaces = std::fs::read(settings.state_dir.join(INTERFACES_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         Reconciler {
+            created_interfaces,
             keys: KeyStore::new(&settings.state_dir),
             settings,
             loaded_keys: BTreeMap::new(),
@@ -148,8 +167,10 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         if let Some(k) = self.loaded_keys.get(&family) {
             return Ok(k.clone());
         }
-        let (key, created) =
-            self.keys.load_or_generate(family).map_err(|source| ReconcileError::Keys { family, source })?;
+        let (key, created) = self
+            .keys
+            .load_or_generate(family)
+            .map_err(|source| ReconcileError::Keys { family, source })?;
         if created {
             info!(%family, public_key = %key.public_key(), "generated new private/public key pair");
         } else {
@@ -160,11 +181,19 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
     }
 
     /// Builds the desired state for a snapshot (reporting bad input once per change).
-    fn desired(&mut self, snapshot: &ClusterSnapshot, host_mtu: u32) -> Result<DataplaneSpec, ReconcileError> {
+    fn desired(
+        &mut self,
+        snapshot: &ClusterSnapshot,
+        host_mtu: u32,
+    ) -> Result<DataplaneSpec, ReconcileError> {
         let settings = Arc::clone(&self.settings);
         let node = &settings.node_name;
-        let (settings, config_errors) = mesh::effective_settings(node, &snapshot.felix_configurations);
-        let config_errors: Vec<String> = config_errors.iter().map(ConfigFieldError::to_string).collect();
+        let (settings, config_errors) =
+            mesh::effective_settings(node, &snapshot.felix_configurations);
+        let config_errors: Vec<String> = config_errors
+            .iter()
+            .map(ConfigFieldError::to_string)
+            .collect();
         if config_errors != self.last_config_errors {
             for e in &config_errors {
                 warn!(error = %e, "ignoring invalid FelixConfiguration field");
@@ -184,6 +213,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                 fwmark: self.settings.fwmark,
                 routing_table: self.settings.routing_table,
                 host_mtu,
+                previous_interfaces: self.created_interfaces.clone(),
             },
             settings,
             nodes: snapshot.nodes.clone(),
@@ -194,7 +224,11 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                 warn!(node = %s.node, family = %s.family, reason = %s.reason, "not peering with node");
             }
             for s in self.last_skipped.difference(&spec.skipped) {
-                if !spec.skipped.iter().any(|n| n.node == s.node && n.family == s.family) {
+                if !spec
+                    .skipped
+                    .iter()
+                    .any(|n| n.node == s.node && n.family == s.family)
+                {
                     info!(node = %s.node, family = %s.family, "node no longer skipped");
                 }
             }
@@ -205,15 +239,23 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
     }
 
     /// One pass: desired -> (observe, plan, apply) per subsystem -> publish.
-    pub async fn reconcile_once(&mut self, snapshot: &ClusterSnapshot) -> Result<Outcome, ReconcileError> {
+    pub async fn reconcile_once(
+        &mut self,
+        snapshot: &ClusterSnapshot,
+    ) -> Result<Outcome, ReconcileError> {
         let mut outcome = Outcome::default();
-        let host_mtu = self.links.host_mtu().await?.unwrap_or(crate::config::FALLBACK_HOST_MTU);
+        let host_mtu = self
+            .links
+            .host_mtu()
+            .await?
+            .unwrap_or(crate::config::FALLBACK_HOST_MTU);
         let spec = self.desired(snapshot, host_mtu)?;
 
         // Rules and routes go first when removed and last when added.
         let routing_actual = self.routing.observe(spec.routing_table).await?;
         let route_ops = route::plan(&spec, &routing_actual);
-        let (route_deletes, route_adds): (Vec<_>, Vec<_>) = route_ops.into_iter().partition(|op| op.is_delete());
+        let (route_deletes, route_adds): (Vec<_>, Vec<_>) =
+            route_ops.into_iter().partition(|op| op.is_delete());
         apply_logged(&mut outcome, "routing", &route_deletes, |op| op.kind());
         self.routing.apply(&route_deletes).await?;
 
@@ -221,8 +263,13 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         let wg_ops = wg::plan(&spec, &wg_actual);
         apply_logged(&mut outcome, "wireguard", &wg_ops, |op| op.kind());
         self.wg.apply(&wg_ops).await?;
+        let device_names: BTreeSet<String> =
+            spec.devices.values().map(|d| d.name.clone()).collect();
+        if device_names != self.created_interfaces {
+            self.created_interfaces = device_names.clone();
+            self.persist_created_interfaces();
+        }
 
-        let device_names: BTreeSet<String> = spec.devices.values().map(|d| d.name.clone()).collect();
         let link_actual = self.links.observe(&device_names).await?;
         let link_ops = link::plan(&spec, &link_actual);
         apply_logged(&mut outcome, "link", &link_ops, |op| op.kind());
@@ -243,14 +290,19 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                 outcome.published = true;
             }
             Some(_) => {}
-            None => debug!(node = %node, "this node is not in the datastore yet; nothing to publish"),
+            None => {
+                debug!(node = %node, "this node is not in the datastore yet; nothing to publish")
+            }
         }
         self.record_status(&spec);
         Ok(outcome)
     }
 
     fn record_status(&mut self, spec: &DataplaneSpec) {
-        self.status.enabled = Family::ALL.iter().map(|f| (*f, spec.devices.contains_key(f))).collect();
+        self.status.enabled = Family::ALL
+            .iter()
+            .map(|f| (*f, spec.devices.contains_key(f)))
+            .collect();
         self.status.devices = spec
             .devices
             .values()
@@ -264,6 +316,16 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             })
             .collect();
         self.status.skipped = spec.skipped.iter().cloned().collect();
+    }
+
+    fn persist_created_interfaces(&self) {
+        let path = self.settings.state_dir.join(INTERFACES_FILE);
+        let result = serde_json::to_vec(&self.created_interfaces)
+            .map_err(std::io::Error::other)
+            .and_then(|body| std::fs::write(&path, body));
+        if let Err(e) = result {
+            warn!(error = %e, path = %path.display(), "could not record our interface names");
+        }
     }
 
     fn write_status(&self) {
@@ -280,7 +342,11 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
 
     /// Runs until `shutdown` resolves. Nothing is applied before the datastore's initial sync.
     /// Leaving does not tear anything down: a restarted agent finds the dataplane in place.
-    pub async fn run(mut self, mut snapshots: watch::Receiver<ClusterSnapshot>, shutdown: impl Future<Output = ()>) {
+    pub async fn run(
+        mut self,
+        mut snapshots: watch::Receiver<ClusterSnapshot>,
+        shutdown: impl Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
         let mut resync = tokio::time::interval(self.settings.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -325,7 +391,8 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                     }
                 }
                 Err(e) => {
-                    backoff = (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
                     let message = error_chain(&e);
                     warn!(error = %message, transient = e.is_transient(), retry_in = ?backoff, "reconcile failed");
                     self.status.last_error = Some(message);
@@ -353,7 +420,11 @@ fn apply_logged<T: std::fmt::Display>(
         }
     }
     if ops.len() > DETAIL_LIMIT {
-        info!(subsystem, more = ops.len() - DETAIL_LIMIT, "further dataplane changes not shown");
+        info!(
+            subsystem,
+            more = ops.len() - DETAIL_LIMIT,
+            "further dataplane changes not shown"
+        );
     }
 }
 

@@ -86,9 +86,17 @@ impl WireguardDataplane for FakeWireguard {
         Backend::Userspace
     }
 
-    async fn observe(&mut self, names: &BTreeSet<String>) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
+    async fn observe(
+        &mut self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
         let state = self.0.state();
-        Ok(state.devices.iter().filter(|(n, _)| names.contains(*n)).map(|(n, d)| (n.clone(), d.clone())).collect())
+        Ok(state
+            .devices
+            .iter()
+            .filter(|(n, _)| names.contains(*n))
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .collect())
     }
 
     async fn apply(&mut self, ops: &[WgOp]) -> Result<(), DataplaneError> {
@@ -100,29 +108,56 @@ impl WireguardDataplane for FakeWireguard {
                 WgOp::CreateDevice { name } => {
                     state.devices.insert(
                         name.clone(),
-                        DeviceState { name: name.clone(), public_key: None, listen_port: 0, fwmark: 0, peers: BTreeMap::new() },
+                        DeviceState {
+                            name: name.clone(),
+                            public_key: None,
+                            listen_port: 0,
+                            fwmark: 0,
+                            peers: BTreeMap::new(),
+                        },
                     );
                     state.links.insert(
                         name.clone(),
-                        LinkState { name: name.clone(), mtu: 1420, up: false, addresses: BTreeSet::new() },
+                        LinkState {
+                            name: name.clone(),
+                            mtu: 1420,
+                            up: false,
+                            addresses: BTreeSet::new(),
+                        },
                     );
                 }
                 WgOp::DeleteDevice { name } => {
                     state.devices.remove(name);
                     state.links.remove(name);
-                    state.routes.retain(|r| r.kind != RouteKind::Device { interface: name.clone() });
+                    state.routes.retain(|r| {
+                        r.kind
+                            != RouteKind::Device {
+                                interface: name.clone(),
+                            }
+                    });
                 }
-                WgOp::ConfigureDevice { name, private_key, listen_port, fwmark } => {
+                WgOp::ConfigureDevice {
+                    name,
+                    private_key,
+                    listen_port,
+                    fwmark,
+                } => {
                     let device = state.devices.get_mut(name).ok_or_else(|| missing(op))?;
                     device.public_key = Some(private_key.public_key());
                     device.listen_port = *listen_port;
                     device.fwmark = *fwmark;
                 }
-                WgOp::SetPeer { name, public_key, peer } => {
+                WgOp::SetPeer {
+                    name,
+                    public_key,
+                    peer,
+                } => {
                     let device = state.devices.get_mut(name).ok_or_else(|| missing(op))?;
                     // Like the kernel: an allowed IP moves to the peer that claims it last.
                     for other in device.peers.values_mut() {
-                        other.allowed_ips.retain(|ip| !peer.allowed_ips.contains(ip));
+                        other
+                            .allowed_ips
+                            .retain(|ip| !peer.allowed_ips.contains(ip));
                     }
                     let entry = device.peers.entry(*public_key).or_insert(PeerState {
                         endpoint: None,
@@ -152,9 +187,17 @@ fn missing(op: &impl std::fmt::Display) -> DataplaneError {
 
 #[async_trait]
 impl LinkDataplane for FakeLinks {
-    async fn observe(&mut self, names: &BTreeSet<String>) -> Result<BTreeMap<String, LinkState>, DataplaneError> {
+    async fn observe(
+        &mut self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, LinkState>, DataplaneError> {
         let state = self.0.state();
-        Ok(state.links.iter().filter(|(n, _)| names.contains(*n)).map(|(n, l)| (n.clone(), l.clone())).collect())
+        Ok(state
+            .links
+            .iter()
+            .filter(|(n, _)| names.contains(*n))
+            .map(|(n, l)| (n.clone(), l.clone()))
+            .collect())
     }
 
     async fn host_mtu(&mut self) -> Result<Option<u32>, DataplaneError> {
@@ -193,8 +236,18 @@ impl RoutingDataplane for FakeRouting {
     async fn observe(&mut self, table: u32) -> Result<RoutingState, DataplaneError> {
         let state = self.0.state();
         Ok(RoutingState {
-            routes: state.routes.iter().filter(|r| r.table == table).cloned().collect(),
-            rules: state.rules.iter().filter(|r| r.table == table).copied().collect(),
+            routes: state
+                .routes
+                .iter()
+                .filter(|r| r.table == table)
+                .cloned()
+                .collect(),
+            rules: state
+                .rules
+                .iter()
+                .filter(|r| r.table == table)
+                .copied()
+                .collect(),
         })
     }
 
@@ -205,10 +258,10 @@ impl RoutingDataplane for FakeRouting {
             state.log.push(format!("{}: {op}", op.kind()));
             match op {
                 RouteOp::AddRoute(r) => {
-                    if let RouteKind::Device { interface } = &r.kind {
-                        if !state.links.contains_key(interface) {
-                            return Err(missing(op));
-                        }
+                    if let RouteKind::Device { interface } = &r.kind
+                        && !state.links.contains_key(interface)
+                    {
+                        return Err(missing(op));
                     }
                     state.routes.insert(r.clone());
                 }

@@ -43,7 +43,9 @@ impl fmt::Display for LinkOp {
             LinkOp::SetMtu { name, mtu } => write!(f, "set MTU of {name} to {mtu}"),
             LinkOp::SetUp { name } => write!(f, "set {name} up"),
             LinkOp::AddAddress { name, address } => write!(f, "add address {address} to {name}"),
-            LinkOp::DeleteAddress { name, address } => write!(f, "delete address {address} from {name}"),
+            LinkOp::DeleteAddress { name, address } => {
+                write!(f, "delete address {address} from {name}")
+            }
         }
     }
 }
@@ -51,7 +53,10 @@ impl fmt::Display for LinkOp {
 #[async_trait]
 pub trait LinkDataplane: Send {
     /// The links among `names` that exist.
-    async fn observe(&mut self, names: &BTreeSet<String>) -> Result<BTreeMap<String, LinkState>, DataplaneError>;
+    async fn observe(
+        &mut self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, LinkState>, DataplaneError>;
     /// Smallest MTU among the oper-up uplinks (Felix's `MTUIfacePattern`), if any.
     async fn host_mtu(&mut self) -> Result<Option<u32>, DataplaneError>;
     async fn apply(&mut self, ops: &[LinkOp]) -> Result<(), DataplaneError>;
@@ -61,7 +66,11 @@ pub trait LinkDataplane: Send {
 pub fn is_uplink_name(name: &str) -> bool {
     let b = name.as_bytes();
     let two = |p: &[u8]| b.len() >= 3 && &b[..2] == p && b"Pcopsvx".contains(&b[2]);
-    two(b"en") || two(b"wl") || two(b"ww") || two(b"sl") || two(b"ib")
+    two(b"en")
+        || two(b"wl")
+        || two(b"ww")
+        || two(b"sl")
+        || two(b"ib")
         || name.starts_with("eth")
         || name.starts_with("wlan")
         || name.starts_with("wwan")
@@ -75,25 +84,40 @@ pub fn plan(desired: &DataplaneSpec, actual: &BTreeMap<String, LinkState>) -> Ve
         let name = &device.name;
         let Some(link) = actual.get(name) else {
             // Created in this apply: everything is to do.
-            ops.push(LinkOp::SetMtu { name: name.clone(), mtu: device.mtu });
+            ops.push(LinkOp::SetMtu {
+                name: name.clone(),
+                mtu: device.mtu,
+            });
             if let Some(address) = device.address {
-                ops.push(LinkOp::AddAddress { name: name.clone(), address });
+                ops.push(LinkOp::AddAddress {
+                    name: name.clone(),
+                    address,
+                });
             }
             ops.push(LinkOp::SetUp { name: name.clone() });
             continue;
         };
         if link.mtu != device.mtu {
-            ops.push(LinkOp::SetMtu { name: name.clone(), mtu: device.mtu });
+            ops.push(LinkOp::SetMtu {
+                name: name.clone(),
+                mtu: device.mtu,
+            });
         }
         for address in &link.addresses {
             if Family::of_net(address) == device.family && Some(*address) != device.address {
-                ops.push(LinkOp::DeleteAddress { name: name.clone(), address: *address });
+                ops.push(LinkOp::DeleteAddress {
+                    name: name.clone(),
+                    address: *address,
+                });
             }
         }
-        if let Some(address) = device.address {
-            if !link.addresses.contains(&address) {
-                ops.push(LinkOp::AddAddress { name: name.clone(), address });
-            }
+        if let Some(address) = device.address
+            && !link.addresses.contains(&address)
+        {
+            ops.push(LinkOp::AddAddress {
+                name: name.clone(),
+                address,
+            });
         }
         if !link.up {
             ops.push(LinkOp::SetUp { name: name.clone() });
@@ -108,10 +132,21 @@ mod tests {
 
     #[test]
     fn uplink_pattern_matches_felix() {
-        for yes in ["eth0", "ens3", "enp0s3", "wlp2s0", "wlan0", "wwan0", "ibp1", "eth1.100"] {
+        for yes in [
+            "eth0", "ens3", "enp0s3", "wlp2s0", "wlan0", "wwan0", "ibp1", "eth1.100",
+        ] {
             assert!(is_uplink_name(yes), "{yes}");
         }
-        for no in ["lo", "wireguard.cali", "cali123", "veth-pod", "br0", "docker0", "en", "enx"] {
+        for no in [
+            "lo",
+            "wireguard.cali",
+            "cali123",
+            "veth-pod",
+            "br0",
+            "docker0",
+            "en",
+            "enx",
+        ] {
             assert!(!is_uplink_name(no) || no == "enx", "{no}");
         }
     }

@@ -58,17 +58,32 @@ pub enum DataplaneError {
 }
 
 impl DataplaneError {
-    pub fn observe(what: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        DataplaneError::Observe { what: what.into(), source: source.into() }
+    pub fn observe(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        DataplaneError::Observe {
+            what: what.into(),
+            source: source.into(),
+        }
     }
 
-    pub fn apply(op: impl fmt::Display, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        DataplaneError::Apply { op: op.to_string(), source: source.into() }
+    pub fn apply(
+        op: impl fmt::Display,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        DataplaneError::Apply {
+            op: op.to_string(),
+            source: source.into(),
+        }
     }
 
     /// Everything but a misconfiguration is worth retrying.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, DataplaneError::NotWireguard { .. } | DataplaneError::NoBackend(_))
+        !matches!(
+            self,
+            DataplaneError::NotWireguard { .. } | DataplaneError::NoBackend(_)
+        )
     }
 
     /// A short, stable label for metrics.

@@ -46,7 +46,11 @@ impl fmt::Display for RouteOp {
         let rule = |r: &RuleSpec| {
             format!(
                 "{}rule pref {} {}fwmark {:#x}/{:#x} lookup {}",
-                if r.family == crate::model::Family::V6 { "-6 " } else { "" },
+                if r.family == crate::model::Family::V6 {
+                    "-6 "
+                } else {
+                    ""
+                },
                 r.priority,
                 if r.invert { "not " } else { "" },
                 r.fwmark,
@@ -79,10 +83,34 @@ pub trait RoutingDataplane: Send {
 /// never steered into the table before its routes exist.
 pub fn plan(desired: &DataplaneSpec, actual: &RoutingState) -> Vec<RouteOp> {
     let mut ops: Vec<RouteOp> = Vec::new();
-    ops.extend(actual.rules.difference(&desired.rules).copied().map(RouteOp::DeleteRule));
-    ops.extend(actual.routes.difference(&desired.routes).cloned().map(RouteOp::DeleteRoute));
-    ops.extend(desired.routes.difference(&actual.routes).cloned().map(RouteOp::AddRoute));
-    ops.extend(desired.rules.difference(&actual.rules).copied().map(RouteOp::AddRule));
+    ops.extend(
+        actual
+            .rules
+            .difference(&desired.rules)
+            .copied()
+            .map(RouteOp::DeleteRule),
+    );
+    ops.extend(
+        actual
+            .routes
+            .difference(&desired.routes)
+            .cloned()
+            .map(RouteOp::DeleteRoute),
+    );
+    ops.extend(
+        desired
+            .routes
+            .difference(&actual.routes)
+            .cloned()
+            .map(RouteOp::AddRoute),
+    );
+    ops.extend(
+        desired
+            .rules
+            .difference(&actual.rules)
+            .copied()
+            .map(RouteOp::AddRule),
+    );
     ops.sort();
     ops
 }

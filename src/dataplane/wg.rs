@@ -37,13 +37,29 @@ pub struct DeviceState {
 
 #[derive(Clone, PartialEq)]
 pub enum WgOp {
-    CreateDevice { name: String },
-    DeleteDevice { name: String },
+    CreateDevice {
+        name: String,
+    },
+    DeleteDevice {
+        name: String,
+    },
     /// Private key, listen port and fwmark; never touches peers.
-    ConfigureDevice { name: String, private_key: PrivateKey, listen_port: u16, fwmark: u32 },
+    ConfigureDevice {
+        name: String,
+        private_key: PrivateKey,
+        listen_port: u16,
+        fwmark: u32,
+    },
     /// Adds the peer or updates it in place, replacing its allowed IPs.
-    SetPeer { name: String, public_key: WgKey, peer: PeerSpec },
-    RemovePeer { name: String, public_key: WgKey },
+    SetPeer {
+        name: String,
+        public_key: WgKey,
+        peer: PeerSpec,
+    },
+    RemovePeer {
+        name: String,
+        public_key: WgKey,
+    },
 }
 
 impl WgOp {
@@ -63,19 +79,34 @@ impl fmt::Display for WgOp {
         match self {
             WgOp::CreateDevice { name } => write!(f, "create WireGuard device {name}"),
             WgOp::DeleteDevice { name } => write!(f, "delete WireGuard device {name}"),
-            WgOp::ConfigureDevice { name, private_key, listen_port, fwmark } => write!(
+            WgOp::ConfigureDevice {
+                name,
+                private_key,
+                listen_port,
+                fwmark,
+            } => write!(
                 f,
                 "configure {name}: public key {}, listen port {listen_port}, fwmark {fwmark:#x}",
                 private_key.public_key()
             ),
-            WgOp::SetPeer { name, public_key, peer } => write!(
+            WgOp::SetPeer {
+                name,
+                public_key,
+                peer,
+            } => write!(
                 f,
                 "set peer {public_key} ({}) on {name}: endpoint {}, allowed IPs {}",
                 peer.node,
                 peer.endpoint,
-                peer.allowed_ips.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
+                peer.allowed_ips
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
             ),
-            WgOp::RemovePeer { name, public_key } => write!(f, "remove peer {public_key} from {name}"),
+            WgOp::RemovePeer { name, public_key } => {
+                write!(f, "remove peer {public_key} from {name}")
+            }
         }
     }
 }
@@ -90,12 +121,17 @@ impl fmt::Debug for WgOp {
 pub trait WireguardDataplane: Send {
     fn backend(&self) -> Backend;
     /// The devices among `names` that exist.
-    async fn observe(&mut self, names: &BTreeSet<String>) -> Result<BTreeMap<String, DeviceState>, DataplaneError>;
+    async fn observe(
+        &mut self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError>;
     async fn apply(&mut self, ops: &[WgOp]) -> Result<(), DataplaneError>;
 }
 
 fn peer_matches(want: &PeerSpec, have: &PeerState) -> bool {
-    have.endpoint == Some(want.endpoint) && have.allowed_ips == want.allowed_ips && have.keepalive == want.keepalive
+    have.endpoint == Some(want.endpoint)
+        && have.allowed_ips == want.allowed_ips
+        && have.keepalive == want.keepalive
 }
 
 /// Minimal operations taking `actual` to `desired`. Devices we own but no longer want are
@@ -137,12 +173,22 @@ pub fn plan(desired: &DataplaneSpec, actual: &BTreeMap<String, DeviceState>) -> 
         // one is added, so an allowed IP never sits on two peers.
         for key in have_peers.keys() {
             if !device.peers.contains_key(key) {
-                ops.push(WgOp::RemovePeer { name: name.clone(), public_key: *key });
+                ops.push(WgOp::RemovePeer {
+                    name: name.clone(),
+                    public_key: *key,
+                });
             }
         }
         for (key, want) in &device.peers {
-            if have_peers.get(key).is_none_or(|have| !peer_matches(want, have)) {
-                ops.push(WgOp::SetPeer { name: name.clone(), public_key: *key, peer: want.clone() });
+            if have_peers
+                .get(key)
+                .is_none_or(|have| !peer_matches(want, have))
+            {
+                ops.push(WgOp::SetPeer {
+                    name: name.clone(),
+                    public_key: *key,
+                    peer: want.clone(),
+                });
             }
         }
     }

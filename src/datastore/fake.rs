@@ -18,7 +18,11 @@ pub struct FakeDatastore {
 
 impl FakeDatastore {
     pub fn new(cache: SnapshotSender) -> Self {
-        FakeDatastore { cache, published: Mutex::new(Vec::new()), fail_next_publish: Mutex::new(false) }
+        FakeDatastore {
+            cache,
+            published: Mutex::new(Vec::new()),
+            fail_next_publish: Mutex::new(false),
+        }
     }
 
     pub fn edit(&self, f: impl FnOnce(&mut ClusterSnapshot)) {
@@ -40,11 +44,18 @@ impl Datastore for FakeDatastore {
         std::future::pending().await
     }
 
-    async fn publish(&self, node: &str, published: &PublishedWireguard) -> Result<(), DatastoreError> {
-        if let Ok(mut fail) = self.fail_next_publish.lock() {
-            if std::mem::take(&mut *fail) {
-                return Err(DatastoreError::Publish { node: node.into(), source: "injected failure".into() });
-            }
+    async fn publish(
+        &self,
+        node: &str,
+        published: &PublishedWireguard,
+    ) -> Result<(), DatastoreError> {
+        if let Ok(mut fail) = self.fail_next_publish.lock()
+            && std::mem::take(&mut *fail)
+        {
+            return Err(DatastoreError::Publish {
+                node: node.into(),
+                source: "injected failure".into(),
+            });
         }
         let mut found = true;
         self.cache.send_if_modified(|snap| {

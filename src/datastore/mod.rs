@@ -34,7 +34,9 @@ pub enum DatastoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("node {node} does not exist in the datastore; it must be registered before this agent can publish its key")]
+    #[error(
+        "node {node} does not exist in the datastore; it must be registered before this agent can publish its key"
+    )]
     NodeNotFound { node: String },
     #[error("publishing WireGuard fields on node {node}")]
     Publish {
@@ -63,5 +65,9 @@ pub trait Datastore: Send + Sync {
 
     /// Writes this node's WireGuard public keys and tunnel addresses (a `None` clears the
     /// field), touching nothing else on the node object.
-    async fn publish(&self, node: &str, published: &PublishedWireguard) -> Result<(), DatastoreError>;
+    async fn publish(
+        &self,
+        node: &str,
+        published: &PublishedWireguard,
+    ) -> Result<(), DatastoreError>;
 }

@@ -1,0 +1,342 @@
+//! Tier 2: the reconcile loop against the in-memory kernel and datastore.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::{felix, node, snapshot};
+use tokio::sync::watch;
+use wiremesh::dataplane::fake::FakeKernel;
+use wiremesh::datastore::fake::FakeDatastore;
+use wiremesh::keys::KeyStore;
+use wiremesh::model::{ClusterSnapshot, Family, NodeResource};
+use wiremesh::reconcile::{AgentSettings, Reconciler};
+
+struct Harness {
+    kernel: FakeKernel,
+    store: Arc<FakeDatastore>,
+    tx: watch::Sender<ClusterSnapshot>,
+    dir: tempfile::TempDir,
+}
+
+type FakeReconciler = Reconciler<
+    wiremesh::dataplane::fake::FakeWireguard,
+    wiremesh::dataplane::fake::FakeLinks,
+    wiremesh::dataplane::fake::FakeRouting,
+>;
+
+impl Harness {
+    fn new(initial: ClusterSnapshot) -> Self {
+        let (tx, _rx) = watch::channel(initial);
+        Harness {
+            kernel: FakeKernel::new(),
+            store: Arc::new(FakeDatastore::new(tx.clone())),
+            tx,
+            dir: tempfile::tempdir().expect("tmp"),
+        }
+    }
+
+    /// Agent for node1 (unpublished keys: nodes 2.. publish their test keys).
+    fn reconciler(&self) -> FakeReconciler {
+        let mut settings = AgentSettings::new("node1", self.dir.path());
+        settings.min_interval = Duration::from_millis(10);
+        Reconciler::new(
+            Arc::new(settings),
+            self.kernel.wireguard(),
+            self.kernel.links(),
+            self.kernel.routing(),
+            self.store.clone(),
+        )
+    }
+
+    fn snap(&self) -> ClusterSnapshot {
+        self.tx.borrow().clone()
+    }
+
+    fn local_node(&self) -> NodeResource {
+        self.snap().nodes["node1"].clone()
+    }
+}
+
+/// node1 without a published key (the agent publishes it), node2 and node3 with theirs.
+fn cluster(enabled: bool) -> ClusterSnapshot {
+    let mut n1 = node(1);
+    n1.wireguard_public_key = None;
+    n1.wireguard_interface_ipv4_address = None;
+    snapshot([n1, node(2), node(3)], enabled)
+}
+
+#[tokio::test]
+async fn first_run_programs_everything_and_publishes_the_key() {
+    let h = Harness::new(cluster(true));
+    let mut r = h.reconciler();
+    let outcome = r.reconcile_once(&h.snap()).await.expect("reconcile");
+    assert!(outcome.published);
+    let key = KeyStore::new(h.dir.path())
+        .load_or_generate(Family::V4)
+        .expect("key")
+        .0;
+    let local = h.local_node();
+    assert_eq!(
+        local.wireguard_public_key,
+        Some(key.public_key().to_string())
+    );
+    assert_eq!(
+        local.wireguard_interface_ipv4_address.as_deref(),
+        Some("10.244.1.1")
+    );
+    let state = h.kernel.state();
+    let device = &state.devices["wireguard.cali"];
+    assert_eq!(device.peers.len(), 2);
+    assert_eq!(device.public_key, Some(key.public_key()));
+    assert_eq!(state.routes.len(), 3);
+    assert_eq!(state.rules.len(), 1);
+    assert!(state.links["wireguard.cali"].up);
+}
+
+#[tokio::test]
+async fn restart_reuses_the_key_and_changes_nothing() {
+    let h = Harness::new(cluster(true));
+    h.reconciler()
+        .reconcile_once(&h.snap())
+        .await
+        .expect("first");
+    let key_before = h.local_node().wireguard_public_key;
+    h.kernel.take_log();
+    let published_before = h.store.publish_count();
+    // A new agent process: same state dir, same kernel.
+    let outcome = h
+        .reconciler()
+        .reconcile_once(&h.snap())
+        .await
+        .expect("after restart");
+    assert_eq!(outcome.total_ops(), 0, "{:?}", h.kernel.take_log());
+    assert!(!outcome.published);
+    assert_eq!(h.store.publish_count(), published_before);
+    assert_eq!(h.local_node().wireguard_public_key, key_before);
+}
+
+#[tokio::test]
+async fn an_overwritten_published_key_is_healed() {
+    let h = Harness::new(cluster(true));
+    let mut r = h.reconciler();
+    r.reconcile_once(&h.snap()).await.expect("first");
+    let good = h.local_node().wireguard_public_key;
+    h.store.edit(|s| {
+        if let Some(n) = s.nodes.get_mut("node1") {
+            n.wireguard_public_key = node(9).wireguard_public_key;
+        }
+    });
+    let outcome = r.reconcile_once(&h.snap()).await.expect("heal");
+    assert!(outcome.published);
+    assert_eq!(h.local_node().wireguard_public_key, good);
+    assert_eq!(outcome.total_ops(), 0, "the dataplane was right all along");
+}
+
+#[tokio::test]
+async fn disabling_cluster_wide_removes_every_trace_and_clears_the_key() {
+    let h = Harness::new(cluster(true));
+    let mut r = h.reconciler();
+    r.reconcile_once(&h.snap()).await.expect("on");
+    h.store.edit(|s| {
+        s.felix_configurations
+            .insert("default".into(), Ok(felix(false)));
+    });
+    let outcome = r.reconcile_once(&h.snap()).await.expect("off");
+    assert!(outcome.published);
+    {
+        let state = h.kernel.state();
+        assert!(
+            state.devices.is_empty()
+                && state.links.is_empty()
+                && state.routes.is_empty()
+                && state.rules.is_empty()
+        );
+    }
+    let local = h.local_node();
+    assert_eq!(
+        (
+            local.wireguard_public_key,
+            local.wireguard_interface_ipv4_address
+        ),
+        (None, None)
+    );
+    // And back on: the same key comes back (it survives in the state directory).
+    h.store.edit(|s| {
+        s.felix_configurations
+            .insert("default".into(), Ok(felix(true)));
+    });
+    r.reconcile_once(&h.snap()).await.expect("on again");
+    let key = KeyStore::new(h.dir.path())
+        .load_or_generate(Family::V4)
+        .expect("key")
+        .0;
+    assert_eq!(
+        h.local_node().wireguard_public_key,
+        Some(key.public_key().to_string())
+    );
+}
+
+#[tokio::test]
+async fn per_node_configuration_turns_only_this_node_off() {
+    let h = Harness::new(cluster(true));
+    let mut r = h.reconciler();
+    r.reconcile_once(&h.snap()).await.expect("on");
+    h.store.edit(|s| {
+        s.felix_configurations
+            .insert("node.node1".into(), Ok(felix(false)));
+        s.felix_configurations
+            .insert("node.node2".into(), Ok(felix(false)));
+    });
+    r.reconcile_once(&h.snap()).await.expect("node1 off");
+    assert!(h.kernel.state().devices.is_empty());
+}
+
+#[tokio::test]
+async fn renaming_the_interface_removes_the_old_device_even_after_a_restart() {
+    let h = Harness::new(cluster(true));
+    h.reconciler().reconcile_once(&h.snap()).await.expect("on");
+    h.store.edit(|s| {
+        let mut spec = felix(true);
+        spec.wireguard_interface_name = Some("wg0".into());
+        s.felix_configurations.insert("default".into(), Ok(spec));
+    });
+    // A fresh agent (restart) must still know it created wireguard.cali.
+    h.reconciler()
+        .reconcile_once(&h.snap())
+        .await
+        .expect("renamed");
+    let names: Vec<String> = h.kernel.state().devices.keys().cloned().collect();
+    assert_eq!(names, ["wg0"]);
+}
+
+#[tokio::test]
+async fn a_corrupt_key_file_is_an_error_and_tears_nothing_down() {
+    let h = Harness::new(cluster(true));
+    let mut r = h.reconciler();
+    r.reconcile_once(&h.snap()).await.expect("on");
+    std::fs::write(KeyStore::new(h.dir.path()).path(Family::V4), "garbage").expect("write");
+    let mut fresh = h.reconciler();
+    let err = fresh
+        .reconcile_once(&h.snap())
+        .await
+        .expect_err("corrupt key");
+    assert!(!err.is_transient());
+    assert!(
+        wiremesh::reconcile::error_chain(&err).contains("corrupt"),
+        "{err}"
+    );
+    assert_eq!(
+        h.kernel.state().devices["wireguard.cali"].peers.len(),
+        2,
+        "the last good dataplane stays"
+    );
+}
+
+#[tokio::test]
+async fn invalid_felix_configuration_fields_are_ignored_and_reported() {
+    let h = Harness::new(cluster(true));
+    h.store.edit(|s| {
+        let mut spec = felix(true);
+        spec.wireguard_listening_port = Some(99999);
+        s.felix_configurations.insert("default".into(), Ok(spec));
+        s.felix_configurations.insert(
+            "node.node1".into(),
+            Err("spec: invalid type: string, expected a boolean".into()),
+        );
+    });
+    let mut r = h.reconciler();
+    r.reconcile_once(&h.snap())
+        .await
+        .expect("runs with defaults");
+    assert_eq!(
+        h.kernel.state().devices["wireguard.cali"].listen_port,
+        51820
+    );
+    let errors = &r.status().config_errors;
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("wireguardListeningPort")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_loop_waits_for_sync_then_follows_changes_and_retries_failures() {
+    let h = Harness::new(cluster(true));
+    // An existing dataplane from a previous run must survive an empty, unsynced cache.
+    h.reconciler()
+        .reconcile_once(&h.snap())
+        .await
+        .expect("previous run");
+    h.kernel.take_log();
+    let published = h.snap();
+    h.tx.send_replace(ClusterSnapshot::default());
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let loop_task = tokio::spawn(h.reconciler().run(h.tx.subscribe(), async move {
+        let _ = stop_rx.await;
+    }));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        h.kernel.take_log().is_empty(),
+        "nothing applied before the initial sync"
+    );
+    assert_eq!(h.kernel.state().devices["wireguard.cali"].peers.len(), 2);
+
+    // Initial sync arrives; the dataplane already matches.
+    h.tx.send_replace(published);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(h.kernel.take_log().is_empty());
+
+    // A node joins while the kernel refuses the next apply: the loop retries with backoff.
+    h.kernel.state().fail_next_apply = Some("EBUSY".into());
+    h.store.edit(|s| {
+        s.nodes.insert("node4".into(), node(4));
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = h.kernel.take_log();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("set_peer") && l.contains("node4"))
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("add_route") && l.contains("10.244.4.0/24"))
+    );
+
+    let _ = stop_tx.send(());
+    loop_task.await.expect("loop ends");
+    assert_eq!(
+        h.kernel.state().devices["wireguard.cali"].peers.len(),
+        3,
+        "shutdown tears nothing down"
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.dir.path().join("status.json")).expect("status"))
+            .expect("json");
+    assert_eq!(
+        status["devices"][0]["peers"].as_array().map(Vec::len),
+        Some(3)
+    );
+}
+
+#[tokio::test]
+async fn key_collision_and_malformed_nodes_are_in_the_status() {
+    let mut snap = cluster(true);
+    snap.nodes
+        .get_mut("node3")
+        .expect("node3")
+        .wireguard_public_key = node(2).wireguard_public_key;
+    let mut bad = node(4);
+    bad.wireguard_public_key = Some("not a key".into());
+    snap.nodes.insert("node4".into(), bad);
+    let h = Harness::new(snap);
+    let mut r = h.reconciler();
+    r.reconcile_once(&h.snap()).await.expect("reconcile");
+    let skipped: Vec<_> = r.status().skipped.iter().map(|s| s.node.as_str()).collect();
+    assert_eq!(skipped, ["node2", "node3", "node4"]);
+    assert!(h.kernel.state().devices["wireguard.cali"].peers.is_empty());
+    let json = serde_json::to_value(r.status()).expect("json");
+    assert_eq!(json["skipped"][0]["reason"], "keyCollision");
+    assert_eq!(json["skipped"][2]["reason"], "malformedKey");
+}

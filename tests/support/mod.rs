@@ -1,0 +1,77 @@
+//! Builders shared by the pure and fake-backed tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use wiremesh::config::FelixConfigurationSpec;
+use wiremesh::keys::PrivateKey;
+use wiremesh::mesh::{Inputs, LocalFacts};
+use wiremesh::model::{ClusterSnapshot, Family, NodeResource};
+
+/// A deterministic private key for node `i` (tests only).
+pub fn key(i: u8) -> PrivateKey {
+    let mut bytes = [i; 32];
+    bytes[0] = 0x40 | i;
+    PrivateKey::from_bytes(bytes)
+}
+
+/// Node `node<i>` at 172.30.0.i with pod CIDR 10.244.i.0/24, publishing key(i).
+pub fn node(i: u8) -> NodeResource {
+    NodeResource {
+        name: format!("node{i}"),
+        ipv4_address: Some(format!("172.30.0.{i}/24")),
+        pod_cidrs: vec![format!("10.244.{i}.0/24")],
+        wireguard_public_key: Some(key(i).public_key().to_string()),
+        wireguard_interface_ipv4_address: Some(format!("10.244.{i}.1")),
+        ..Default::default()
+    }
+}
+
+/// Like `node` but dual-stack.
+pub fn node_dual(i: u8) -> NodeResource {
+    NodeResource {
+        ipv6_address: Some(format!("fd00:30::{i}")),
+        pod_cidrs: vec![format!("10.244.{i}.0/24"), format!("fd00:244:{i}::/64")],
+        wireguard_public_key_v6: Some(key(100 + i).public_key().to_string()),
+        ..node(i)
+    }
+}
+
+pub fn felix(enabled: bool) -> FelixConfigurationSpec {
+    FelixConfigurationSpec {
+        wireguard_enabled: Some(enabled),
+        ..Default::default()
+    }
+}
+
+pub fn snapshot(nodes: impl IntoIterator<Item = NodeResource>, enabled: bool) -> ClusterSnapshot {
+    ClusterSnapshot {
+        nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+        felix_configurations: [("default".to_string(), Ok(felix(enabled)))]
+            .into_iter()
+            .collect(),
+        synced: true,
+    }
+}
+
+/// Inputs for `node<local>` with IPv4 WireGuard on.
+pub fn inputs(local: u8, nodes: impl IntoIterator<Item = NodeResource>) -> Inputs {
+    let (settings, errors) =
+        wiremesh::config::WireguardSettings::merge(&[("default", &felix(true))]);
+    assert!(errors.is_empty());
+    Inputs {
+        local: LocalFacts {
+            node_name: format!("node{local}"),
+            private_keys: BTreeMap::from([
+                (Family::V4, key(local)),
+                (Family::V6, key(100 + local)),
+            ]),
+            fwmark: 0x200000,
+            routing_table: 1,
+            host_mtu: 1500,
+            previous_interfaces: Default::default(),
+        },
+        settings,
+        nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+    }
+}
