@@ -147,7 +147,8 @@ fn malformed_keys_are_skipped_with_the_reason() {
 #[test]
 fn malformed_cidr_address_or_interface_address_skips_only_that_node() {
     type Mutation = Box<dyn Fn(&mut NodeResource)>;
-    let cases: Vec<(Mutation, fn(&SkipReason) -> bool)> = vec![
+    type Check = fn(&SkipReason) -> bool;
+    let cases: Vec<(Mutation, Check)> = vec![
         (
             Box::new(|n| n.pod_cidrs.push("10.244.300.0/24".into())),
             |r| matches!(r, SkipReason::MalformedPodCidr { .. }),
