@@ -8,14 +8,17 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use defguard_wireguard_rs::{
-    InterfaceConfiguration, Kernel, WGApi, WireguardInterfaceApi, host::Host, key::Key, net::IpAddrMask, peer::Peer,
+    InterfaceConfiguration, Kernel, WGApi, WireguardInterfaceApi, host::Host, key::Key,
+    net::IpAddrMask, peer::Peer,
 };
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage, State};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 
@@ -39,16 +42,23 @@ pub struct NetlinkError {
 }
 
 fn errno_text(errno: Option<i32>) -> String {
-    errno.map(|e| format!(": errno {e} ({})", std::io::Error::from_raw_os_error(e))).unwrap_or_default()
+    errno
+        .map(|e| format!(": errno {e} ({})", std::io::Error::from_raw_os_error(e)))
+        .unwrap_or_default()
 }
 
 impl From<rtnetlink::Error> for NetlinkError {
     fn from(e: rtnetlink::Error) -> Self {
         let errno = match &e {
-            rtnetlink::Error::NetlinkError(msg) if msg.raw_code() != 0 => Some(msg.raw_code().abs()),
+            rtnetlink::Error::NetlinkError(msg) if msg.raw_code() != 0 => {
+                Some(msg.raw_code().abs())
+            }
             _ => None,
         };
-        NetlinkError { errno, source: Box::new(e) }
+        NetlinkError {
+            errno,
+            source: Box::new(e),
+        }
     }
 }
 
@@ -64,8 +74,8 @@ pub(crate) fn ignore_errno(e: rtnetlink::Error, ok: &[i32]) -> Result<(), Netlin
 /// Opens an rtnetlink socket in the calling thread's network namespace and spawns its
 /// connection task on the current tokio runtime.
 pub fn netlink_handle() -> Result<Handle, DataplaneError> {
-    let (connection, handle, _) =
-        rtnetlink::new_connection().map_err(|e| DataplaneError::observe("opening an rtnetlink socket", e))?;
+    let (connection, handle, _) = rtnetlink::new_connection()
+        .map_err(|e| DataplaneError::observe("opening an rtnetlink socket", e))?;
     tokio::spawn(connection);
     Ok(handle)
 }
@@ -73,12 +83,25 @@ pub fn netlink_handle() -> Result<Handle, DataplaneError> {
 /// Links and routing over one rtnetlink connection.
 pub async fn connect_netlink() -> Result<(NetlinkLinks, NetlinkRouting), DataplaneError> {
     let handle = netlink_handle()?;
-    Ok((NetlinkLinks::new(handle.clone()), NetlinkRouting::new(handle)))
+    Ok((
+        NetlinkLinks::new(handle.clone()),
+        NetlinkRouting::new(handle),
+    ))
 }
 
 /// The link called `name`, `None` when there is none.
-pub(crate) async fn get_link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
-    match handle.link().get().match_name(name.to_string()).execute().try_next().await {
+pub(crate) async fn get_link(
+    handle: &Handle,
+    name: &str,
+) -> Result<Option<LinkMessage>, NetlinkError> {
+    match handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
         Ok(link) => Ok(link),
         Err(e) => ignore_errno(e, &[libc::ENODEV]).map(|()| None),
     }
@@ -134,7 +157,12 @@ impl NetlinkLinks {
     }
 
     async fn addresses(&self, index: u32) -> Result<BTreeSet<IpNet>, NetlinkError> {
-        let mut stream = self.handle.address().get().set_link_index_filter(index).execute();
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
         let mut out = BTreeSet::new();
         while let Some(msg) = stream.try_next().await? {
             if msg.header.index != index {
@@ -149,7 +177,10 @@ impl NetlinkLinks {
                 AddressAttribute::Address(ip) => Some(*ip),
                 _ => None,
             });
-            if let Some(net) = local.or(address).and_then(|ip| ip_net(ip, msg.header.prefix_len)) {
+            if let Some(net) = local
+                .or(address)
+                .and_then(|ip| ip_net(ip, msg.header.prefix_len))
+            {
                 out.insert(net);
             }
         }
@@ -158,27 +189,51 @@ impl NetlinkLinks {
 
     async fn apply_one(&self, op: &LinkOp) -> Result<(), NetlinkError> {
         let name = match op {
-            LinkOp::SetMtu { name, .. } | LinkOp::SetUp { name } | LinkOp::AddAddress { name, .. } | LinkOp::DeleteAddress { name, .. } => {
-                name
-            }
+            LinkOp::SetMtu { name, .. }
+            | LinkOp::SetUp { name }
+            | LinkOp::AddAddress { name, .. }
+            | LinkOp::DeleteAddress { name, .. } => name,
         };
         let Some(index) = link_index(&self.handle, name).await? else {
-            return Err(NetlinkError { errno: Some(libc::ENODEV), source: format!("no link {name}").into() });
+            return Err(NetlinkError {
+                errno: Some(libc::ENODEV),
+                source: format!("no link {name}").into(),
+            });
         };
         match op {
             LinkOp::SetMtu { mtu, .. } => {
-                self.handle.link().set(LinkUnspec::new_with_index(index).mtu(*mtu).build()).execute().await?;
+                self.handle
+                    .link()
+                    .set(LinkUnspec::new_with_index(index).mtu(*mtu).build())
+                    .execute()
+                    .await?;
             }
             LinkOp::SetUp { .. } => {
-                self.handle.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await?;
+                self.handle
+                    .link()
+                    .set(LinkUnspec::new_with_index(index).up().build())
+                    .execute()
+                    .await?;
             }
             LinkOp::AddAddress { address, .. } => {
-                if let Err(e) = self.handle.address().add(index, address.addr(), address.prefix_len()).execute().await {
+                if let Err(e) = self
+                    .handle
+                    .address()
+                    .add(index, address.addr(), address.prefix_len())
+                    .execute()
+                    .await
+                {
                     ignore_errno(e, &[libc::EEXIST])?;
                 }
             }
             LinkOp::DeleteAddress { address, .. } => {
-                if let Err(e) = self.handle.address().del(address_message(index, address)).execute().await {
+                if let Err(e) = self
+                    .handle
+                    .address()
+                    .del(address_message(index, address))
+                    .execute()
+                    .await
+                {
                     ignore_errno(e, &[libc::EADDRNOTAVAIL, libc::ENOENT, libc::ENODEV])?;
                 }
             }
@@ -190,24 +245,44 @@ impl NetlinkLinks {
 /// The same message `ip addr add` would send, so deletes match what adds created.
 fn address_message(index: u32, address: &IpNet) -> AddressMessage {
     match address.addr() {
-        IpAddr::V4(a) => rtnetlink::AddressMessageBuilder::<Ipv4Addr>::new().index(index).address(a, address.prefix_len()).build(),
-        IpAddr::V6(a) => rtnetlink::AddressMessageBuilder::<Ipv6Addr>::new().index(index).address(a, address.prefix_len()).build(),
+        IpAddr::V4(a) => rtnetlink::AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(a, address.prefix_len())
+            .build(),
+        IpAddr::V6(a) => rtnetlink::AddressMessageBuilder::<Ipv6Addr>::new()
+            .index(index)
+            .address(a, address.prefix_len())
+            .build(),
     }
 }
 
 #[async_trait]
 impl LinkDataplane for NetlinkLinks {
-    async fn observe(&mut self, names: &BTreeSet<String>) -> Result<BTreeMap<String, LinkState>, DataplaneError> {
+    async fn observe(
+        &mut self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, LinkState>, DataplaneError> {
         let mut out = BTreeMap::new();
         for name in names {
             let what = || format!("link {name}");
-            let Some(link) = get_link(&self.handle, name).await.map_err(|e| DataplaneError::observe(what(), e))? else {
+            let Some(link) = get_link(&self.handle, name)
+                .await
+                .map_err(|e| DataplaneError::observe(what(), e))?
+            else {
                 continue;
             };
-            let addresses = self.addresses(link.header.index).await.map_err(|e| DataplaneError::observe(what(), e))?;
+            let addresses = self
+                .addresses(link.header.index)
+                .await
+                .map_err(|e| DataplaneError::observe(what(), e))?;
             out.insert(
                 name.clone(),
-                LinkState { name: name.clone(), mtu: link_mtu(&link), up: link.header.flags.contains(LinkFlags::Up), addresses },
+                LinkState {
+                    name: name.clone(),
+                    mtu: link_mtu(&link),
+                    up: link.header.flags.contains(LinkFlags::Up),
+                    addresses,
+                },
             );
         }
         Ok(out)
@@ -217,8 +292,14 @@ impl LinkDataplane for NetlinkLinks {
         let what = "links for the host MTU";
         let mut stream = self.handle.link().get().execute();
         let mut min: Option<u32> = None;
-        while let Some(link) = stream.try_next().await.map_err(|e| DataplaneError::observe(what, NetlinkError::from(e)))? {
-            let Some(name) = link_name(&link) else { continue };
+        while let Some(link) = stream
+            .try_next()
+            .await
+            .map_err(|e| DataplaneError::observe(what, NetlinkError::from(e)))?
+        {
+            let Some(name) = link_name(&link) else {
+                continue;
+            };
             let up = match link_oper_state(&link) {
                 Some(State::Up) => true,
                 // Some drivers never report an operstate; fall back to the admin flag.
@@ -235,7 +316,9 @@ impl LinkDataplane for NetlinkLinks {
 
     async fn apply(&mut self, ops: &[LinkOp]) -> Result<(), DataplaneError> {
         for op in ops {
-            self.apply_one(op).await.map_err(|e| DataplaneError::apply(op, e))?;
+            self.apply_one(op)
+                .await
+                .map_err(|e| DataplaneError::apply(op, e))?;
         }
         Ok(())
     }
@@ -266,7 +349,10 @@ impl NetlinkRouting {
 
     async fn routes(&self, table: u32) -> Result<BTreeSet<RouteSpec>, NetlinkError> {
         let mut ours = Vec::new();
-        for query in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()] {
+        for query in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
             let mut stream = self.handle.route().get(query).execute();
             while let Some(msg) = stream.try_next().await? {
                 if route_table(&msg) == table && u8::from(msg.header.protocol) == ROUTE_PROTOCOL {
@@ -274,14 +360,20 @@ impl NetlinkRouting {
                 }
             }
         }
-        let names = if ours.iter().any(|m| m.header.kind == RouteType::Unicast) { self.link_names().await? } else { HashMap::new() };
+        let names = if ours.iter().any(|m| m.header.kind == RouteType::Unicast) {
+            self.link_names().await?
+        } else {
+            HashMap::new()
+        };
         let mut out = BTreeSet::new();
         for msg in &ours {
             match route_spec(msg, table, &names) {
                 Some(spec) => {
                     out.insert(spec);
                 }
-                None => tracing::warn!(route = ?msg, "route with our protocol in our table has a shape we do not manage"),
+                None => {
+                    tracing::warn!(route = ?msg, "route with our protocol in our table has a shape we do not manage")
+                }
             }
         }
         Ok(out)
@@ -300,12 +392,21 @@ impl NetlinkRouting {
         Ok(out)
     }
 
-    async fn route_message(&self, spec: &RouteSpec, delete: bool) -> Result<Option<RouteMessage>, NetlinkError> {
-        let builder =
-            RouteMessageBuilder::<IpAddr>::new().destination_prefix(spec.dest.addr(), spec.dest.prefix_len())
-            .map_err(|e| NetlinkError { errno: None, source: Box::new(e) })?;
+    async fn route_message(
+        &self,
+        spec: &RouteSpec,
+        delete: bool,
+    ) -> Result<Option<RouteMessage>, NetlinkError> {
+        let builder = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(spec.dest.addr(), spec.dest.prefix_len())
+            .map_err(|e| NetlinkError {
+                errno: None,
+                source: Box::new(e),
+            })?;
         let v4 = spec.family() == Family::V4;
-        let mut builder = builder.table_id(spec.table).protocol(RouteProtocol::from(ROUTE_PROTOCOL));
+        let mut builder = builder
+            .table_id(spec.table)
+            .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
         builder = match &spec.kind {
             RouteKind::Device { interface } => {
                 let Some(index) = link_index(&self.handle, interface).await? else {
@@ -313,10 +414,20 @@ impl NetlinkRouting {
                     return if delete {
                         Ok(None)
                     } else {
-                        Err(NetlinkError { errno: Some(libc::ENODEV), source: format!("no link {interface}").into() })
+                        Err(NetlinkError {
+                            errno: Some(libc::ENODEV),
+                            source: format!("no link {interface}").into(),
+                        })
                     };
                 };
-                builder.kind(RouteType::Unicast).output_interface(index).scope(if v4 { RouteScope::Link } else { RouteScope::Universe })
+                builder
+                    .kind(RouteType::Unicast)
+                    .output_interface(index)
+                    .scope(if v4 {
+                        RouteScope::Link
+                    } else {
+                        RouteScope::Universe
+                    })
             }
             RouteKind::Throw => builder.kind(RouteType::Throw).scope(RouteScope::Universe),
         };
@@ -335,17 +446,17 @@ impl NetlinkRouting {
     async fn apply_one(&self, op: &RouteOp) -> Result<(), NetlinkError> {
         match op {
             RouteOp::AddRoute(spec) => {
-                if let Some(msg) = self.route_message(spec, false).await? {
-                    if let Err(e) = self.handle.route().add(msg).execute().await {
-                        ignore_errno(e, &[libc::EEXIST])?;
-                    }
+                if let Some(msg) = self.route_message(spec, false).await?
+                    && let Err(e) = self.handle.route().add(msg).execute().await
+                {
+                    ignore_errno(e, &[libc::EEXIST])?;
                 }
             }
             RouteOp::DeleteRoute(spec) => {
-                if let Some(msg) = self.route_message(spec, true).await? {
-                    if let Err(e) = self.handle.route().del(msg).execute().await {
-                        ignore_errno(e, &[libc::ESRCH, libc::ENOENT])?;
-                    }
+                if let Some(msg) = self.route_message(spec, true).await?
+                    && let Err(e) = self.handle.route().del(msg).execute().await
+                {
+                    ignore_errno(e, &[libc::ESRCH, libc::ENOENT])?;
                 }
             }
             RouteOp::AddRule(spec) => {
@@ -395,7 +506,9 @@ fn route_spec(msg: &RouteMessage, table: u32, names: &HashMap<u32, String>) -> O
                 RouteAttribute::Oif(i) => Some(*i),
                 _ => None,
             })?;
-            RouteKind::Device { interface: names.get(&oif)?.clone() }
+            RouteKind::Device {
+                interface: names.get(&oif)?.clone(),
+            }
         }
         _ => return None,
     };
@@ -462,14 +575,22 @@ fn rule_message(spec: &RuleSpec) -> RuleMessage {
 #[async_trait]
 impl RoutingDataplane for NetlinkRouting {
     async fn observe(&mut self, table: u32) -> Result<RoutingState, DataplaneError> {
-        let routes = self.routes(table).await.map_err(|e| DataplaneError::observe(format!("routes in table {table}"), e))?;
-        let rules = self.rules(table).await.map_err(|e| DataplaneError::observe(format!("rules for table {table}"), e))?;
+        let routes = self
+            .routes(table)
+            .await
+            .map_err(|e| DataplaneError::observe(format!("routes in table {table}"), e))?;
+        let rules = self
+            .rules(table)
+            .await
+            .map_err(|e| DataplaneError::observe(format!("rules for table {table}"), e))?;
         Ok(RoutingState { routes, rules })
     }
 
     async fn apply(&mut self, ops: &[RouteOp]) -> Result<(), DataplaneError> {
         for op in ops {
-            self.apply_one(op).await.map_err(|e| DataplaneError::apply(op, e))?;
+            self.apply_one(op)
+                .await
+                .map_err(|e| DataplaneError::apply(op, e))?;
         }
         Ok(())
     }
@@ -497,7 +618,9 @@ impl KernelWireguard {
 
     async fn blocking<T: Send + 'static>(
         what: String,
-        f: impl FnOnce() -> Result<T, defguard_wireguard_rs::error::WireguardInterfaceError> + Send + 'static,
+        f: impl FnOnce() -> Result<T, defguard_wireguard_rs::error::WireguardInterfaceError>
+        + Send
+        + 'static,
     ) -> Result<T, DataplaneError> {
         match tokio::task::spawn_blocking(f).await {
             Ok(Ok(v)) => Ok(v),
@@ -510,43 +633,78 @@ impl KernelWireguard {
         let what = op.to_string();
         match op {
             WgOp::CreateDevice { name } => {
-                match super::uapi::link_kind(&self.handle, name).await.map_err(|e| DataplaneError::apply(&what, e))? {
+                match super::uapi::link_kind(&self.handle, name)
+                    .await
+                    .map_err(|e| DataplaneError::apply(&what, e))?
+                {
                     Some(kind) if kind == "wireguard" => return Ok(()),
-                    Some(kind) => return Err(DataplaneError::NotWireguard { interface: name.clone(), kind }),
+                    Some(kind) => {
+                        return Err(DataplaneError::NotWireguard {
+                            interface: name.clone(),
+                            kind,
+                        });
+                    }
                     None => {}
                 }
                 let name = name.clone();
                 Self::blocking(what, move || WGApi::<Kernel>::new(name)?.create_interface()).await
             }
-            WgOp::DeleteDevice { name } => {
-                super::uapi::delete_link(&self.handle, name).await.map_err(|e| DataplaneError::apply(&what, e))
-            }
-            WgOp::ConfigureDevice { name, private_key, listen_port, fwmark } => {
-                let index = link_index(&self.handle, name).await.map_err(|e| DataplaneError::apply(&what, e))?;
+            WgOp::DeleteDevice { name } => super::uapi::delete_link(&self.handle, name)
+                .await
+                .map_err(|e| DataplaneError::apply(&what, e)),
+            WgOp::ConfigureDevice {
+                name,
+                private_key,
+                listen_port,
+                fwmark,
+            } => {
+                let index = link_index(&self.handle, name)
+                    .await
+                    .map_err(|e| DataplaneError::apply(&what, e))?;
                 let links = NetlinkLinks::new(self.handle.clone());
                 let addresses = match index {
-                    Some(index) => links.addresses(index).await.map_err(|e| DataplaneError::apply(&what, e))?,
+                    Some(index) => links
+                        .addresses(index)
+                        .await
+                        .map_err(|e| DataplaneError::apply(&what, e))?,
                     None => BTreeSet::new(),
                 };
                 let api_name = name.clone();
-                let current = Self::blocking(what.clone(), move || WGApi::<Kernel>::new(api_name)?.read_interface_data()).await?;
+                let current = Self::blocking(what.clone(), move || {
+                    WGApi::<Kernel>::new(api_name)?.read_interface_data()
+                })
+                .await?;
                 let config = InterfaceConfiguration {
                     name: name.clone(),
                     prvkey: private_key.to_hex().to_string(),
-                    addresses: addresses.iter().map(|n| IpAddrMask::new(n.addr(), n.prefix_len())).collect(),
+                    addresses: addresses
+                        .iter()
+                        .map(|n| IpAddrMask::new(n.addr(), n.prefix_len()))
+                        .collect(),
                     port: *listen_port,
                     peers: current.peers.into_values().collect(),
                     mtu: None,
                     fwmark: Some(*fwmark),
                 };
                 let name = name.clone();
-                Self::blocking(what, move || WGApi::<Kernel>::new(name)?.configure_interface(&config)).await
+                Self::blocking(what, move || {
+                    WGApi::<Kernel>::new(name)?.configure_interface(&config)
+                })
+                .await
             }
-            WgOp::SetPeer { name, public_key, peer } => {
+            WgOp::SetPeer {
+                name,
+                public_key,
+                peer,
+            } => {
                 let mut p = Peer::new(Key::new(public_key.0));
                 p.endpoint = Some(peer.endpoint);
                 p.persistent_keepalive_interval = Some(peer.keepalive);
-                p.allowed_ips = peer.allowed_ips.iter().map(|n| IpAddrMask::new(n.addr(), n.prefix_len())).collect();
+                p.allowed_ips = peer
+                    .allowed_ips
+                    .iter()
+                    .map(|n| IpAddrMask::new(n.addr(), n.prefix_len()))
+                    .collect();
                 let name = name.clone();
                 Self::blocking(what, move || WGApi::<Kernel>::new(name)?.configure_peer(&p)).await
             }
@@ -570,16 +728,28 @@ fn device_state(name: &str, host: Host) -> DeviceState {
         .map(|p| {
             let state = PeerState {
                 endpoint: p.endpoint,
-                allowed_ips: p.allowed_ips.iter().filter_map(|m| ip_net(m.address, m.cidr)).collect(),
+                allowed_ips: p
+                    .allowed_ips
+                    .iter()
+                    .filter_map(|m| ip_net(m.address, m.cidr))
+                    .collect(),
                 keepalive: p.persistent_keepalive_interval.unwrap_or(0),
-                last_handshake: p.last_handshake.filter(|t| *t != std::time::SystemTime::UNIX_EPOCH),
+                last_handshake: p
+                    .last_handshake
+                    .filter(|t| *t != std::time::SystemTime::UNIX_EPOCH),
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
             };
             (WgKey(p.public_key.as_array()), state)
         })
         .collect();
-    DeviceState { name: name.to_string(), public_key, listen_port: host.listen_port, fwmark: host.fwmark.unwrap_or(0), peers }
+    DeviceState {
+        name: name.to_string(),
+        public_key,
+        listen_port: host.listen_port,
+        fwmark: host.fwmark.unwrap_or(0),
+        peers,
+    }
 }
 
 #[async_trait]
@@ -588,7 +758,10 @@ impl WireguardDataplane for KernelWireguard {
         Backend::Kernel
     }
 
-    async fn observe(&mut self, names: &BTreeSet<String>) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
+    async fn observe(
+        &mut self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
         let mut out = BTreeMap::new();
         for name in names {
             let kind = super::uapi::link_kind(&self.handle, name)
@@ -598,10 +771,24 @@ impl WireguardDataplane for KernelWireguard {
                 continue; // Absent, or not ours: CreateDevice reports the latter.
             }
             let api_name = name.clone();
-            let host = match tokio::task::spawn_blocking(move || WGApi::<Kernel>::new(api_name)?.read_interface_data()).await {
+            let host = match tokio::task::spawn_blocking(move || {
+                WGApi::<Kernel>::new(api_name)?.read_interface_data()
+            })
+            .await
+            {
                 Ok(Ok(host)) => host,
-                Ok(Err(e)) => return Err(DataplaneError::observe(format!("WireGuard device {name}"), e)),
-                Err(e) => return Err(DataplaneError::observe(format!("WireGuard device {name}"), e)),
+                Ok(Err(e)) => {
+                    return Err(DataplaneError::observe(
+                        format!("WireGuard device {name}"),
+                        e,
+                    ));
+                }
+                Err(e) => {
+                    return Err(DataplaneError::observe(
+                        format!("WireGuard device {name}"),
+                        e,
+                    ));
+                }
             };
             out.insert(name.clone(), device_state(name, host));
         }
@@ -672,7 +859,11 @@ pub enum AnyWireguard {
 }
 
 /// Picks the backend. `Auto`: the kernel module if loadable, else wireguard-go if found.
-pub fn select_backend(choice: BackendChoice, handle: Handle, userspace: UserspaceConfig) -> Result<AnyWireguard, DataplaneError> {
+pub fn select_backend(
+    choice: BackendChoice,
+    handle: Handle,
+    userspace: UserspaceConfig,
+) -> Result<AnyWireguard, DataplaneError> {
     let kernel = || kernel_wireguard_available();
     let userspace_ok = || find_binary(&userspace.binary).is_some();
     let missing_go = || {
@@ -706,7 +897,10 @@ impl WireguardDataplane for AnyWireguard {
         }
     }
 
-    async fn observe(&mut self, names: &BTreeSet<String>) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
+    async fn observe(
+        &mut self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
         match self {
             AnyWireguard::Kernel(k) => k.observe(names).await,
             AnyWireguard::Userspace(u) => u.observe(names).await,
@@ -727,7 +921,14 @@ mod tests {
 
     #[test]
     fn rule_roundtrip() {
-        let spec = RuleSpec { family: Family::V6, priority: 99, table: 1000, fwmark: 0x200000, mask: 0x200000, invert: true };
+        let spec = RuleSpec {
+            family: Family::V6,
+            priority: 99,
+            table: 1000,
+            fwmark: 0x200000,
+            mask: 0x200000,
+            invert: true,
+        };
         let msg = rule_message(&spec);
         assert_eq!(msg.header.table, 0);
         assert_eq!(rule_spec(&msg, Family::V6), spec);
@@ -735,7 +936,10 @@ mod tests {
 
     #[test]
     fn errno_is_kept() {
-        let e = NetlinkError { errno: Some(libc::EEXIST), source: "x".into() };
+        let e = NetlinkError {
+            errno: Some(libc::EEXIST),
+            source: "x".into(),
+        };
         assert!(e.to_string().contains("errno 17"), "{e}");
     }
 }

@@ -66,7 +66,12 @@ pub enum UapiError {
     #[error("connection closed before the end of the response")]
     Truncated,
     #[error("{binary} {name} failed ({status}): {stderr}")]
-    Spawn { binary: String, name: String, status: String, stderr: String },
+    Spawn {
+        binary: String,
+        name: String,
+        status: String,
+        stderr: String,
+    },
     #[error("device {0} still answers on its socket after its link was deleted")]
     StillRunning(String),
 }
@@ -104,23 +109,41 @@ impl UserspaceWireguard {
         let path = self.socket_path(name);
         let what = format!("connecting to {}", path.display());
         match tokio::time::timeout(self.config.timeout, UnixStream::connect(&path)).await {
-            Err(_) => Err(DataplaneError::Timeout { what, seconds: self.timeout_secs() }),
+            Err(_) => Err(DataplaneError::Timeout {
+                what,
+                seconds: self.timeout_secs(),
+            }),
             Ok(Ok(stream)) => Ok(Some(stream)),
             Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 tracing::info!(socket = %path.display(), "removing stale WireGuard socket");
-                remove_file_if_exists(&path).map_err(|source| DataplaneError::observe(what, UapiError::Io { path, source }))?;
+                remove_file_if_exists(&path).map_err(|source| {
+                    DataplaneError::observe(what, UapiError::Io { path, source })
+                })?;
                 Ok(None)
             }
-            Ok(Err(source)) => Err(DataplaneError::observe(what, UapiError::Io { path, source })),
+            Ok(Err(source)) => Err(DataplaneError::observe(
+                what,
+                UapiError::Io { path, source },
+            )),
         }
     }
 
     /// Sends one request and reads the response up to (and including) the blank line after
     /// `errno=`. Returns the lines before `errno=` and the errno.
-    async fn transact(&self, stream: UnixStream, name: &str, request: &[u8]) -> Result<(Vec<String>, i64), TransactError> {
+    async fn transact(
+        &self,
+        stream: UnixStream,
+        name: &str,
+        request: &[u8],
+    ) -> Result<(Vec<String>, i64), TransactError> {
         let path = self.socket_path(name);
-        let io_err = |source| TransactError::Uapi(UapiError::Io { path: path.clone(), source });
+        let io_err = |source| {
+            TransactError::Uapi(UapiError::Io {
+                path: path.clone(),
+                source,
+            })
+        };
         let fut = async {
             let (read, mut write) = stream.into_split();
             write.write_all(request).await.map_err(io_err)?;
@@ -143,7 +166,10 @@ impl UserspaceWireguard {
                 }
                 if let Some(value) = text.strip_prefix("errno=") {
                     errno = Some(value.parse::<i64>().map_err(|e| {
-                        TransactError::Uapi(UapiError::Parse { line: text.to_string(), reason: e.to_string() })
+                        TransactError::Uapi(UapiError::Parse {
+                            line: text.to_string(),
+                            reason: e.to_string(),
+                        })
                     })?);
                 } else {
                     lines.push(text.to_string());
@@ -162,22 +188,56 @@ impl UserspaceWireguard {
     }
 
     async fn get(&self, name: &str) -> Result<Option<DeviceState>, DataplaneError> {
-        let Some(stream) = self.connect(name).await? else { return Ok(None) };
         let what = format!("WireGuard device {name}");
-        let (lines, errno) = self.transact(stream, name, b"get=1\n\n").await.map_err(|e| e.into_dataplane(&what, self.timeout_secs()))?;
+        let mut attempt = 0;
+        let (lines, errno) = loop {
+            let Some(stream) = self.connect(name).await? else {
+                return Ok(None);
+            };
+            match self.transact(stream, name, b"get=1\n\n").await {
+                Ok(response) => break response,
+                // A dying daemon resets connections its listener had queued: look again, the
+                // next connect is usually refused (stale socket = absent device).
+                Err(TransactError::Uapi(e)) if e.is_reset() && attempt < 3 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.into_dataplane(&what, self.timeout_secs())),
+            }
+        };
         if errno != 0 {
             return Err(DataplaneError::observe(what, UapiError::Errno(errno)));
         }
-        parse_get(name, &lines).map(Some).map_err(|e| DataplaneError::observe(what, e))
+        parse_get(name, &lines)
+            .map(Some)
+            .map_err(|e| DataplaneError::observe(what, e))
     }
 
-    async fn set(&self, name: &str, body: &str, ops: usize, first: &WgOp) -> Result<(), DataplaneError> {
-        let what = if ops == 1 { first.to_string() } else { format!("{ops} operations on {name}, starting with: {first}") };
-        let stream = self
-            .connect(name)
-            .await?
-            .ok_or_else(|| DataplaneError::apply(&what, UapiError::Io { path: self.socket_path(name), source: io::ErrorKind::NotFound.into() }))?;
-        let (_, errno) = self.transact(stream, name, body.as_bytes()).await.map_err(|e| e.into_apply(&what, self.timeout_secs()))?;
+    async fn set(
+        &self,
+        name: &str,
+        body: &str,
+        ops: usize,
+        first: &WgOp,
+    ) -> Result<(), DataplaneError> {
+        let what = if ops == 1 {
+            first.to_string()
+        } else {
+            format!("{ops} operations on {name}, starting with: {first}")
+        };
+        let stream = self.connect(name).await?.ok_or_else(|| {
+            DataplaneError::apply(
+                &what,
+                UapiError::Io {
+                    path: self.socket_path(name),
+                    source: io::ErrorKind::NotFound.into(),
+                },
+            )
+        })?;
+        let (_, errno) = self
+            .transact(stream, name, body.as_bytes())
+            .await
+            .map_err(|e| e.into_apply(&what, self.timeout_secs()))?;
         if errno != 0 {
             return Err(DataplaneError::apply(what, UapiError::Errno(errno)));
         }
@@ -190,10 +250,15 @@ impl UserspaceWireguard {
             return Ok(()); // Already running (e.g. the agent restarted): adopt it.
         }
         // Make sure the name is not taken by another kind of link; wireguard-go would reuse a TUN.
-        if let Some(kind) = link_kind(&self.handle, name).await.map_err(|e| DataplaneError::apply(&op, e))? {
-            if kind != "tun" {
-                return Err(DataplaneError::NotWireguard { interface: name.to_string(), kind });
-            }
+        if let Some(kind) = link_kind(&self.handle, name)
+            .await
+            .map_err(|e| DataplaneError::apply(&op, e))?
+            && kind != "tun"
+        {
+            return Err(DataplaneError::NotWireguard {
+                interface: name.to_string(),
+                kind,
+            });
         }
         // Without WG_PROCESS_FOREGROUND wireguard-go creates the TUN and the socket, re-executes
         // itself as a daemon and exits: the device outlives the agent. Without LOG_LEVEL the
@@ -210,12 +275,30 @@ impl UserspaceWireguard {
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         let child = command.spawn().map_err(|source| {
-            DataplaneError::apply(&op, UapiError::Io { path: self.config.binary.clone(), source })
+            DataplaneError::apply(
+                &op,
+                UapiError::Io {
+                    path: self.config.binary.clone(),
+                    source,
+                },
+            )
         })?;
-        let output = match tokio::time::timeout(self.config.timeout, child.wait_with_output()).await {
-            Err(_) => return Err(DataplaneError::Timeout { what: op, seconds: self.timeout_secs() }),
+        let output = match tokio::time::timeout(self.config.timeout, child.wait_with_output()).await
+        {
+            Err(_) => {
+                return Err(DataplaneError::Timeout {
+                    what: op,
+                    seconds: self.timeout_secs(),
+                });
+            }
             Ok(Err(source)) => {
-                return Err(DataplaneError::apply(&op, UapiError::Io { path: self.config.binary.clone(), source }));
+                return Err(DataplaneError::apply(
+                    &op,
+                    UapiError::Io {
+                        path: self.config.binary.clone(),
+                        source,
+                    },
+                ));
             }
             Ok(Ok(output)) => output,
         };
@@ -236,7 +319,10 @@ impl UserspaceWireguard {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(DataplaneError::Timeout { what: format!("{op}: waiting for its socket"), seconds: self.timeout_secs() });
+                return Err(DataplaneError::Timeout {
+                    what: format!("{op}: waiting for its socket"),
+                    seconds: self.timeout_secs(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -244,13 +330,18 @@ impl UserspaceWireguard {
 
     async fn delete(&self, name: &str) -> Result<(), DataplaneError> {
         let op = format!("delete WireGuard device {name}");
-        delete_link(&self.handle, name).await.map_err(|e| DataplaneError::apply(&op, e))?;
+        delete_link(&self.handle, name)
+            .await
+            .map_err(|e| DataplaneError::apply(&op, e))?;
         // wireguard-go exits (and removes its socket) once its TUN is gone.
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         let mut killed = false;
         while self.connect(name).await?.is_some() {
             if tokio::time::Instant::now() >= deadline {
-                return Err(DataplaneError::apply(&op, UapiError::StillRunning(name.to_string())));
+                return Err(DataplaneError::apply(
+                    &op,
+                    UapiError::StillRunning(name.to_string()),
+                ));
             }
             if !killed && tokio::time::Instant::now() + self.config.timeout / 2 >= deadline {
                 killed = kill_daemon(&self.config.binary, name);
@@ -258,7 +349,25 @@ impl UserspaceWireguard {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let path = self.socket_path(name);
-        remove_file_if_exists(&path).map_err(|source| DataplaneError::apply(&op, UapiError::Io { path, source }))
+        remove_file_if_exists(&path)
+            .map_err(|source| DataplaneError::apply(&op, UapiError::Io { path, source }))
+    }
+}
+
+impl UapiError {
+    fn is_reset(&self) -> bool {
+        match self {
+            UapiError::Truncated => true,
+            UapiError::Io { source, .. } => {
+                matches!(
+                    source.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::UnexpectedEof
+                )
+            }
+            _ => false,
+        }
     }
 }
 
@@ -271,14 +380,20 @@ impl TransactError {
     fn into_dataplane(self, what: &str, seconds: u64) -> DataplaneError {
         match self {
             TransactError::Uapi(e) => DataplaneError::observe(what, e),
-            TransactError::Timeout => DataplaneError::Timeout { what: what.to_string(), seconds },
+            TransactError::Timeout => DataplaneError::Timeout {
+                what: what.to_string(),
+                seconds,
+            },
         }
     }
 
     fn into_apply(self, what: &str, seconds: u64) -> DataplaneError {
         match self {
             TransactError::Uapi(e) => DataplaneError::apply(what, e),
-            TransactError::Timeout => DataplaneError::Timeout { what: what.to_string(), seconds },
+            TransactError::Timeout => DataplaneError::Timeout {
+                what: what.to_string(),
+                seconds,
+            },
         }
     }
 }
@@ -293,34 +408,72 @@ fn remove_file_if_exists(path: &Path) -> io::Result<()> {
 /// Last resort when a daemon outlives its TUN: SIGTERM the process running `<binary> <name>` in
 /// our network namespace (found through /proc). Returns whether one was signalled.
 fn kill_daemon(binary: &Path, name: &str) -> bool {
-    let Ok(own_ns) = std::fs::read_link("/proc/thread-self/ns/net") else { return false };
-    let Some(base) = binary.file_name() else { return false };
-    let Ok(entries) = std::fs::read_dir("/proc") else { return false };
+    let Ok(own_ns) = std::fs::read_link("/proc/thread-self/ns/net") else {
+        return false;
+    };
+    let Some(base) = binary.file_name() else {
+        return false;
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
     let mut found = false;
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
-        let [arg0, arg1] = args.as_slice() else { continue };
-        let matches_binary = Path::new(std::ffi::OsStr::new(std::str::from_utf8(arg0).unwrap_or_default()))
+        let Some(pid) = entry
             .file_name()
-            .is_some_and(|b| b == base);
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .collect();
+        let [arg0, arg1] = args.as_slice() else {
+            continue;
+        };
+        let matches_binary = Path::new(std::ffi::OsStr::new(
+            std::str::from_utf8(arg0).unwrap_or_default(),
+        ))
+        .file_name()
+        .is_some_and(|b| b == base);
         if !matches_binary || *arg1 != name.as_bytes() {
             continue;
         }
-        if std::fs::read_link(entry.path().join("ns/net")).ok().as_ref() != Some(&own_ns) {
+        if std::fs::read_link(entry.path().join("ns/net"))
+            .ok()
+            .as_ref()
+            != Some(&own_ns)
+        {
             continue;
         }
-        tracing::warn!(pid, device = name, "wireguard-go outlived its link; sending SIGTERM");
-        found |= nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).is_ok();
+        tracing::warn!(
+            pid,
+            device = name,
+            "wireguard-go outlived its link; sending SIGTERM"
+        );
+        found |= nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .is_ok();
     }
     found
 }
 
 /// The link kind (`IFLA_INFO_KIND`, "tun" for wireguard-go) of `name`, `None` when absent.
-pub(crate) async fn link_kind(handle: &rtnetlink::Handle, name: &str) -> Result<Option<String>, super::kernel::NetlinkError> {
+pub(crate) async fn link_kind(
+    handle: &rtnetlink::Handle,
+    name: &str,
+) -> Result<Option<String>, super::kernel::NetlinkError> {
     use netlink_packet_route::link::{LinkAttribute, LinkInfo};
-    let Some(link) = super::kernel::get_link(handle, name).await? else { return Ok(None) };
+    let Some(link) = super::kernel::get_link(handle, name).await? else {
+        return Ok(None);
+    };
     let kind = link
         .attributes
         .iter()
@@ -336,8 +489,13 @@ pub(crate) async fn link_kind(handle: &rtnetlink::Handle, name: &str) -> Result<
 }
 
 /// Deletes link `name`; a missing link is success.
-pub(crate) async fn delete_link(handle: &rtnetlink::Handle, name: &str) -> Result<(), super::kernel::NetlinkError> {
-    let Some(link) = super::kernel::get_link(handle, name).await? else { return Ok(()) };
+pub(crate) async fn delete_link(
+    handle: &rtnetlink::Handle,
+    name: &str,
+) -> Result<(), super::kernel::NetlinkError> {
+    let Some(link) = super::kernel::get_link(handle, name).await? else {
+        return Ok(());
+    };
     match handle.link().del(link.header.index).execute().await {
         Ok(()) => Ok(()),
         Err(e) => super::kernel::ignore_errno(e, &[libc::ENODEV]),
@@ -375,27 +533,43 @@ fn render_set(ops: &[&WgOp]) -> Zeroizing<String> {
 }
 
 fn parse_err(line: &str, reason: impl ToString) -> UapiError {
-    UapiError::Parse { line: line.to_string(), reason: reason.to_string() }
+    UapiError::Parse {
+        line: line.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// Parses a `get=1` response (the lines before `errno=`).
 fn parse_get(name: &str, lines: &[String]) -> Result<DeviceState, UapiError> {
-    let mut state = DeviceState { name: name.to_string(), public_key: None, listen_port: 0, fwmark: 0, peers: BTreeMap::new() };
+    let mut state = DeviceState {
+        name: name.to_string(),
+        public_key: None,
+        listen_port: 0,
+        fwmark: 0,
+        peers: BTreeMap::new(),
+    };
     let mut current: Option<(WgKey, PeerState)> = None;
     let mut handshake_secs = 0u64;
     let mut handshake_nsecs = 0u32;
-    let finish = |current: Option<(WgKey, PeerState)>, secs: u64, nsecs: u32, state: &mut DeviceState| {
-        if let Some((key, mut peer)) = current {
-            if secs != 0 || nsecs != 0 {
-                peer.last_handshake = Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nsecs));
+    let finish =
+        |current: Option<(WgKey, PeerState)>, secs: u64, nsecs: u32, state: &mut DeviceState| {
+            if let Some((key, mut peer)) = current {
+                if secs != 0 || nsecs != 0 {
+                    peer.last_handshake = Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nsecs));
+                }
+                state.peers.insert(key, peer);
             }
-            state.peers.insert(key, peer);
-        }
-    };
+        };
     for line in lines {
-        let Some((key, value)) = line.split_once('=') else { return Err(parse_err(line, "no '='")) };
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(parse_err(line, "no '='"));
+        };
         // Never put a private key into an error message.
-        let shown = if key == "private_key" { "private_key=<redacted>" } else { line.as_str() };
+        let shown = if key == "private_key" {
+            "private_key=<redacted>"
+        } else {
+            line.as_str()
+        };
         let num = |v: &str| v.parse::<u64>().map_err(|e| parse_err(shown, e));
         match (key, current.as_mut()) {
             ("public_key", _) => {
@@ -404,22 +578,37 @@ fn parse_get(name: &str, lines: &[String]) -> Result<DeviceState, UapiError> {
                 let key = WgKey::from_hex(value).map_err(|e| parse_err(shown, e))?;
                 current = Some((
                     key,
-                    PeerState { endpoint: None, allowed_ips: BTreeSet::new(), keepalive: 0, last_handshake: None, rx_bytes: 0, tx_bytes: 0 },
+                    PeerState {
+                        endpoint: None,
+                        allowed_ips: BTreeSet::new(),
+                        keepalive: 0,
+                        last_handshake: None,
+                        rx_bytes: 0,
+                        tx_bytes: 0,
+                    },
                 ));
             }
             ("private_key", None) => {
-                let secret = Zeroizing::new(WgKey::from_hex(value).map_err(|e| parse_err(shown, e))?.0);
+                let secret =
+                    Zeroizing::new(WgKey::from_hex(value).map_err(|e| parse_err(shown, e))?.0);
                 if secret.iter().any(|b| *b != 0) {
                     state.public_key = Some(PrivateKey::from_bytes(*secret).public_key());
                 }
             }
-            ("listen_port", None) => state.listen_port = value.parse().map_err(|e| parse_err(shown, e))?,
+            ("listen_port", None) => {
+                state.listen_port = value.parse().map_err(|e| parse_err(shown, e))?
+            }
             ("fwmark", None) => state.fwmark = value.parse().map_err(|e| parse_err(shown, e))?,
             ("endpoint", Some((_, peer))) => {
-                peer.endpoint = Some(value.parse::<SocketAddr>().map_err(|e| parse_err(shown, e))?);
+                peer.endpoint = Some(
+                    value
+                        .parse::<SocketAddr>()
+                        .map_err(|e| parse_err(shown, e))?,
+                );
             }
             ("allowed_ip", Some((_, peer))) => {
-                peer.allowed_ips.insert(value.parse::<IpNet>().map_err(|e| parse_err(shown, e))?);
+                peer.allowed_ips
+                    .insert(value.parse::<IpNet>().map_err(|e| parse_err(shown, e))?);
             }
             ("persistent_keepalive_interval", Some((_, peer))) => {
                 peer.keepalive = value.parse().map_err(|e| parse_err(shown, e))?;
@@ -454,7 +643,10 @@ impl WireguardDataplane for UserspaceWireguard {
         Backend::Userspace
     }
 
-    async fn observe(&mut self, names: &BTreeSet<String>) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
+    async fn observe(
+        &mut self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
         let mut out = BTreeMap::new();
         for name in names {
             if let Some(state) = self.get(name).await? {
@@ -482,7 +674,11 @@ impl WireguardDataplane for UserspaceWireguard {
                     let batch: Vec<&WgOp> = ops[i..]
                         .iter()
                         .take_while(|op| {
-                            op_device(op) == name && !matches!(op, WgOp::CreateDevice { .. } | WgOp::DeleteDevice { .. })
+                            op_device(op) == name
+                                && !matches!(
+                                    op,
+                                    WgOp::CreateDevice { .. } | WgOp::DeleteDevice { .. }
+                                )
                         })
                         .collect();
                     let body = render_set(&batch);
@@ -504,7 +700,11 @@ pub async fn list_sockets(run_dir: &Path) -> io::Result<Vec<String>> {
         Err(e) => return Err(e),
     };
     while let Some(entry) = dir.next_entry().await? {
-        if let Some(name) = entry.file_name().to_str().and_then(|n| n.strip_suffix(".sock")) {
+        if let Some(name) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".sock"))
+        {
             names.push(name.to_string());
         }
     }
@@ -527,13 +727,29 @@ mod tests {
         let peer = PeerSpec {
             node: "n2".into(),
             endpoint: "[fd00::2]:51820".parse().expect("addr"),
-            allowed_ips: ["10.0.2.0/24".parse().expect("net"), "fd00:2::/64".parse().expect("net")].into(),
+            allowed_ips: [
+                "10.0.2.0/24".parse().expect("net"),
+                "fd00:2::/64".parse().expect("net"),
+            ]
+            .into(),
             keepalive: 0,
         };
         let ops = [
-            WgOp::ConfigureDevice { name: "wg0".into(), private_key: pk.clone(), listen_port: 51820, fwmark: 0x200000 },
-            WgOp::SetPeer { name: "wg0".into(), public_key: key(2), peer },
-            WgOp::RemovePeer { name: "wg0".into(), public_key: key(3) },
+            WgOp::ConfigureDevice {
+                name: "wg0".into(),
+                private_key: pk.clone(),
+                listen_port: 51820,
+                fwmark: 0x200000,
+            },
+            WgOp::SetPeer {
+                name: "wg0".into(),
+                public_key: key(2),
+                peer,
+            },
+            WgOp::RemovePeer {
+                name: "wg0".into(),
+                public_key: key(3),
+            },
         ];
         let refs: Vec<&WgOp> = ops.iter().collect();
         let body = render_set(&refs);
@@ -567,10 +783,16 @@ mod tests {
         assert_eq!((state.listen_port, state.fwmark), (51820, 0x200000));
         let p2 = &state.peers[&key(2)];
         assert_eq!(p2.endpoint, Some("10.99.0.2:51820".parse().expect("addr")));
-        assert_eq!((p2.keepalive, p2.rx_bytes, p2.tx_bytes, p2.last_handshake), (25, 6, 5, None));
+        assert_eq!(
+            (p2.keepalive, p2.rx_bytes, p2.tx_bytes, p2.last_handshake),
+            (25, 6, 5, None)
+        );
         assert_eq!(p2.allowed_ips.len(), 1);
         let p3 = &state.peers[&key(3)];
-        assert_eq!(p3.last_handshake, Some(SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5)));
+        assert_eq!(
+            p3.last_handshake,
+            Some(SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5))
+        );
         assert_eq!(p3.endpoint, None);
     }
 
