@@ -960,3 +960,72 @@ fn two_nodes_ping_through_tunnel() {
     assert!(pb.last_handshake.is_some(), "handshake recorded");
     assert!(pb.rx_bytes > 0 && pb.tx_bytes > 0, "{pb:?}");
 }
+
+/// Cold programming of 5,000 peers in one transaction, next to `wg setconf` on the same daemon
+/// kind. Informational (prints timings); run with `--ignored`.
+#[test]
+#[ignore = "benchmark"]
+fn bench_5000_peers_cold() {
+    if !root_or_skip("bench_5000_peers_cold") {
+        return;
+    }
+    let ns = Netns::new("bench");
+    let peers: Vec<(WgKey, PeerSpec)> = (0..5000u32)
+        .map(|i| {
+            let (a, b) = ((i >> 8) as u8, (i & 0xff) as u8);
+            (
+                PrivateKey::generate().public_key(),
+                peer(
+                    "n",
+                    &format!("172.31.{a}.{b}:51820"),
+                    &[&format!("10.{}.{b}.0/24", 100 + a)],
+                    0,
+                ),
+            )
+        })
+        .collect();
+    let mut conf = String::from("[Interface]\nListenPort = 51830\n");
+    for (k, p) in &peers {
+        let ips: Vec<String> = p.allowed_ips.iter().map(|n| n.to_string()).collect();
+        conf.push_str(&format!(
+            "[Peer]\nPublicKey = {}\nEndpoint = {}\nAllowedIPs = {}\n",
+            k.to_base64(),
+            p.endpoint,
+            ips.join(",")
+        ));
+    }
+    let conf_path = ns.run_dir().join("bench.conf");
+    std::fs::write(&conf_path, conf).expect("write conf");
+    let ours = ns.enter(move || async move {
+        let mut wg = UserspaceWireguard::new(netlink_handle().expect("netlink"));
+        wg.apply(&[
+            WgOp::CreateDevice { name: "wgb".into() },
+            WgOp::CreateDevice { name: "wgc".into() },
+        ])
+        .await
+        .expect("create");
+        let ops: Vec<WgOp> = peers
+            .into_iter()
+            .map(|(public_key, peer)| WgOp::SetPeer {
+                name: "wgb".into(),
+                public_key,
+                peer,
+            })
+            .collect();
+        let start = Instant::now();
+        wg.apply(&ops).await.expect("apply");
+        let elapsed = start.elapsed();
+        let names: BTreeSet<String> = ["wgb".to_string()].into();
+        assert_eq!(
+            wg.observe(&names).await.expect("observe")["wgb"]
+                .peers
+                .len(),
+            5000
+        );
+        elapsed
+    });
+    let start = Instant::now();
+    ns.exec_wg(&format!("wg setconf wgc {}", conf_path.display()));
+    let setconf = start.elapsed();
+    eprintln!("5000 peers cold: wiremesh apply {ours:?}, wg setconf {setconf:?}");
+}
