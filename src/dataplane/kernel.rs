@@ -832,7 +832,17 @@ pub fn find_binary(binary: &Path) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     /// The kernel module when present, else wireguard-go.
