@@ -342,6 +342,15 @@ impl Lab {
         for i in 1..=options.nodes {
             self.add_node(i).await?;
         }
+        if self.state.agents {
+            // An agent that exits at once (bad flags, wrong binary) is worth saying so here.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for n in self.state.nodes.values() {
+                if !n.agent_pid.is_some_and(sys::is_alive) {
+                    warn!(node = %n.name, log = %n.log.display(), "agent is not running");
+                }
+            }
+        }
         info!(lab = %self.state.name, nodes = options.nodes, "lab is up");
         Ok(())
     }
@@ -553,9 +562,7 @@ impl Lab {
             store::delete_node(&mut c, &name).await
         })
         .await?;
-        for ns in [&node.pod_netns, &node.netns] {
-            clear_netns(ns)?;
-        }
+        clear_netns(&[node.pod_netns.clone(), node.netns.clone()])?;
         for other in self.state.nodes.values().filter(|n| n.index != index) {
             if let Err(e) = topology::delete_pod_route(other, &node) {
                 warn!(error = %e, "route to the removed node was already gone");
@@ -848,18 +855,22 @@ pub fn restart_agent(lab: &mut Lab, node: &str) -> Result<i32, LabError> {
     lab.restart_agent(node)
 }
 
-/// Kills every process in `ns` (this also catches daemonized wireguard-go, etcd and stray
-/// captures, and with them their mounts), then deletes it.
-fn clear_netns(ns: &str) -> Result<(), LabError> {
-    if !sys::netns_exists(ns) {
-        return Ok(());
-    }
-    let pids = sys::netns_pids(ns);
+/// Kills every process in `namespaces` (this also catches daemonized wireguard-go, etcd and
+/// stray captures, and with them their mounts), then deletes the namespaces, in order.
+fn clear_netns(namespaces: &[String]) -> Result<(), LabError> {
+    let existing: Vec<&String> = namespaces
+        .iter()
+        .filter(|ns| sys::netns_exists(ns))
+        .collect();
+    let all_pids = || -> Vec<i32> { existing.iter().flat_map(|ns| sys::netns_pids(ns)).collect() };
+    let pids = all_pids();
     if !pids.is_empty() {
-        info!(ns, ?pids, "stopping processes");
-        let left = sys::terminate(&pids, STOP_GRACE, || sys::netns_pids(ns));
+        info!(?existing, ?pids, "stopping processes");
+        let left = sys::terminate(&pids, STOP_GRACE, all_pids);
         if !left.is_empty() {
-            return Err(LabError::Leftovers(format!("processes {left:?} in {ns}")));
+            return Err(LabError::Leftovers(format!(
+                "processes {left:?} in {existing:?}"
+            )));
         }
         // Daemons were re-parented to PID 1, which reaps them a little later; wait for that so
         // no zombie outlives `down` (best effort).
@@ -868,7 +879,9 @@ fn clear_netns(ns: &str) -> Result<(), LabError> {
                 .all(|p| !Path::new(&format!("/proc/{p}")).exists())
         });
     }
-    sys::ip("deleting namespace", ns, &format!("netns del {ns}"))?;
+    for ns in existing {
+        sys::ip("deleting namespace", ns, &format!("netns del {ns}"))?;
+    }
     Ok(())
 }
 
@@ -895,8 +908,11 @@ pub fn down(name: &str, state_dir: Option<&Path>) -> Result<(), LabError> {
     // Every process first (an agent may still be reconfiguring its node), then the namespaces;
     // the hub goes last so etcd outlives the agents.
     let mut problems = Vec::new();
-    for ns in &namespaces {
-        if let Err(e) = clear_netns(ns) {
+    let (hub, rest): (Vec<String>, Vec<String>) = namespaces
+        .into_iter()
+        .partition(|ns| *ns == hub_netns(name));
+    for group in [rest, hub] {
+        if let Err(e) = clear_netns(&group) {
             problems.push(e.to_string());
         }
     }
