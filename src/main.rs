@@ -36,6 +36,9 @@ enum LogFormat {
 enum Command {
     /// Run the node agent.
     Agent(wiremesh::agent::AgentArgs),
+    /// A multi-node lab on this machine, out of network namespaces.
+    #[command(subcommand)]
+    Lab(wiremesh::lab::cli::LabCommand),
 }
 
 fn init_logging(format: LogFormat) {
@@ -76,6 +79,14 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 wiremesh::agent::run(args).await.context("agent")?;
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Lab(cmd) => match wiremesh::lab::cli::run(cmd).await {
+                Ok(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
+                Err(e) => {
+                    // Exit code 2 = the lab could not do what was asked (1 = verify failed).
+                    eprintln!("wiremesh lab: {}", wiremesh::reconcile::error_chain(&e));
+                    Ok(ExitCode::from(2))
+                }
+            },
         }
     })
 }
