@@ -136,13 +136,16 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     );
 
     let (tx, rx) = watch::channel(ClusterSnapshot::default());
+    let (kernel_tx, kernel_rx) = tokio::sync::mpsc::channel(1);
+    crate::dataplane::events::watch_kernel(args.routing_table, kernel_tx)?;
     let reconciler = Reconciler::new(
         Arc::new(settings),
         wg,
         links,
         routing,
         Arc::clone(&datastore),
-    );
+    )
+    .with_kernel_events(kernel_rx);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
     let watcher = tokio::spawn(async move { datastore.run(tx).await });

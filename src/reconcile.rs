@@ -122,6 +122,8 @@ pub struct Reconciler<W, L, R> {
     last_config_errors: Vec<String>,
     /// Names of the devices we programmed, persisted so a rename or a restart still knows them.
     created_interfaces: BTreeSet<String>,
+    /// Wakes the loop when the kernel reports a change to our links, routes or rules.
+    kernel_events: Option<tokio::sync::mpsc::Receiver<()>>,
     status: AgentStatus,
 }
 
@@ -146,6 +148,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             .unwrap_or_default();
         Reconciler {
             created_interfaces,
+            kernel_events: None,
             keys: KeyStore::new(&settings.state_dir),
             settings,
             loaded_keys: BTreeMap::new(),
@@ -157,6 +160,12 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             last_config_errors: Vec::new(),
             status,
         }
+    }
+
+    /// Also run when the kernel reports a change (see `dataplane::events`).
+    pub fn with_kernel_events(mut self, events: tokio::sync::mpsc::Receiver<()>) -> Self {
+        self.kernel_events = Some(events);
+        self
     }
 
     pub fn status(&self) -> &AgentStatus {
@@ -352,7 +361,14 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Duration::ZERO;
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut kernel_events = self.kernel_events.take();
         loop {
+            let kernel_event = async {
+                match kernel_events.as_mut() {
+                    Some(events) => events.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let retry = async {
                 match retry_at {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -372,6 +388,12 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                 }
                 _ = resync.tick() => {}
                 () = retry => {}
+                event = kernel_event => {
+                    if event.is_none() {
+                        warn!("kernel notifications stopped; relying on the resync timer");
+                        kernel_events = None;
+                    }
+                }
             }
             let snapshot = snapshots.borrow_and_update().clone();
             if !snapshot.synced {

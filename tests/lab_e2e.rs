@@ -19,7 +19,9 @@ fn root_or_skip(test: &str) -> bool {
         eprintln!("{test}: SKIPPED (not root and WIREMESH_SKIP_ROOT_TESTS=1)");
         return false;
     }
-    panic!("{test}: the lab tests need root (network namespaces); WIREMESH_SKIP_ROOT_TESTS=1 skips them");
+    panic!(
+        "{test}: the lab tests need root (network namespaces); WIREMESH_SKIP_ROOT_TESTS=1 skips them"
+    );
 }
 
 /// Removes the lab on drop, so a failing test leaves nothing behind.
@@ -45,7 +47,10 @@ async fn start(tag: &str, encryption: bool) -> (Lab, Guard) {
 
 fn node_cmd(lab: &Lab, node: &str, cmd: &[&str]) -> (bool, String) {
     let out = lab.exec_in_node(node, cmd).expect("exec");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 /// `wg show wireguard.cali dump` peer lines: (public key, endpoint, allowed ips, handshake epoch).
@@ -60,36 +65,51 @@ fn wg_peers(lab: &Lab, node: &str) -> Option<Vec<(String, String, String, u64)>>
             .map(|l| {
                 let f: Vec<&str> = l.split('\t').collect();
                 let handshake = f.get(4).and_then(|h| h.parse().ok()).unwrap_or(0);
-                (f[0].to_string(), f.get(2).unwrap_or(&"").to_string(), f.get(3).unwrap_or(&"").to_string(), handshake)
+                (
+                    f[0].to_string(),
+                    f.get(2).unwrap_or(&"").to_string(),
+                    f.get(3).unwrap_or(&"").to_string(),
+                    handshake,
+                )
             })
             .collect(),
     )
 }
 
-async fn wait_for(what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + CONVERGE;
+async fn wait_for(what: &str, condition: impl AsyncFnMut() -> bool) {
+    wait_within(CONVERGE, what, condition).await;
+}
+
+async fn wait_within(limit: Duration, what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if condition().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    panic!("timed out after {CONVERGE:?} waiting for {what}");
+    panic!("timed out after {limit:?} waiting for {what}");
 }
 
 /// Every node in `nodes` has exactly `peers` peers, all with a handshake.
 async fn wait_mesh(lab: &Lab, nodes: &[&str], peers: usize) {
-    wait_for(&format!("{nodes:?} to have {peers} peers with handshakes"), async || {
-        nodes.iter().all(|n| {
-            wg_peers(lab, n).is_some_and(|p| p.len() == peers && p.iter().all(|(_, _, _, h)| *h > 0))
-        })
-    })
+    wait_for(
+        &format!("{nodes:?} to have {peers} peers with handshakes"),
+        async || {
+            nodes.iter().all(|n| {
+                wg_peers(lab, n)
+                    .is_some_and(|p| p.len() == peers && p.iter().all(|(_, _, _, h)| *h > 0))
+            })
+        },
+    )
     .await;
 }
 
 async fn node_json(lab: &Lab, node: &str) -> Value {
     let raw = lab
-        .read_raw(&format!("/calico/resources/v3/projectcalico.org/nodes/{node}"))
+        .read_raw(&format!(
+            "/calico/resources/v3/projectcalico.org/nodes/{node}"
+        ))
         .await
         .expect("read node")
         .expect("node exists");
@@ -120,7 +140,9 @@ fn no_trace(lab: &Lab, index: u32) -> bool {
     let (_, rules) = node_cmd(lab, &node, &["ip", "rule"]);
     let (_, routes) = node_cmd(lab, &node, &["ip", "route", "show", "table", "1"]);
     let (_, tables) = node_cmd(lab, &node, &["nft", "list", "tables"]);
-    let sockets = std::fs::read_dir(&lab.node(index).expect("node").run_dir).map(|d| d.count()).unwrap_or(0);
+    let sockets = std::fs::read_dir(&lab.node(index).expect("node").run_dir)
+        .map(|d| d.count())
+        .unwrap_or(0);
     !links.contains("wireguard.cali")
         && !rules.contains("lookup 1")
         && routes.trim().is_empty()
@@ -130,13 +152,19 @@ fn no_trace(lab: &Lab, index: u32) -> bool {
 
 /// Live (not zombie) processes called `comm` inside network namespace `ns`.
 fn live_processes_named(ns: &str, comm: &str) -> usize {
-    let out = std::process::Command::new("ip").args(["netns", "pids", ns]).output().expect("ip netns pids");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .expect("ip netns pids");
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .filter(|pid| {
             let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'));
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'));
             name.trim() == comm && !zombie
         })
         .count()
@@ -150,13 +178,27 @@ async fn s1_encryption_off_pod_traffic_flows_in_clear() {
     }
     let (lab, _guard) = start("s1", false).await;
     wait_for("agents to run their first reconcile", async || {
-        (1..=3).all(|i| lab.node(i).map(|n| n.state_dir.join("status.json").exists()).unwrap_or(false))
+        (1..=3).all(|i| {
+            lab.node(i)
+                .map(|n| n.state_dir.join("status.json").exists())
+                .unwrap_or(false)
+        })
     })
     .await;
-    all_ok(&verify::verify(&lab, VerifyExpect::Clear, 2).await.expect("verify"), Expectation::Clear);
+    all_ok(
+        &verify::verify(&lab, VerifyExpect::Clear, 2)
+            .await
+            .expect("verify"),
+        Expectation::Clear,
+    );
     for i in 1..=3 {
-        assert!(no_trace(&lab, i), "node{i} has WireGuard state with encryption off");
-        assert!(node_json(&lab, &format!("node{i}")).await["status"]["wireguardPublicKey"].is_null());
+        assert!(
+            no_trace(&lab, i),
+            "node{i} has WireGuard state with encryption off"
+        );
+        assert!(
+            node_json(&lab, &format!("node{i}")).await["status"]["wireguardPublicKey"].is_null()
+        );
     }
 }
 
@@ -168,26 +210,64 @@ async fn s2_enable_by_felixconfiguration_encrypts_everything() {
         return;
     }
     let (lab, _guard) = start("s2", false).await;
-    lab.set("wireguardEnabled", Value::Bool(true), None).await.expect("enable");
+    lab.set("wireguardEnabled", Value::Bool(true), None)
+        .await
+        .expect("enable");
     wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
     for i in 1..=3u32 {
-        let key = node_json(&lab, &format!("node{i}")).await["status"]["wireguardPublicKey"].as_str().map(String::from);
+        let key = node_json(&lab, &format!("node{i}")).await["status"]["wireguardPublicKey"]
+            .as_str()
+            .map(String::from);
         let key = key.expect("published key");
-        let (_, own) = node_cmd(&lab, &format!("node{i}"), &["wg", "show", "wireguard.cali", "public-key"]);
+        let (_, own) = node_cmd(
+            &lab,
+            &format!("node{i}"),
+            &["wg", "show", "wireguard.cali", "public-key"],
+        );
         assert_eq!(own.trim(), key, "node{i} publishes its device key");
-        let (_, routes) = node_cmd(&lab, &format!("node{i}"), &["ip", "route", "show", "table", "1"]);
+        let (_, routes) = node_cmd(
+            &lab,
+            &format!("node{i}"),
+            &["ip", "route", "show", "table", "1"],
+        );
         for j in (1..=3).filter(|j| *j != i) {
-            assert!(routes.contains(&format!("10.244.{j}.0/24 dev wireguard.cali proto 87 scope link")), "{routes}");
+            assert!(
+                routes.contains(&format!(
+                    "10.244.{j}.0/24 dev wireguard.cali proto 87 scope link"
+                )),
+                "{routes}"
+            );
         }
-        assert!(routes.contains(&format!("throw 10.244.{i}.0/24")), "{routes}");
-        let (_, rule) = node_cmd(&lab, &format!("node{i}"), &["ip", "rule", "show", "pref", "99"]);
-        assert!(rule.contains("not from all fwmark 0x200000/0x200000 lookup 1"), "{rule}");
-        let (_, mtu) = node_cmd(&lab, &format!("node{i}"), &["cat", "/sys/class/net/wireguard.cali/mtu"]);
+        assert!(
+            routes.contains(&format!("throw 10.244.{i}.0/24")),
+            "{routes}"
+        );
+        let (_, rule) = node_cmd(
+            &lab,
+            &format!("node{i}"),
+            &["ip", "rule", "show", "pref", "99"],
+        );
+        assert!(
+            rule.contains("not from all fwmark 0x200000/0x200000 lookup 1"),
+            "{rule}"
+        );
+        let (_, mtu) = node_cmd(
+            &lab,
+            &format!("node{i}"),
+            &["cat", "/sys/class/net/wireguard.cali/mtu"],
+        );
         assert_eq!(mtu.trim(), "1440");
     }
-    let results = verify::verify(&lab, VerifyExpect::Encrypted, 3).await.expect("verify");
+    let results = verify::verify(&lab, VerifyExpect::Encrypted, 3)
+        .await
+        .expect("verify");
     all_ok(&results, Expectation::Encrypted);
-    assert!(results.iter().all(|r| r.clear_packets == 0 && r.wireguard_packets > 0), "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| r.clear_packets == 0 && r.wireguard_packets > 0),
+        "{results:?}"
+    );
 }
 
 /// Scenario 3: `node.node3` turns node3 off: it removes its device, routes, rule and key; the
@@ -199,7 +279,9 @@ async fn s3_per_node_configuration_turns_one_node_off() {
     }
     let (lab, _guard) = start("s3", true).await;
     wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
-    lab.set("wireguardEnabled", Value::Bool(false), Some("node3")).await.expect("node3 off");
+    lab.set("wireguardEnabled", Value::Bool(false), Some("node3"))
+        .await
+        .expect("node3 off");
     wait_for("node3 to remove every trace", async || no_trace(&lab, 3)).await;
     wait_mesh(&lab, &["node1", "node2"], 1).await;
     wait_for("node3's key to be cleared", async || {
@@ -208,11 +290,17 @@ async fn s3_per_node_configuration_turns_one_node_off() {
     .await;
     let (_, routes) = node_cmd(&lab, "node1", &["ip", "route", "show", "table", "1"]);
     assert!(routes.contains("throw 10.244.3.0/24"), "{routes}");
-    let results = verify::verify(&lab, VerifyExpect::Auto, 2).await.expect("verify");
+    let results = verify::verify(&lab, VerifyExpect::Auto, 2)
+        .await
+        .expect("verify");
     assert!(results.iter().all(|r| r.ok), "{results:?}");
     for r in &results {
         let with_node3 = r.from == "node3" || r.to == "node3";
-        let expected = if with_node3 { Expectation::Clear } else { Expectation::Encrypted };
+        let expected = if with_node3 {
+            Expectation::Clear
+        } else {
+            Expectation::Encrypted
+        };
         assert_eq!(r.expected, expected, "{r}");
         if with_node3 {
             assert!(r.clear_packets > 0, "{r}");
@@ -237,7 +325,12 @@ async fn s4_node_joins_and_leaves() {
     wait_mesh(&lab, &["node1", "node2", "node3", "node4"], 3).await;
     let after = wg_peers(&lab, "node1").expect("peers");
     for (key, endpoint, allowed, _) in &before {
-        assert!(after.iter().any(|(k, e, a, _)| k == key && e == endpoint && a == allowed), "peer {key} changed");
+        assert!(
+            after
+                .iter()
+                .any(|(k, e, a, _)| k == key && e == endpoint && a == allowed),
+            "peer {key} changed"
+        );
     }
     // node1 changed exactly node4's peer and route.
     let changes: Vec<String> = log_of(&lab, 1)[log_mark..]
@@ -246,8 +339,18 @@ async fn s4_node_joins_and_leaves() {
         .map(String::from)
         .collect();
     assert_eq!(changes.len(), 2, "{changes:#?}");
-    assert!(changes.iter().any(|l| l.contains("set peer") && l.contains("(node4)")), "{changes:#?}");
-    assert!(changes.iter().any(|l| l.contains("add route 10.244.4.0/24 dev wireguard.cali")), "{changes:#?}");
+    assert!(
+        changes
+            .iter()
+            .any(|l| l.contains("set peer") && l.contains("(node4)")),
+        "{changes:#?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|l| l.contains("add route 10.244.4.0/24 dev wireguard.cali")),
+        "{changes:#?}"
+    );
     assert!(lab.ping("pod1", "pod4", 2).expect("ping").reachable());
 
     let log_mark = log_of(&lab, 1).len();
@@ -259,8 +362,16 @@ async fn s4_node_joins_and_leaves() {
         .map(String::from)
         .collect();
     assert_eq!(changes.len(), 2, "{changes:#?}");
-    assert!(changes.iter().any(|l| l.contains("remove peer")), "{changes:#?}");
-    assert!(changes.iter().any(|l| l.contains("delete route 10.244.2.0/24 dev wireguard.cali")), "{changes:#?}");
+    assert!(
+        changes.iter().any(|l| l.contains("remove peer")),
+        "{changes:#?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|l| l.contains("delete route 10.244.2.0/24 dev wireguard.cali")),
+        "{changes:#?}"
+    );
     let (_, routes) = node_cmd(&lab, "node1", &["ip", "route", "show", "table", "1"]);
     assert!(!routes.contains("10.244.2.0/24"), "{routes}");
 }
@@ -282,7 +393,21 @@ async fn s5_agent_restart_under_ping_loses_nothing() {
     // 120 packets at 20/s = 6 s; both ends' agents restart in the middle.
     let pod1 = lab.pod_netns(1);
     let ping = std::process::Command::new("ip")
-        .args(["netns", "exec", &pod1, "ping", "-n", "-q", "-i", "0.05", "-c", "120", "-W", "1", "10.244.2.2"])
+        .args([
+            "netns",
+            "exec",
+            &pod1,
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.05",
+            "-c",
+            "120",
+            "-W",
+            "1",
+            "10.244.2.2",
+        ])
         .output();
     let pinger = std::thread::spawn(move || ping);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -290,22 +415,36 @@ async fn s5_agent_restart_under_ping_loses_nothing() {
     lab.restart_agent("node2").expect("restart node2");
     let output = pinger.join().expect("ping thread").expect("ping runs");
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(text.contains("120 packets transmitted, 120 received"), "{text}");
+    assert!(
+        text.contains("120 packets transmitted, 120 received"),
+        "{text}"
+    );
 
     // The new agents found everything in place: same key, no dataplane operation.
     wait_for("restarted agents to reconcile", async || {
-        (1..=2).all(|i| log_of(&lab, i)[logs_before[(i - 1) as usize]..].contains("loaded private key"))
+        (1..=2).all(|i| {
+            log_of(&lab, i)[logs_before[(i - 1) as usize]..].contains("loaded private key")
+        })
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 1..=2u32 {
         let new_log = log_of(&lab, i)[logs_before[(i - 1) as usize]..].to_string();
-        let ops: Vec<&str> = new_log.lines().filter(|l| l.contains("subsystem=")).collect();
-        assert!(ops.is_empty(), "node{i} reprogrammed after restart: {ops:#?}");
+        let ops: Vec<&str> = new_log
+            .lines()
+            .filter(|l| l.contains("subsystem="))
+            .collect();
+        assert!(
+            ops.is_empty(),
+            "node{i} reprogrammed after restart: {ops:#?}"
+        );
         assert!(!new_log.contains("generated new private"), "{new_log}");
     }
     assert_eq!(std::fs::read(&key_file).expect("key file"), key_file_before);
-    assert_eq!(node_json(&lab, "node1").await["status"]["wireguardPublicKey"], key_before);
+    assert_eq!(
+        node_json(&lab, "node1").await["status"]["wireguardPublicKey"],
+        key_before
+    );
     wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
 }
 
@@ -319,24 +458,47 @@ async fn s6_shared_public_key_peers_neither_and_is_reported() {
     wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
     // node3 gets a copy of node2's state directory key (a classic cloning mistake).
     lab.stop_agent("node3").expect("stop node3");
-    let key2 = std::fs::read(lab.node(2).expect("node2").state_dir.join("wireguard.key")).expect("key2");
-    std::fs::write(lab.node(3).expect("node3").state_dir.join("wireguard.key"), key2).expect("copy key");
+    let key2 =
+        std::fs::read(lab.node(2).expect("node2").state_dir.join("wireguard.key")).expect("key2");
+    std::fs::write(
+        lab.node(3).expect("node3").state_dir.join("wireguard.key"),
+        key2,
+    )
+    .expect("copy key");
     lab.start_agent("node3").expect("start node3");
-    wait_for("node1 to drop node2 and node3", async || wg_peers(&lab, "node1").is_some_and(|p| p.is_empty())).await;
+    wait_for("node1 to drop node2 and node3", async || {
+        wg_peers(&lab, "node1").is_some_and(|p| p.is_empty())
+    })
+    .await;
     wait_for("node1's status to report the collision", async || {
         let s = status(&lab, 1);
         let skipped = s["skipped"].as_array().cloned().unwrap_or_default();
         let reasons: Vec<(String, String)> = skipped
             .iter()
-            .map(|s| (s["node"].as_str().unwrap_or("").into(), s["reason"].as_str().unwrap_or("").into()))
+            .map(|s| {
+                (
+                    s["node"].as_str().unwrap_or("").into(),
+                    s["reason"].as_str().unwrap_or("").into(),
+                )
+            })
             .collect();
-        reasons == [("node2".into(), "keyCollision".into()), ("node3".into(), "keyCollision".into())]
+        reasons
+            == [
+                ("node2".into(), "keyCollision".into()),
+                ("node3".into(), "keyCollision".into()),
+            ]
     })
     .await;
     let log = log_of(&lab, 1);
-    assert!(log.contains("public key is also published by node3"), "node1 log lacks the report");
+    assert!(
+        log.contains("public key is also published by node3"),
+        "node1 log lacks the report"
+    );
     let (_, routes) = node_cmd(&lab, "node1", &["ip", "route", "show", "table", "1"]);
-    assert!(routes.contains("throw 10.244.2.0/24") && routes.contains("throw 10.244.3.0/24"), "{routes}");
+    assert!(
+        routes.contains("throw 10.244.2.0/24") && routes.contains("throw 10.244.3.0/24"),
+        "{routes}"
+    );
 }
 
 /// Scenario 7: malformed key, address, tunnel address, CIDR or object on some nodes: those are
@@ -348,7 +510,11 @@ async fn s7_malformed_node_data_is_skipped_and_the_mesh_is_unaffected() {
     }
     let (lab, _guard) = start("s7", true).await;
     wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
-    let key = |i: u8| wiremesh::keys::PrivateKey::from_bytes([i; 32]).public_key().to_string();
+    let key = |i: u8| {
+        wiremesh::keys::PrivateKey::from_bytes([i; 32])
+            .public_key()
+            .to_string()
+    };
     let node = |name: &str, spec: Value, status: Value| {
         serde_json::json!({"kind": "Node", "apiVersion": "projectcalico.org/v3",
             "metadata": {"name": name}, "spec": spec, "status": status})
@@ -356,21 +522,59 @@ async fn s7_malformed_node_data_is_skipped_and_the_mesh_is_unaffected() {
     };
     let prefix = "/calico/resources/v3/projectcalico.org/nodes";
     let bad = [
-        ("bad-key", node("bad-key", serde_json::json!({"bgp": {"ipv4Address": "172.30.0.40/24"}}), serde_json::json!({"wireguardPublicKey": "not-a-key"}))),
-        ("bad-address", node("bad-address", serde_json::json!({"bgp": {"ipv4Address": "172.30.0"}}), serde_json::json!({"wireguardPublicKey": key(41)}))),
-        ("bad-tunnel", node("bad-tunnel", serde_json::json!({"bgp": {"ipv4Address": "172.30.0.42/24"}, "wireguard": {"interfaceIPv4Address": "bogus"}}), serde_json::json!({"wireguardPublicKey": key(42)}))),
+        (
+            "bad-key",
+            node(
+                "bad-key",
+                serde_json::json!({"bgp": {"ipv4Address": "172.30.0.40/24"}}),
+                serde_json::json!({"wireguardPublicKey": "not-a-key"}),
+            ),
+        ),
+        (
+            "bad-address",
+            node(
+                "bad-address",
+                serde_json::json!({"bgp": {"ipv4Address": "172.30.0"}}),
+                serde_json::json!({"wireguardPublicKey": key(41)}),
+            ),
+        ),
+        (
+            "bad-tunnel",
+            node(
+                "bad-tunnel",
+                serde_json::json!({"bgp": {"ipv4Address": "172.30.0.42/24"}, "wireguard": {"interfaceIPv4Address": "bogus"}}),
+                serde_json::json!({"wireguardPublicKey": key(42)}),
+            ),
+        ),
         ("bad-json", "{\"kind\": \"Node\", \"spec\": ".to_string()),
     ];
     for (name, value) in &bad {
-        lab.write_raw(&format!("{prefix}/{name}"), value).await.expect("write");
+        lab.write_raw(&format!("{prefix}/{name}"), value)
+            .await
+            .expect("write");
     }
     // A malformed pod-CIDR affinity key is dropped by the adapter and reported in its log.
-    lab.write_raw("/calico/ipam/v2/host/node2/ipv4/block/10.244.300.0-24", r#"{"state":"confirmed"}"#).await.expect("write");
+    lab.write_raw(
+        "/calico/ipam/v2/host/node2/ipv4/block/10.244.300.0-24",
+        r#"{"state":"confirmed"}"#,
+    )
+    .await
+    .expect("write");
     wait_for("node1 to report every malformed node", async || {
         let s = status(&lab, 1);
         let reasons: Vec<String> = s["skipped"]
             .as_array()
-            .map(|a| a.iter().map(|s| format!("{}:{}", s["node"].as_str().unwrap_or(""), s["reason"].as_str().unwrap_or(""))).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|s| {
+                        format!(
+                            "{}:{}",
+                            s["node"].as_str().unwrap_or(""),
+                            s["reason"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         reasons
             == [
@@ -383,11 +587,22 @@ async fn s7_malformed_node_data_is_skipped_and_the_mesh_is_unaffected() {
     .await;
     for i in 1..=3 {
         let log = log_of(&lab, i);
-        assert!(log.contains("not peering with node") && log.contains("malformed WireGuard public key"), "node{i}");
+        assert!(
+            log.contains("not peering with node") && log.contains("malformed WireGuard public key"),
+            "node{i}"
+        );
     }
-    assert!(log_of(&lab, 1).contains("10.244.300.0-24"), "the bad affinity key is reported");
+    assert!(
+        log_of(&lab, 1).contains("10.244.300.0-24"),
+        "the bad affinity key is reported"
+    );
     wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
-    all_ok(&verify::verify(&lab, VerifyExpect::Encrypted, 2).await.expect("verify"), Expectation::Encrypted);
+    all_ok(
+        &verify::verify(&lab, VerifyExpect::Encrypted, 2)
+            .await
+            .expect("verify"),
+        Expectation::Encrypted,
+    );
 }
 
 /// Scenario 8: switched off cluster-wide: every trace (device, routes, rules, nft table,
@@ -399,17 +614,69 @@ async fn s8_disable_cluster_wide_removes_every_trace() {
     }
     let (lab, _guard) = start("s8", true).await;
     wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
-    lab.set("wireguardEnabled", Value::Bool(false), None).await.expect("disable");
+    lab.set("wireguardEnabled", Value::Bool(false), None)
+        .await
+        .expect("disable");
     for i in 1..=3 {
-        wait_for(&format!("node{i} to remove every trace"), async || no_trace(&lab, i)).await;
-        wait_for(&format!("node{i}'s published fields to be cleared"), async || {
-            let n = node_json(&lab, &format!("node{i}")).await;
-            n["status"]["wireguardPublicKey"].is_null() && n["spec"]["wireguard"].is_null()
+        wait_for(&format!("node{i} to remove every trace"), async || {
+            no_trace(&lab, i)
         })
         .await;
-        assert_eq!(live_processes_named(&lab.node_netns(i), "wireguard-go"), 0, "node{i}");
+        wait_for(
+            &format!("node{i}'s published fields to be cleared"),
+            async || {
+                let n = node_json(&lab, &format!("node{i}")).await;
+                n["status"]["wireguardPublicKey"].is_null() && n["spec"]["wireguard"].is_null()
+            },
+        )
+        .await;
+        assert_eq!(
+            live_processes_named(&lab.node_netns(i), "wireguard-go"),
+            0,
+            "node{i}"
+        );
         // The key file stays: re-enabling reuses it.
-        assert!(lab.node(i).expect("node").state_dir.join("wireguard.key").exists());
+        assert!(
+            lab.node(i)
+                .expect("node")
+                .state_dir
+                .join("wireguard.key")
+                .exists()
+        );
     }
-    all_ok(&verify::verify(&lab, VerifyExpect::Clear, 2).await.expect("verify"), Expectation::Clear);
+    all_ok(
+        &verify::verify(&lab, VerifyExpect::Clear, 2)
+            .await
+            .expect("verify"),
+        Expectation::Clear,
+    );
+}
+
+/// Drift: someone deletes our device on one node and our rule on another. Kernel notifications
+/// wake the agents, which repair it at once (far sooner than the 90 s resync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_repaired_without_waiting_for_the_resync() {
+    if !root_or_skip("drift") {
+        return;
+    }
+    let (lab, _guard) = start("dr", true).await;
+    wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
+    let key_before = node_json(&lab, "node1").await["status"]["wireguardPublicKey"].clone();
+    assert!(node_cmd(&lab, "node1", &["ip", "link", "del", "wireguard.cali"]).0);
+    assert!(node_cmd(&lab, "node2", &["ip", "rule", "del", "pref", "99"]).0);
+    wait_within(
+        Duration::from_secs(10),
+        "node1's device and node2's rule to come back",
+        async || {
+            let (_, rule) = node_cmd(&lab, "node2", &["ip", "rule", "show", "pref", "99"]);
+            wg_peers(&lab, "node1").is_some_and(|p| p.len() == 2) && rule.contains("lookup 1")
+        },
+    )
+    .await;
+    assert_eq!(
+        node_json(&lab, "node1").await["status"]["wireguardPublicKey"],
+        key_before,
+        "same key"
+    );
+    assert!(lab.ping("pod1", "pod2", 3).expect("ping").reachable());
 }

@@ -476,7 +476,7 @@ impl NetlinkRouting {
     }
 }
 
-fn route_table(msg: &RouteMessage) -> u32 {
+pub(crate) fn route_table(msg: &RouteMessage) -> u32 {
     msg.attributes
         .iter()
         .find_map(|a| match a {
@@ -515,7 +515,7 @@ fn route_spec(msg: &RouteMessage, table: u32, names: &HashMap<u32, String>) -> O
     Some(RouteSpec { table, dest, kind })
 }
 
-fn rule_table(msg: &RuleMessage) -> u32 {
+pub(crate) fn rule_table(msg: &RuleMessage) -> u32 {
     msg.attributes
         .iter()
         .find_map(|a| match a {

@@ -3,6 +3,7 @@
 //! policy rules (`route`). `fake` holds in-memory implementations for tests; `kernel` the real
 //! ones (rtnetlink, WireGuard netlink, wireguard-go over its UAPI socket).
 
+pub mod events;
 pub mod link;
 pub mod route;
 pub mod wg;
