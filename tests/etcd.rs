@@ -29,7 +29,7 @@ fn registration(name: &str, v4: &str) -> NodeRegistration {
     NodeRegistration {
         name: name.into(),
         ipv4_address: Some(v4.into()),
-        ipv6_address: None,
+        ..Default::default()
     }
 }
 
@@ -117,6 +117,7 @@ async fn initial_list_builds_a_synced_snapshot() {
         name: "n1".into(),
         ipv4_address: Some("172.30.0.1/24".into()),
         ipv6_address: Some("fd00:30::1/64".into()),
+        ..Default::default()
     })
     .await
     .expect("put n1");
@@ -527,4 +528,91 @@ async fn relists_when_the_resume_revision_was_compacted() {
         !s.nodes.contains_key("newcomer")
     })
     .await;
+}
+
+#[tokio::test]
+async fn writer_shapes_and_effective_settings() {
+    let etcd = TestEtcd::start().await;
+    let mut w = writer(&etcd).await;
+
+    // A new node: labels, spec.bgp and nothing else.
+    let mut node = registration("n1", "172.30.0.1/24");
+    node.labels = [("kubernetes.io/hostname", "n1"), ("wiremesh.io/lab", "l")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    w.put_node(&node).await.expect("put n1");
+    let expected = json!({
+        "kind": "Node", "apiVersion": "projectcalico.org/v3",
+        "metadata": {"name": "n1", "labels": {"kubernetes.io/hostname": "n1", "wiremesh.io/lab": "l"}},
+        "spec": {"bgp": {"ipv4Address": "172.30.0.1/24"}},
+    });
+    let stored = w.get_json(&node_key("n1")).await.expect("get").expect("n1");
+    assert_eq!(stored, expected);
+    // Registering again with other labels adds them and keeps the rest.
+    w.put_raw(
+        &node_key("n1"),
+        json!({"metadata": {"name": "n1", "labels": {"x": "y"}}, "status": {"wireguardPublicKey": "k"}})
+            .to_string(),
+    )
+    .await
+    .expect("overwrite");
+    w.put_node(&node).await.expect("put n1 again");
+    let stored = w.get_json(&node_key("n1")).await.expect("get").expect("n1");
+    assert_eq!(
+        stored["metadata"]["labels"],
+        json!({"kubernetes.io/hostname": "n1", "wiremesh.io/lab": "l", "x": "y"})
+    );
+    assert_eq!(stored["status"]["wireguardPublicKey"], "k");
+    assert_eq!(stored["spec"]["bgp"]["ipv4Address"], "172.30.0.1/24");
+
+    w.put_block_affinity("n1", &net("10.244.1.0/24"))
+        .await
+        .expect("affinity");
+    assert_eq!(
+        w.get_raw("/calico/ipam/v2/host/n1/ipv4/block/10.244.1.0-24")
+            .await
+            .expect("get"),
+        Some(br#"{"state":"confirmed"}"#.to_vec())
+    );
+
+    // Effective settings: defaults, `default`, then `node.<name>`; a broken object is left out.
+    let (settings, errors) = w.effective_settings("n1").await.expect("effective");
+    assert!(!settings.v4.enabled && errors.is_empty());
+    assert_eq!(
+        w.get_felix_configuration("default").await.expect("get"),
+        None
+    );
+    w.put_felix_configuration(
+        "default",
+        &json!({"wireguardEnabled": true, "wireguardListeningPort": 51830}),
+    )
+    .await
+    .expect("default");
+    w.patch_felix_configuration("node.n2", "wireguardEnabled", json!(false))
+        .await
+        .expect("node.n2");
+    w.put_raw(
+        "/calico/resources/v3/projectcalico.org/felixconfigurations/node.n3",
+        "{broken",
+    )
+    .await
+    .expect("node.n3");
+    let default = w
+        .get_felix_configuration("default")
+        .await
+        .expect("get")
+        .expect("exists")
+        .expect("decodes");
+    assert_eq!(default.wireguard_listening_port, Some(51830));
+    let (n1, errors) = w.effective_settings("n1").await.expect("n1");
+    assert!(n1.v4.enabled && errors.is_empty());
+    assert_eq!(n1.v4.listening_port, 51830);
+    let (n2, _) = w.effective_settings("n2").await.expect("n2");
+    assert!(!n2.v4.enabled);
+    assert_eq!(n2.v4.listening_port, 51830);
+    let (n3, errors) = w.effective_settings("n3").await.expect("n3");
+    assert!(n3.v4.enabled);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].object, "node.n3");
 }

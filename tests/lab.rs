@@ -213,6 +213,23 @@ async fn down_after_crash_without_state_file() {
         .status()
         .expect("spawn");
     assert!(out.success());
+    // `setsid --fork` returns before the child has entered the namespace; wait until it has.
+    let in_node = || {
+        Command::new("ip")
+            .args(["netns", "pids", &lab.node_netns(1)])
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty())
+    };
+    for _ in 0..100 {
+        if in_node() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        in_node(),
+        "the stray process never entered the node namespace"
+    );
     std::fs::remove_file(dir.join("lab.json")).expect("simulate crash");
     drop(lab);
 

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | Node | `/calico/resources/v3/projectcalico.org/nodes/<name>` | Calico `Node` JSON |
 //! | FelixConfiguration | `/calico/resources/v3/projectcalico.org/felixconfigurations/<name>` | Calico `FelixConfiguration` JSON |
-//! | IPAM block affinity | `/calico/ipam/v2/host/<node>/ipv<4\|6>/block/<cidr, first '/' as '-'>` | `{"state":"confirmed","deleted":false}` |
+//! | IPAM block affinity | `/calico/ipam/v2/host/<node>/ipv<4\|6>/block/<cidr, first '/' as '-'>` | `{"state":"confirmed","deleted":false}` (the writer leaves out `deleted`) |
 //!
 //! The block-affinity layout follows libcalico-go (`lib/backend/model/block_affinity.go`):
 //! written as `/calico/ipam/v2/host/%s/ipv%d/block/%s` with the CIDR's first `/` replaced by `-`,
@@ -41,7 +41,7 @@ use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
 use super::{Datastore, DatastoreError, SnapshotSender};
-use crate::config::FelixConfigurationSpec;
+use crate::config::{ConfigFieldError, FelixConfigurationSpec, WireguardSettings};
 use crate::model::{ClusterSnapshot, Family, NodeResource, PublishedWireguard};
 
 /// Prefix of Calico Node resources.
@@ -929,13 +929,14 @@ pub async fn publish_on(
 // Writing resources (the lab and tests)
 // ---------------------------------------------------------------------------------------------
 
-/// A node to register: its name and underlay addresses (as Calico's `spec.bgp` holds them, e.g.
-/// `172.30.0.1/24`).
+/// A node to register: its name, underlay addresses (as Calico's `spec.bgp` holds them, e.g.
+/// `172.30.0.1/24`) and labels (`metadata.labels`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeRegistration {
     pub name: String,
     pub ipv4_address: Option<String>,
     pub ipv6_address: Option<String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Errors of [`EtcdWriter`].
@@ -1025,11 +1026,12 @@ impl EtcdWriter {
         }
     }
 
-    /// Creates the node, or sets `spec.bgp` addresses on an existing one (keeping everything else,
-    /// including published keys).
+    /// Creates the node, or sets `spec.bgp` addresses and the given labels on an existing one
+    /// (keeping everything else, including other labels and published keys).
     pub async fn put_node(&mut self, node: &NodeRegistration) -> Result<(), WriteError> {
         let name = node.name.clone();
         let (v4, v6) = (node.ipv4_address.clone(), node.ipv6_address.clone());
+        let labels = node.labels.clone();
         self.update_json(&node_key(&node.name), move |current| {
             let mut value = current.unwrap_or_else(|| {
                 serde_json::json!({
@@ -1037,12 +1039,18 @@ impl EtcdWriter {
                     "apiVersion": "projectcalico.org/v3",
                     "metadata": {"name": name.clone()},
                     "spec": {},
-                    "status": {},
                 })
             });
             let object = value
                 .as_object_mut()
                 .ok_or("Node value is not a JSON object")?;
+            if !labels.is_empty() {
+                let metadata = child_object(object, "metadata", true)?.ok_or("no metadata")?;
+                let existing = child_object(metadata, "labels", true)?.ok_or("no labels")?;
+                for (label, text) in &labels {
+                    set_field(existing, label, Some(text.clone()));
+                }
+            }
             let spec = child_object(object, "spec", true)?.ok_or("no spec")?;
             let bgp = child_object(spec, "bgp", v4.is_some() || v6.is_some())?;
             if let Some(bgp) = bgp {
@@ -1061,13 +1069,11 @@ impl EtcdWriter {
         self.delete_raw(&node_key(name)).await
     }
 
-    /// Writes a confirmed block affinity of `cidr` to `node`.
+    /// Writes a confirmed block affinity of `cidr` to `node` (`{"state":"confirmed"}`; a missing
+    /// `deleted` reads as false).
     pub async fn put_block_affinity(&mut self, node: &str, cidr: &IpNet) -> Result<(), WriteError> {
-        self.put_raw(
-            &affinity_key(node, cidr),
-            r#"{"state":"confirmed","deleted":false}"#,
-        )
-        .await
+        self.put_raw(&affinity_key(node, cidr), r#"{"state":"confirmed"}"#)
+            .await
     }
 
     pub async fn delete_block_affinity(
@@ -1092,6 +1098,32 @@ impl EtcdWriter {
         });
         self.put_raw(&felix_configuration_key(name), value.to_string())
             .await
+    }
+
+    /// FelixConfiguration `name` decoded as the adapter decodes it: `None` when there is no such
+    /// object, `Some(Err(reason))` when it is stored but does not decode.
+    pub async fn get_felix_configuration(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<Result<FelixConfigurationSpec, String>>, WriteError> {
+        let value = self.get_raw(&felix_configuration_key(name)).await?;
+        Ok(value.map(|bytes| decode_felix_configuration(&bytes)))
+    }
+
+    /// The WireGuard settings agent `node` runs with: FelixConfiguration `default`, then
+    /// `node.<node>`, merged as the agent merges them (an object that does not decode and an
+    /// invalid field are reported and left out).
+    pub async fn effective_settings(
+        &mut self,
+        node: &str,
+    ) -> Result<(WireguardSettings, Vec<ConfigFieldError>), WriteError> {
+        let mut configs = BTreeMap::new();
+        for name in ["default".to_string(), format!("node.{node}")] {
+            if let Some(spec) = self.get_felix_configuration(&name).await? {
+                configs.insert(name, spec);
+            }
+        }
+        Ok(crate::mesh::effective_settings(node, &configs))
     }
 
     /// Sets one field of a FelixConfiguration's spec (creating the object when missing), as a

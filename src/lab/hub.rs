@@ -6,19 +6,18 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
-use etcd_client::Client;
 use nix::sched::{CloneFlags, setns};
 use tokio::sync::oneshot;
 
 use super::LabError;
-use super::store::{self, StoreError};
 use super::sys::NETNS_DIR;
+use crate::datastore::etcd::{EtcdWriter, WriteError, connect_client};
 
 /// How long to keep retrying the first connection (etcd may still be starting).
 const CONNECT_WITHIN: Duration = Duration::from_secs(15);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs `f` with a client connected to `endpoint` from inside namespace `hub`.
+/// Runs `f` with a writer connected to `endpoint` from inside namespace `hub`.
 pub async fn with_store<T, F, Fut>(
     hub: &str,
     endpoint: &str,
@@ -27,8 +26,8 @@ pub async fn with_store<T, F, Fut>(
 ) -> Result<T, LabError>
 where
     T: Send + 'static,
-    F: FnOnce(Client) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<T, StoreError>>,
+    F: FnOnce(EtcdWriter) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, WriteError>>,
 {
     let (tx, rx) = oneshot::channel();
     let (hub_name, endpoint) = (hub.to_string(), endpoint.to_string());
@@ -68,8 +67,8 @@ where
                         source,
                     })?;
                 runtime.block_on(async {
-                    let client = connect(&endpoint).await.map_err(&store_err)?;
-                    match tokio::time::timeout(REQUEST_TIMEOUT, f(client)).await {
+                    let writer = connect(&endpoint).await.map_err(&store_err)?;
+                    match tokio::time::timeout(REQUEST_TIMEOUT, f(writer)).await {
                         Ok(result) => result.map_err(&store_err),
                         Err(_) => Err(LabError::Timeout {
                             step: step_name.clone(),
@@ -95,26 +94,21 @@ where
     result
 }
 
-/// Connects and proves etcd answers, retrying while it starts.
-async fn connect(endpoint: &str) -> Result<Client, StoreError> {
+/// Connects and proves etcd answers (the adapter's [`connect_client`], each attempt bounded by
+/// its timeout), retrying while etcd starts.
+async fn connect(endpoint: &str) -> Result<EtcdWriter, WriteError> {
+    let endpoints = [endpoint.to_string()];
     let deadline = tokio::time::Instant::now() + CONNECT_WITHIN;
     loop {
-        let attempt = async {
-            let mut client = store::connect(endpoint).await?;
-            client.status().await.map_err(|source| StoreError::Etcd {
-                key: endpoint.to_string(),
-                source,
-            })?;
-            Ok::<_, StoreError>(client)
-        };
-        let outcome = tokio::time::timeout(Duration::from_secs(2), attempt).await;
-        match outcome {
-            Ok(Ok(client)) => return Ok(client),
-            Ok(Err(e)) if tokio::time::Instant::now() >= deadline => return Err(e),
-            Err(_) if tokio::time::Instant::now() >= deadline => {
-                return store::connect(endpoint).await;
+        match connect_client(&endpoints).await {
+            Ok(client) => return Ok(EtcdWriter::from_client(client)),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(WriteError::Etcd {
+                    key: endpoint.to_string(),
+                    source: Box::new(e),
+                });
             }
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
 }

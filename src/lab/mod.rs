@@ -4,7 +4,6 @@
 
 pub mod cli;
 mod hub;
-pub mod store;
 mod sys;
 mod topology;
 pub mod verify;
@@ -22,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::{info, warn};
 
-pub use store::StoreError;
+/// The lab's datastore errors are those of the etcd adapter's writer.
+pub use crate::datastore::etcd::WriteError as StoreError;
+use crate::datastore::etcd::{EtcdWriter, NodeRegistration};
 pub use verify::{Expectation, PairResult, VerifyExpect};
 
 pub const DEFAULT_NAME: &str = "wiremesh";
@@ -335,9 +336,10 @@ impl Lab {
         if let Some(keepalive) = &options.keepalive {
             spec["wireguardKeepAlive"] = Value::String(keepalive.clone());
         }
-        self.with_store("writing FelixConfiguration default", move |mut c| async move {
-            store::put_felix_configuration(&mut c, "default", spec).await
-        })
+        self.with_store(
+            "writing FelixConfiguration default",
+            move |mut w| async move { w.put_felix_configuration("default", &spec).await },
+        )
         .await?;
         for i in 1..=options.nodes {
             self.add_node(i).await?;
@@ -443,7 +445,7 @@ impl Lab {
     pub async fn with_store<T, F, Fut>(&self, step: &str, f: F) -> Result<T, LabError>
     where
         T: Send + 'static,
-        F: FnOnce(etcd_client::Client) -> Fut + Send + 'static,
+        F: FnOnce(EtcdWriter) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         hub::with_store(&self.state.hub_netns, &self.state.etcd_endpoint, step, f).await
@@ -532,18 +534,20 @@ impl Lab {
             topology::add_pod_route(&node, other)?;
             topology::add_pod_route(other, &node)?;
         }
-        let (name, address, cidr) = (
-            node.name.clone(),
-            format!("{}/24", node.underlay_ip),
-            node.pod_cidr,
-        );
-        let labels = BTreeMap::from([
-            ("kubernetes.io/hostname".to_string(), name.clone()),
-            ("wiremesh.io/lab".to_string(), self.state.name.clone()),
-        ]);
-        self.with_store(&format!("registering {name}"), move |mut c| async move {
-            store::put_node(&mut c, &name, &address, &labels).await?;
-            store::put_block_affinity(&mut c, &name, &cidr).await
+        let registration = NodeRegistration {
+            name: node.name.clone(),
+            ipv4_address: Some(format!("{}/24", node.underlay_ip)),
+            ipv6_address: None,
+            labels: BTreeMap::from([
+                ("kubernetes.io/hostname".to_string(), node.name.clone()),
+                ("wiremesh.io/lab".to_string(), self.state.name.clone()),
+            ]),
+        };
+        let cidr = node.pod_cidr.into();
+        let step = format!("registering {}", node.name);
+        self.with_store(&step, move |mut w| async move {
+            w.put_node(&registration).await?;
+            w.put_block_affinity(&registration.name, &cidr).await
         })
         .await?;
         if self.state.agents {
@@ -556,10 +560,10 @@ impl Lab {
     /// Removes node `index`: its datastore objects, its processes, its namespaces and routes.
     pub async fn remove_node(&mut self, index: u32) -> Result<(), LabError> {
         let node = self.node(index)?.clone();
-        let (name, cidr) = (node.name.clone(), node.pod_cidr);
-        self.with_store(&format!("deregistering {name}"), move |mut c| async move {
-            store::delete_block_affinity(&mut c, &name, &cidr).await?;
-            store::delete_node(&mut c, &name).await
+        let (name, cidr) = (node.name.clone(), node.pod_cidr.into());
+        self.with_store(&format!("deregistering {name}"), move |mut w| async move {
+            w.delete_block_affinity(&name, &cidr).await?;
+            w.delete_node(&name).await
         })
         .await?;
         clear_netns(&[node.pod_netns.clone(), node.netns.clone()])?;
@@ -746,24 +750,26 @@ impl Lab {
 
     pub async fn write_raw(&self, key: &str, value: &str) -> Result<(), LabError> {
         let (key, value) = (key.to_string(), value.to_string());
-        self.with_store(&format!("writing {key}"), move |mut c| async move {
-            store::put_raw(&mut c, &key, &value).await
+        self.with_store(&format!("writing {key}"), move |mut w| async move {
+            w.put_raw(&key, value).await
         })
         .await
     }
 
     pub async fn read_raw(&self, key: &str) -> Result<Option<String>, LabError> {
         let key = key.to_string();
-        self.with_store(&format!("reading {key}"), move |mut c| async move {
-            store::get_raw(&mut c, &key).await
-        })
-        .await
+        let value = self
+            .with_store(&format!("reading {key}"), move |mut w| async move {
+                w.get_raw(&key).await
+            })
+            .await?;
+        Ok(value.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
     }
 
     pub async fn delete_raw(&self, key: &str) -> Result<(), LabError> {
         let key = key.to_string();
-        self.with_store(&format!("deleting {key}"), move |mut c| async move {
-            store::delete_raw(&mut c, &key).await
+        self.with_store(&format!("deleting {key}"), move |mut w| async move {
+            w.delete_raw(&key).await
         })
         .await
     }
@@ -778,9 +784,7 @@ impl Lab {
         let field = field.to_string();
         self.with_store(
             &format!("setting {field} in FelixConfiguration {object}"),
-            move |mut c| async move {
-                store::patch_felix_configuration(&mut c, &object, &field, value).await
-            },
+            move |mut w| async move { w.patch_felix_configuration(&object, &field, value).await },
         )
         .await
     }

@@ -13,8 +13,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::sys::{self, wait_until};
-use super::{Lab, LabError, NodeState, store};
-use crate::config::{FelixConfigurationSpec, WireguardSettings};
+use super::{Lab, LabError, NodeState};
 
 /// What `verify` should expect of the underlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -86,17 +85,13 @@ async fn effective(lab: &Lab) -> Result<Vec<(u32, bool, u16)>, LabError> {
         .values()
         .map(|n| (n.index, n.name.clone()))
         .collect();
-    lab.with_store("reading FelixConfiguration", move |mut c| async move {
-        let decode = |v: Option<serde_json::Value>| -> FelixConfigurationSpec {
-            v.and_then(|v| serde_json::from_value(v).ok())
-                .unwrap_or_default()
-        };
-        let default = decode(store::get_felix_configuration(&mut c, "default").await?);
+    lab.with_store("reading FelixConfiguration", move |mut w| async move {
         let mut out = Vec::new();
         for (index, name) in names {
-            let own =
-                decode(store::get_felix_configuration(&mut c, &format!("node.{name}")).await?);
-            let (settings, _) = WireguardSettings::merge(&[("default", &default), ("node", &own)]);
+            let (settings, errors) = w.effective_settings(&name).await?;
+            for e in errors {
+                warn!(node = %name, error = %e, "ignored as the agent ignores it");
+            }
             out.push((index, settings.v4.enabled, settings.v4.listening_port));
         }
         Ok(out)
