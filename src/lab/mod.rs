@@ -562,8 +562,10 @@ impl Lab {
         let node = self.node(index)?.clone();
         let (name, cidr) = (node.name.clone(), node.pod_cidr.into());
         self.with_store(&format!("deregistering {name}"), move |mut w| async move {
-            w.delete_block_affinity(&name, &cidr).await?;
-            w.delete_node(&name).await
+            // Node first, as in a cluster (IPAM releases the block later): peers then drop the
+            // node in one step instead of first seeing it without its pod CIDR.
+            w.delete_node(&name).await?;
+            w.delete_block_affinity(&name, &cidr).await
         })
         .await?;
         clear_netns(&[node.pod_netns.clone(), node.netns.clone()])?;
