@@ -36,6 +36,8 @@ enum LogFormat {
 enum Command {
     /// Run the node agent.
     Agent(wiremesh::agent::AgentArgs),
+    /// Benchmark: program 1,000 and 5,000 synthetic peers next to `wg setconf` (root).
+    Bench(wiremesh::bench::BenchArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -74,6 +76,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         match command {
             Command::Agent(args) => {
                 wiremesh::agent::run(args).await.context("agent")?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Bench(args) => {
+                wiremesh::bench::run(args).await.context("bench")?;
                 Ok(ExitCode::SUCCESS)
             }
         }
