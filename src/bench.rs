@@ -57,6 +57,9 @@ pub struct BenchArgs {
     /// The wg(8) binary used for `wg setconf`.
     #[arg(long, default_value = "wg")]
     pub wg: PathBuf,
+    /// Repetitions per peer count, each in a fresh namespace; the table shows medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub runs: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,12 +125,20 @@ fn run_blocking(args: &BenchArgs) -> Result<(), BenchError> {
     let mut rows = Vec::new();
     for &n in &args.peers {
         println!();
-        println!("== {n} peers");
-        let row = measure(n, args)?;
-        row.print_details();
-        rows.push(row);
+        let mut runs = Vec::new();
+        for run in 1..=args.runs {
+            println!("== {n} peers, run {run} of {}", args.runs);
+            let row = measure(n, args)?;
+            row.print_details();
+            runs.push(row);
+        }
+        rows.push(Row::median(runs));
     }
     println!();
+    println!(
+        "medians of {} run(s) per peer count (ratio = median cold without start-up / median wg setconf):",
+        args.runs
+    );
     print_table(&rows);
     Ok(())
 }
@@ -150,6 +161,71 @@ struct Row {
 }
 
 impl Row {
+    /// The median of every time over the runs (the ops of the first run, the checks of all,
+    /// the largest RSS).
+    fn median(mut runs: Vec<Row>) -> Row {
+        fn med(mut values: Vec<Duration>) -> Duration {
+            values.sort();
+            values.get(values.len() / 2).copied().unwrap_or_default()
+        }
+        fn med_steps(outcomes: &[&Outcome]) -> BTreeMap<&'static str, Duration> {
+            let steps: BTreeSet<&'static str> = outcomes
+                .iter()
+                .flat_map(|o| o.durations.keys().copied())
+                .collect();
+            steps
+                .into_iter()
+                .map(|step| {
+                    let values = outcomes
+                        .iter()
+                        .map(|o| o.durations.get(step).copied().unwrap_or_default())
+                        .collect();
+                    (step, med(values))
+                })
+                .collect()
+        }
+        let field = |f: fn(&Row) -> Duration, runs: &[Row]| med(runs.iter().map(f).collect());
+        let cold = field(|r| r.cold, &runs);
+        let cold_startup = field(|r| r.cold_startup, &runs);
+        let setconf = field(|r| r.setconf, &runs);
+        let setconf_startup = field(|r| r.setconf_startup, &runs);
+        let change = field(|r| r.change, &runs);
+        let idle = field(|r| r.idle, &runs);
+        let cold_steps = med_steps(&runs.iter().map(|r| &r.cold_outcome).collect::<Vec<_>>());
+        let change_steps = med_steps(&runs.iter().map(|r| &r.change_outcome).collect::<Vec<_>>());
+        let idle_steps = med_steps(&runs.iter().map(|r| &r.idle_outcome).collect::<Vec<_>>());
+        let change_ok = runs.iter().all(|r| r.change_ok);
+        let idle_ops_max = runs
+            .iter()
+            .map(|r| r.idle_outcome.total_ops())
+            .max()
+            .unwrap_or(0);
+        let peak_rss_kib = runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
+        let idle_max_run = runs
+            .iter()
+            .position(|r| r.idle_outcome.total_ops() == idle_ops_max)
+            .unwrap_or(0);
+        let mut row = runs.remove(0);
+        row.cold = cold;
+        row.cold_startup = cold_startup;
+        row.setconf = setconf;
+        row.setconf_startup = setconf_startup;
+        row.change = change;
+        row.idle = idle;
+        row.cold_outcome.durations = cold_steps;
+        row.change_outcome.durations = change_steps;
+        if idle_max_run != 0 {
+            // Show the worst idle run's ops, so a non-empty one is never hidden.
+            if let Some(r) = runs.get(idle_max_run - 1) {
+                row.idle_outcome = r.idle_outcome.clone();
+            }
+        }
+        row.idle_outcome.durations = idle_steps;
+        row.change_ok = change_ok;
+        row.peak_rss_kib = peak_rss_kib;
+        row
+    }
+
     fn cold_without_startup(&self) -> Duration {
         self.cold.saturating_sub(self.cold_startup)
     }
