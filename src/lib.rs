@@ -2,6 +2,7 @@
 //! Calico's resources. See docs/architecture.md for the shape of the code.
 
 pub mod agent;
+pub mod bench;
 pub mod config;
 pub mod dataplane;
 pub mod datastore;
@@ -9,4 +10,5 @@ pub mod keys;
 pub mod lab;
 pub mod mesh;
 pub mod model;
+pub mod netns;
 pub mod reconcile;

@@ -39,6 +39,8 @@ enum Command {
     /// A multi-node lab on this machine, out of network namespaces.
     #[command(subcommand)]
     Lab(wiremesh::lab::cli::LabCommand),
+    /// Benchmark: program 1,000 and 5,000 synthetic peers next to `wg setconf` (root).
+    Bench(wiremesh::bench::BenchArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -88,6 +90,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(2))
                 }
             },
+            Command::Bench(args) => {
+                wiremesh::bench::run(args).await.context("bench")?;
+                Ok(ExitCode::SUCCESS)
+            }
         }
     })
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -76,6 +76,9 @@ pub struct Outcome {
     /// Operation counts by subsystem and kind, e.g. `("wireguard", "set_peer") -> 2`.
     pub ops: BTreeMap<(&'static str, &'static str), usize>,
     pub published: bool,
+    /// Time spent per step of the run: `desired`, `routing` (observe, deletes and adds),
+    /// `wireguard` (observe and apply), `link`, `publish`.
+    pub durations: BTreeMap<&'static str, Duration>,
 }
 
 impl Outcome {
@@ -253,12 +256,20 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         snapshot: &ClusterSnapshot,
     ) -> Result<Outcome, ReconcileError> {
         let mut outcome = Outcome::default();
+        let mut clock = Instant::now();
+        let mut lap = |outcome: &mut Outcome, step: &'static str| {
+            let now = Instant::now();
+            *outcome.durations.entry(step).or_default() += now - clock;
+            clock = now;
+        };
         let host_mtu = self
             .links
             .host_mtu()
             .await?
             .unwrap_or(crate::config::FALLBACK_HOST_MTU);
+        lap(&mut outcome, "link");
         let spec = self.desired(snapshot, host_mtu)?;
+        lap(&mut outcome, "desired");
 
         // Rules and routes go first when removed and last when added.
         let routing_actual = self.routing.observe(spec.routing_table).await?;
@@ -267,6 +278,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             route_ops.into_iter().partition(|op| op.is_delete());
         apply_logged(&mut outcome, "routing", &route_deletes, |op| op.kind());
         self.routing.apply(&route_deletes).await?;
+        lap(&mut outcome, "routing");
 
         let wg_actual = self.wg.observe(&spec.owned_interfaces).await?;
         let wg_ops = wg::plan(&spec, &wg_actual);
@@ -278,14 +290,17 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             self.created_interfaces = device_names.clone();
             self.persist_created_interfaces();
         }
+        lap(&mut outcome, "wireguard");
 
         let link_actual = self.links.observe(&device_names).await?;
         let link_ops = link::plan(&spec, &link_actual);
         apply_logged(&mut outcome, "link", &link_ops, |op| op.kind());
         self.links.apply(&link_ops).await?;
+        lap(&mut outcome, "link");
 
         apply_logged(&mut outcome, "routing", &route_adds, |op| op.kind());
         self.routing.apply(&route_adds).await?;
+        lap(&mut outcome, "routing");
 
         let node = &self.settings.node_name;
         match snapshot.nodes.get(node) {
@@ -303,6 +318,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                 debug!(node = %node, "this node is not in the datastore yet; nothing to publish")
             }
         }
+        lap(&mut outcome, "publish");
         self.record_status(&spec);
         Ok(outcome)
     }

@@ -8,15 +8,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::os::fd::AsFd as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use nix::mount::{MsFlags, mount};
-use nix::sched::{CloneFlags, setns, unshare};
 use wiremesh::config::{DEFAULT_FWMARK, ROUTE_PROTOCOL};
 use wiremesh::dataplane::kernel::{NetlinkLinks, NetlinkRouting, connect_netlink, netlink_handle};
 use wiremesh::dataplane::link::{LinkDataplane, LinkOp};
@@ -26,6 +22,7 @@ use wiremesh::dataplane::wg::{self, WgOp, WireguardDataplane};
 use wiremesh::keys::PrivateKey;
 use wiremesh::mesh::{DataplaneSpec, DeviceSpec, PeerSpec, RouteKind, RouteSpec, RuleSpec};
 use wiremesh::model::{Family, PublishedWireguard, WgKey};
+use wiremesh::netns::Netns;
 
 // ---------------------------------------------------------------------------------------------
 // Harness
@@ -44,17 +41,11 @@ fn root_or_skip(test: &str) -> bool {
     );
 }
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    Command::new(cmd)
+fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("running {cmd} {args:?}: {e}"))
-}
-
-fn run_ok(cmd: &str, args: &[&str]) -> String {
-    let out = run(cmd, args);
+        .unwrap_or_else(|e| panic!("running {cmd} {args:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}",
@@ -63,142 +54,52 @@ fn run_ok(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A network namespace with a private `/run/wireguard`, removed (with every process in it) on drop.
-struct Netns {
-    name: String,
-    run_dir: tempfile::TempDir,
-}
+/// A [`Netns`] named `wmt-<tag>-...` whose helpers panic on failure.
+struct Ns(Netns);
 
-impl Netns {
+impl Ns {
     fn new(tag: &str) -> Self {
-        let name = format!(
-            "wmt-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let run_dir = tempfile::Builder::new()
-            .prefix("wmt-run-")
-            .tempdir()
-            .expect("tempdir");
-        run_ok("ip", &["netns", "add", &name]);
-        let ns = Netns { name, run_dir };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        Ns(Netns::new(&format!("wmt-{tag}")).expect("create netns"))
+    }
+
+    fn name(&self) -> &str {
+        self.0.name()
     }
 
     fn run_dir(&self) -> &Path {
-        self.run_dir.path()
+        self.0.run_dir()
     }
 
-    /// `ip -n <ns> args...`, asserting success.
     fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["-n", self.name.as_str()];
-        full.extend_from_slice(args);
-        run_ok("ip", &full)
+        self.0.ip(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn ip_json(&self, args: &[&str]) -> serde_json::Value {
-        let mut full = vec!["-j"];
-        full.extend_from_slice(args);
-        serde_json::from_str(&self.ip(&full)).expect("ip -j output is JSON")
+        self.0.ip_json(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// A command inside the netns (`ip netns exec`).
-    fn exec(&self, args: &[&str]) -> std::process::Output {
-        let mut full = vec!["netns", "exec", self.name.as_str()];
-        full.extend_from_slice(args);
-        run("ip", &full)
+    /// A command inside the netns; its output, or the failure with both outputs.
+    fn exec(&self, args: &[&str]) -> Result<String, wiremesh::netns::NetnsError> {
+        self.0.exec(args)
     }
 
-    /// A command inside the netns that also sees our private `/run/wireguard` (like `wg`).
-    fn exec_wg(&self, script: &str) -> String {
-        let dir = self.run_dir().display().to_string();
-        let out = self.exec(&[
-            "sh",
-            "-c",
-            &format!("mount --bind \"$0\" /run/wireguard && {script}"),
-            &dir,
-        ]);
-        assert!(
-            out.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    /// A command inside the netns that also sees the private `/run/wireguard` (like `wg`).
+    fn exec_wg(&self, args: &[&str]) -> String {
+        self.0.exec_wg(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn pids(&self) -> Vec<i32> {
-        run_ok("ip", &["netns", "pids", &self.name])
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
+        self.0.pids().expect("ip netns pids")
     }
 
-    /// Runs `f` on a thread inside this netns, with its own current-thread runtime. Panics
-    /// propagate to the caller.
+    /// Runs `f` on a thread inside this netns; panics propagate to the caller.
     fn enter<T, Fut, F>(&self, f: F) -> T
     where
         T: Send + 'static,
         Fut: Future<Output = T>,
         F: FnOnce() -> Fut + Send + 'static,
     {
-        let ns_path = PathBuf::from(format!("/run/netns/{}", self.name));
-        let run_dir = self.run_dir().to_path_buf();
-        let thread = std::thread::spawn(move || {
-            let ns = std::fs::File::open(&ns_path).expect("open netns");
-            setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
-            std::fs::create_dir_all("/run/wireguard").expect("mkdir /run/wireguard");
-            unshare(CloneFlags::CLONE_NEWNS).expect("unshare mount ns");
-            // Keep our bind mount from propagating to the host.
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_SLAVE,
-                None::<&str>,
-            )
-            .expect("make / rslave");
-            mount(
-                Some(&run_dir),
-                "/run/wireguard",
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .expect("bind /run/wireguard");
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(f())
-        });
-        thread
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Kill by PID whatever runs in the namespace (only our wireguard-go daemons), then delete it.
-        for pid in self.pids() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.pids().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = run("ip", &["netns", "del", &self.name]);
-        if !out.status.success() {
-            eprintln!(
-                "warning: ip netns del {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        self.0.enter(f).expect("enter netns")
     }
 }
 
@@ -234,7 +135,7 @@ fn userspace_device_lifecycle() {
     if !root_or_skip("userspace_device_lifecycle") {
         return;
     }
-    let ns = Netns::new("wg");
+    let ns = Ns::new("wg");
     let key = PrivateKey::generate();
     let (k2, k3) = (
         PrivateKey::generate().public_key(),
@@ -316,7 +217,7 @@ fn userspace_device_lifecycle() {
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", daemons[0])).expect("cmdline");
     assert_eq!(cmdline, b"wireguard-go\0wg0\0");
     // Cross-check with wg(8), which reads the same socket.
-    let dump = ns.exec_wg("wg show wg0 dump");
+    let dump = ns.exec_wg(&["wg", "show", "wg0", "dump"]);
     assert!(dump.contains(&key.public_key().to_base64()), "{dump}");
     assert!(dump.contains("51820\t0x200000"), "{dump}");
     assert!(
@@ -418,7 +319,7 @@ fn userspace_stale_socket_is_absent_device() {
     if !root_or_skip("userspace_stale_socket_is_absent_device") {
         return;
     }
-    let ns = Netns::new("stale");
+    let ns = Ns::new("stale");
     let names: BTreeSet<String> = ["wgs".to_string()].into();
     let names2 = names.clone();
     ns.enter(move || async move {
@@ -483,7 +384,7 @@ fn routes_in_our_table_only() {
     if !root_or_skip("routes_in_our_table_only") {
         return;
     }
-    let ns = Netns::new("rt");
+    let ns = Ns::new("rt");
     ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v0p"]);
     ns.ip(&["link", "set", "v0", "up"]);
     ns.ip(&["link", "set", "v0p", "up"]);
@@ -615,7 +516,7 @@ fn route_shapes_match_iproute2() {
     if !root_or_skip("route_shapes_match_iproute2") {
         return;
     }
-    let ns = Netns::new("rts");
+    let ns = Ns::new("rts");
     ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v0p"]);
     ns.ip(&["link", "set", "v0", "up"]);
     ns.enter(|| async {
@@ -651,7 +552,7 @@ fn rules_for_our_table() {
     if !root_or_skip("rules_for_our_table") {
         return;
     }
-    let ns = Netns::new("rule");
+    let ns = Ns::new("rule");
     // Foreign rules: one for another table, one for ours (which the rule manager owns).
     ns.ip(&["rule", "add", "fwmark", "0x1", "lookup", "2", "pref", "98"]);
     let ours: BTreeSet<RuleSpec> = Family::ALL
@@ -729,7 +630,7 @@ fn link_ops_and_host_mtu() {
     if !root_or_skip("link_ops_and_host_mtu") {
         return;
     }
-    let ns = Netns::new("link");
+    let ns = Ns::new("link");
     // Uplinks: eth0 (1400, up), ens9 (1300, down: ignored); vx0 is no uplink (1000, up).
     for (name, peer, mtu, up) in [
         ("eth0", "eth0p", "1400", true),
@@ -843,7 +744,7 @@ fn link_ops_and_host_mtu() {
 // Two nodes
 
 struct Node {
-    ns: Netns,
+    ns: Ns,
     key: PrivateKey,
     underlay: &'static str,
     tunnel: &'static str,
@@ -913,13 +814,13 @@ fn two_nodes_ping_through_tunnel() {
         return;
     }
     let a = Node {
-        ns: Netns::new("na"),
+        ns: Ns::new("na"),
         key: PrivateKey::generate(),
         underlay: "172.31.0.1",
         tunnel: "10.99.0.1",
     };
     let b = Node {
-        ns: Netns::new("nb"),
+        ns: Ns::new("nb"),
         key: PrivateKey::generate(),
         underlay: "172.31.0.2",
         tunnel: "10.99.0.2",
@@ -928,8 +829,18 @@ fn two_nodes_ping_through_tunnel() {
     run_ok(
         "ip",
         &[
-            "link", "add", "eth0", "netns", &a.ns.name, "type", "veth", "peer", "name", "eth0",
-            "netns", &b.ns.name,
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            a.ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            b.ns.name(),
         ],
     );
     for n in [&a, &b] {
@@ -939,15 +850,12 @@ fn two_nodes_ping_through_tunnel() {
     program(&a, b.key.public_key(), b.underlay, b.tunnel);
     program(&b, a.key.public_key(), a.underlay, a.tunnel);
 
-    let out = a.ns.exec(&["ping", "-c", "2", "-W", "2", b.tunnel]);
-    assert!(
-        out.status.success(),
-        "ping a -> b over wg0: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = b.ns.exec(&["ping", "-c", "1", "-W", "2", a.tunnel]);
-    assert!(out.status.success(), "ping b -> a over wg0");
+    if let Err(e) = a.ns.exec(&["ping", "-c", "2", "-W", "2", b.tunnel]) {
+        panic!("ping a -> b over wg0: {e}");
+    }
+    if let Err(e) = b.ns.exec(&["ping", "-c", "1", "-W", "2", a.tunnel]) {
+        panic!("ping b -> a over wg0: {e}");
+    }
 
     let b_key = b.key.public_key();
     let state = a.ns.enter(move || async move {
@@ -959,73 +867,4 @@ fn two_nodes_ping_through_tunnel() {
     let pb = &p[&b_key];
     assert!(pb.last_handshake.is_some(), "handshake recorded");
     assert!(pb.rx_bytes > 0 && pb.tx_bytes > 0, "{pb:?}");
-}
-
-/// Cold programming of 5,000 peers in one transaction, next to `wg setconf` on the same daemon
-/// kind. Informational (prints timings); run with `--ignored`.
-#[test]
-#[ignore = "benchmark"]
-fn bench_5000_peers_cold() {
-    if !root_or_skip("bench_5000_peers_cold") {
-        return;
-    }
-    let ns = Netns::new("bench");
-    let peers: Vec<(WgKey, PeerSpec)> = (0..5000u32)
-        .map(|i| {
-            let (a, b) = ((i >> 8) as u8, (i & 0xff) as u8);
-            (
-                PrivateKey::generate().public_key(),
-                peer(
-                    "n",
-                    &format!("172.31.{a}.{b}:51820"),
-                    &[&format!("10.{}.{b}.0/24", 100 + a)],
-                    0,
-                ),
-            )
-        })
-        .collect();
-    let mut conf = String::from("[Interface]\nListenPort = 51830\n");
-    for (k, p) in &peers {
-        let ips: Vec<String> = p.allowed_ips.iter().map(|n| n.to_string()).collect();
-        conf.push_str(&format!(
-            "[Peer]\nPublicKey = {}\nEndpoint = {}\nAllowedIPs = {}\n",
-            k.to_base64(),
-            p.endpoint,
-            ips.join(",")
-        ));
-    }
-    let conf_path = ns.run_dir().join("bench.conf");
-    std::fs::write(&conf_path, conf).expect("write conf");
-    let ours = ns.enter(move || async move {
-        let mut wg = UserspaceWireguard::new(netlink_handle().expect("netlink"));
-        wg.apply(&[
-            WgOp::CreateDevice { name: "wgb".into() },
-            WgOp::CreateDevice { name: "wgc".into() },
-        ])
-        .await
-        .expect("create");
-        let ops: Vec<WgOp> = peers
-            .into_iter()
-            .map(|(public_key, peer)| WgOp::SetPeer {
-                name: "wgb".into(),
-                public_key,
-                peer,
-            })
-            .collect();
-        let start = Instant::now();
-        wg.apply(&ops).await.expect("apply");
-        let elapsed = start.elapsed();
-        let names: BTreeSet<String> = ["wgb".to_string()].into();
-        assert_eq!(
-            wg.observe(&names).await.expect("observe")["wgb"]
-                .peers
-                .len(),
-            5000
-        );
-        elapsed
-    });
-    let start = Instant::now();
-    ns.exec_wg(&format!("wg setconf wgc {}", conf_path.display()));
-    let setconf = start.elapsed();
-    eprintln!("5000 peers cold: wiremesh apply {ours:?}, wg setconf {setconf:?}");
 }

@@ -392,10 +392,11 @@ impl NetlinkRouting {
         Ok(out)
     }
 
-    async fn route_message(
-        &self,
+    /// The message for a route; `indexes` holds the interface indexes resolved for this apply.
+    fn route_message(
         spec: &RouteSpec,
         delete: bool,
+        indexes: &HashMap<String, Option<u32>>,
     ) -> Result<Option<RouteMessage>, NetlinkError> {
         let builder = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(spec.dest.addr(), spec.dest.prefix_len())
@@ -409,7 +410,7 @@ impl NetlinkRouting {
             .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
         builder = match &spec.kind {
             RouteKind::Device { interface } => {
-                let Some(index) = link_index(&self.handle, interface).await? else {
+                let Some(index) = indexes.get(interface).copied().flatten() else {
                     // The kernel removed the device's routes with it.
                     return if delete {
                         Ok(None)
@@ -443,17 +444,21 @@ impl NetlinkRouting {
         Ok(Some(msg))
     }
 
-    async fn apply_one(&self, op: &RouteOp) -> Result<(), NetlinkError> {
+    async fn apply_one(
+        &self,
+        op: &RouteOp,
+        indexes: &HashMap<String, Option<u32>>,
+    ) -> Result<(), NetlinkError> {
         match op {
             RouteOp::AddRoute(spec) => {
-                if let Some(msg) = self.route_message(spec, false).await?
+                if let Some(msg) = Self::route_message(spec, false, indexes)?
                     && let Err(e) = self.handle.route().add(msg).execute().await
                 {
                     ignore_errno(e, &[libc::EEXIST])?;
                 }
             }
             RouteOp::DeleteRoute(spec) => {
-                if let Some(msg) = self.route_message(spec, true).await?
+                if let Some(msg) = Self::route_message(spec, true, indexes)?
                     && let Err(e) = self.handle.route().del(msg).execute().await
                 {
                     ignore_errno(e, &[libc::ESRCH, libc::ENOENT])?;
@@ -586,15 +591,42 @@ impl RoutingDataplane for NetlinkRouting {
         Ok(RoutingState { routes, rules })
     }
 
+    /// Resolves each interface once, then sends the ops of one kind concurrently (up to
+    /// [`ROUTE_CONCURRENCY`] requests in flight on the one socket); kinds stay in order, so rules
+    /// are still deleted first and added last. Thousands of routes then cost about as many
+    /// kernel round trips as one dump instead of two sequential round trips each.
     async fn apply(&mut self, ops: &[RouteOp]) -> Result<(), DataplaneError> {
+        let mut indexes: HashMap<String, Option<u32>> = HashMap::new();
         for op in ops {
-            self.apply_one(op)
-                .await
-                .map_err(|e| DataplaneError::apply(op, e))?;
+            let (RouteOp::AddRoute(spec) | RouteOp::DeleteRoute(spec)) = op else {
+                continue;
+            };
+            let RouteKind::Device { interface } = &spec.kind else {
+                continue;
+            };
+            if !indexes.contains_key(interface) {
+                let index = link_index(&self.handle, interface)
+                    .await
+                    .map_err(|e| DataplaneError::apply(op, e))?;
+                indexes.insert(interface.clone(), index);
+            }
+        }
+        let (this, indexes) = (&*self, &indexes);
+        for group in ops.chunk_by(|a, b| a.kind() == b.kind()) {
+            futures::stream::iter(group.iter().map(Ok))
+                .try_for_each_concurrent(ROUTE_CONCURRENCY, |op| async move {
+                    this.apply_one(op, indexes)
+                        .await
+                        .map_err(|e| DataplaneError::apply(op, e))
+                })
+                .await?;
         }
         Ok(())
     }
 }
+
+/// Route and rule requests in flight at once.
+const ROUTE_CONCURRENCY: usize = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Kernel WireGuard
