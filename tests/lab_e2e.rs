@@ -332,13 +332,24 @@ async fn s4_node_joins_and_leaves() {
             "peer {key} changed"
         );
     }
-    // node1 changed exactly node4's peer and route.
+    // node1 changed only node4's peer and routes. Until node4's agent publishes its key,
+    // node4's pod CIDR may get a throw route first (clear text, as in Calico); that is fine.
     let changes: Vec<String> = log_of(&lab, 1)[log_mark..]
         .lines()
         .filter(|l| l.contains("subsystem="))
         .map(String::from)
         .collect();
-    assert_eq!(changes.len(), 2, "{changes:#?}");
+    assert!(
+        changes
+            .iter()
+            .all(|l| l.contains("(node4)") || l.contains("10.244.4.0/24")),
+        "{changes:#?}"
+    );
+    assert_eq!(
+        changes.iter().filter(|l| l.contains("set peer")).count(),
+        1,
+        "{changes:#?}"
+    );
     assert!(
         changes
             .iter()
@@ -361,9 +372,16 @@ async fn s4_node_joins_and_leaves() {
         .filter(|l| l.contains("subsystem="))
         .map(String::from)
         .collect();
+    let node2_key = before
+        .iter()
+        .find(|(_, endpoint, _, _)| endpoint.starts_with("172.30.0.2:"))
+        .map(|(key, _, _, _)| key.clone())
+        .expect("node2 was a peer");
     assert_eq!(changes.len(), 2, "{changes:#?}");
     assert!(
-        changes.iter().any(|l| l.contains("remove peer")),
+        changes
+            .iter()
+            .any(|l| l.contains("remove peer") && l.contains(&node2_key)),
         "{changes:#?}"
     );
     assert!(
