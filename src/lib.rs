@@ -10,3 +10,4 @@ pub mod lab;
 pub mod mesh;
 pub mod model;
 pub mod reconcile;
+pub mod selector;
