@@ -1,7 +1,7 @@
 //! Table-driven tests: the spec's §1.4 vectors, Calico's parser_test.go vectors, error positions,
 //! canonical forms and IDs, plus property tests (no panics; canonical form round-trips).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 
@@ -852,6 +852,175 @@ fn expr_strategy() -> impl Strategy<Value = Expr> {
     })
 }
 
+/// Writes `e` in a random but equivalent surface syntax: either quote where allowed, random
+/// spaces and tabs, `!!`, redundant parentheses, `notin`/`startswith`, trailing commas and
+/// repeated set items. Choices come from `dice`, cycled.
+struct Noisy<'a> {
+    dice: &'a [u8],
+    i: usize,
+    out: String,
+}
+
+impl Noisy<'_> {
+    fn roll(&mut self, n: u8) -> u8 {
+        let d = self
+            .dice
+            .get(self.i % self.dice.len().max(1))
+            .copied()
+            .unwrap_or(0);
+        self.i += 1;
+        d % n
+    }
+    fn space(&mut self) {
+        match self.roll(6) {
+            0 => self.out.push(' '),
+            1 => self.out.push('\t'),
+            2 => self.out.push_str("  "),
+            _ => {}
+        }
+    }
+    fn need_space(&mut self) {
+        let c = if self.roll(4) == 0 { '\t' } else { ' ' };
+        self.out.push(c);
+        self.space();
+    }
+    fn pick<'s>(&mut self, options: &[&'s str]) -> &'s str {
+        options[usize::from(self.roll(options.len() as u8))]
+    }
+    fn quoted(&mut self, v: &str) {
+        let q = if v.contains('"') {
+            '\''
+        } else if v.contains('\'') || self.roll(2) == 0 {
+            '"'
+        } else {
+            '\''
+        };
+        self.out.push(q);
+        self.out.push_str(v);
+        self.out.push(q);
+    }
+    fn binop(&mut self, l: &str, ops: &[&str], v: &str) {
+        self.out.push_str(l);
+        let op = self.pick(ops);
+        // Word operators need a space after the label; symbols do not.
+        if op.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            self.need_space();
+        } else {
+            self.space();
+        }
+        self.out.push_str(op);
+        self.space();
+        self.quoted(v);
+    }
+    fn set(&mut self, l: &str, ops: &[&str], set: &BTreeSet<String>) {
+        self.out.push_str(l);
+        self.need_space();
+        let op = self.pick(ops);
+        self.out.push_str(op);
+        self.space();
+        self.out.push('{');
+        let mut items: Vec<&String> = set.iter().collect();
+        if let Some(first) = set.iter().next()
+            && self.roll(3) == 0
+        {
+            items.push(first);
+        }
+        if self.roll(2) == 0 {
+            items.reverse();
+        }
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                self.out.push(',');
+            }
+            self.space();
+            self.quoted(item);
+        }
+        if !items.is_empty() && self.roll(3) == 0 {
+            self.out.push(',');
+        }
+        self.space();
+        self.out.push('}');
+    }
+    fn expr(&mut self, e: &Expr) {
+        self.space();
+        if self.roll(8) == 0 {
+            self.out.push_str("!!");
+            self.space();
+        }
+        let wrap = self.roll(6) == 0;
+        if wrap {
+            self.out.push('(');
+            self.space();
+        }
+        match e {
+            Expr::All => {
+                let text = self.pick(&["all()", "all( )"]);
+                self.out.push_str(text);
+            }
+            Expr::Global => self.out.push_str("global()"),
+            Expr::Has(l) => {
+                self.out.push_str("has(");
+                self.space();
+                self.out.push_str(l);
+                self.space();
+                self.out.push(')');
+            }
+            Expr::Eq(l, v) => self.binop(l, &["=="], v),
+            Expr::Ne(l, v) => self.binop(l, &["!="], v),
+            Expr::Contains(l, v) => self.binop(l, &["contains"], v),
+            Expr::StartsWith(l, v) => {
+                self.binop(l, &["starts with", "startswith", "starts \twith"], v)
+            }
+            Expr::EndsWith(l, v) => self.binop(l, &["ends with", "endswith"], v),
+            Expr::In(l, set) => self.set(l, &["in"], set),
+            Expr::NotIn(l, set) => self.set(l, &["not in", "notin", "not\tin"], set),
+            Expr::Not(inner) => {
+                self.out.push('!');
+                self.space();
+                // `!` binds to one operation, so a compound operand needs its parentheses.
+                let compound = matches!(**inner, Expr::And(_) | Expr::Or(_));
+                self.group(inner, compound);
+            }
+            Expr::And(es) => self.joined(es, "&&"),
+            Expr::Or(es) => self.joined(es, "||"),
+        }
+        if wrap {
+            self.space();
+            self.out.push(')');
+        }
+        self.space();
+    }
+    fn group(&mut self, e: &Expr, parens: bool) {
+        if parens {
+            self.out.push('(');
+        }
+        self.expr(e);
+        if parens {
+            self.out.push(')');
+        }
+    }
+    fn joined(&mut self, es: &[Expr], op: &str) {
+        for (i, e) in es.iter().enumerate() {
+            if i > 0 {
+                self.out.push_str(op);
+            }
+            // Nested And/Or operands need parentheses to stay separate nodes.
+            let parens = matches!(e, Expr::And(_) | Expr::Or(_));
+            self.group(e, parens);
+        }
+    }
+}
+
+fn noisy(e: &Expr, dice: &[u8]) -> String {
+    let mut n = Noisy {
+        dice,
+        i: 0,
+        out: String::new(),
+    };
+    n.expr(e);
+    n.out
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
@@ -882,5 +1051,17 @@ proptest! {
             .map_err(|err| TestCaseError::fail(format!("{canonical:?} fails:\n{err}")))?;
         prop_assert_eq!(&again, &sel);
         check_round_trip(&canonical)?;
+    }
+
+    #[test]
+    fn noisy_surface_syntax_parses_to_the_same_tree(
+        e in expr_strategy(),
+        dice in prop::collection::vec(any::<u8>(), 1..64),
+    ) {
+        let text = noisy(&e, &dice);
+        let sel = Selector::parse(&text)
+            .map_err(|err| TestCaseError::fail(format!("{text:?} fails:\n{err}")))?;
+        prop_assert_eq!(sel.expr(), &e, "{:?}", text);
+        check_round_trip(&text)?;
     }
 }
