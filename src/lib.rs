@@ -12,3 +12,4 @@ pub mod mesh;
 pub mod model;
 pub mod netns;
 pub mod reconcile;
+pub mod selector;
