@@ -19,7 +19,6 @@ mod ast;
 mod error;
 mod lexer;
 mod parser;
-mod sha224;
 #[cfg(test)]
 mod tests;
 
@@ -132,7 +131,8 @@ impl Selector {
     /// Calico's `UniqueID()`: `"s:" + base64url_nopad(SHA-224("s:" + canonical))`, for example
     /// `s:5y5I3VdRZfDU01O--xXAPx2yxCQQqMf0M6IWug` for `all()`. Used to name IP sets.
     pub fn unique_id(&self) -> String {
-        let digest = sha224::sha224(format!("s:{}", self.root).as_bytes());
+        use sha2::Digest as _;
+        let digest = sha2::Sha224::digest(format!("s:{}", self.root).as_bytes());
         format!("s:{}", URL_SAFE_NO_PAD.encode(digest))
     }
 
