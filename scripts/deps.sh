@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages wiremesh's lab and tests need (idempotent; needs root).
+# Installs the Debian packages wiremesh's lab and tests need, when missing (needs root).
 set -euo pipefail
 packages=(
   wireguard-tools wireguard-go   # wg(8) and the userspace WireGuard used when the kernel has no module
@@ -12,7 +12,15 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "scripts/deps.sh: run as root (it installs Debian packages)" >&2
   exit 1
 fi
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "scripts/deps.sh: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # Never kubernetes-client: it conflicts with the kubectl package already on these machines.
-apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
