@@ -8,16 +8,16 @@ packages=(
   etcd-server etcd-client        # the lab's datastore and the etcd adapter's tests
   protobuf-compiler libprotobuf-dev  # etcd-client's build script compiles etcd's protos
 )
-if [ "$(id -u)" -ne 0 ]; then
-  echo "scripts/deps.sh: run as root (it installs Debian packages)" >&2
-  exit 1
-fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/deps.sh: missing ${missing[*]}; run as root to install them" >&2
+  exit 1
 fi
 echo "scripts/deps.sh: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
