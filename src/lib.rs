@@ -8,5 +8,6 @@ pub mod datastore;
 pub mod keys;
 pub mod lab;
 pub mod mesh;
+pub mod metrics;
 pub mod model;
 pub mod reconcile;
