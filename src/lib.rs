@@ -1,6 +1,7 @@
 //! wiremesh: a node agent that turns a cluster into a WireGuard-encrypted mesh, configured with
 //! Calico's resources. See docs/architecture.md for the shape of the code.
 
+pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod dataplane;
