@@ -12,3 +12,4 @@ pub mod mesh;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;
+pub mod status;

@@ -36,6 +36,8 @@ enum LogFormat {
 enum Command {
     /// Run the node agent.
     Agent(wiremesh::agent::AgentArgs),
+    /// This node's mesh: verdict, device, peers, agreement with what peers publish.
+    Status(wiremesh::status::StatusArgs),
     /// A multi-node lab on this machine, out of network namespaces.
     #[command(subcommand)]
     Lab(wiremesh::lab::cli::LabCommand),
@@ -80,6 +82,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 wiremesh::agent::run(args).await.context("agent")?;
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Status(args) => match wiremesh::status::run(args).await {
+                Ok(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(2))),
+                Err(e) => {
+                    eprintln!("wiremesh status: {}", wiremesh::reconcile::error_chain(&e));
+                    Ok(ExitCode::from(2))
+                }
+            },
             Command::Lab(cmd) => match wiremesh::lab::cli::run(cmd).await {
                 Ok(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
                 Err(e) => {
