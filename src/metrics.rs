@@ -459,6 +459,42 @@ mod tests {
     }
 
     #[test]
+    fn documented_metrics_match_the_registry() {
+        // Families without samples are not encoded: give every one a sample.
+        let m = Metrics::new(Duration::from_secs(60));
+        m.set_backend(Backend::Kernel);
+        m.reconciled(Duration::from_millis(1), Some("keys"));
+        m.applied(&[(("wireguard", "set_peer"), 1)].into_iter().collect());
+        let skipped = SkippedNode {
+            node: "n".into(),
+            family: IpFamily::V4,
+            reason: crate::mesh::SkipReason::NoKey,
+        };
+        m.set_mesh(&[(IpFamily::V4, 1)].into_iter().collect(), &[skipped]);
+        let text = m.encode().expect("encode");
+        let registered: std::collections::BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md"))
+            .expect("docs/metrics.md");
+        let documented: std::collections::BTreeSet<String> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .filter(|n| n.starts_with("wireguard_") || n.starts_with("wiremesh_"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            registered, documented,
+            "docs/metrics.md and the registry differ"
+        );
+        assert!(registered.len() >= 13, "{registered:?}");
+    }
+
+    #[test]
     fn health_goes_stale() {
         let h = Health::new(Duration::from_millis(20));
         assert!(h.live().is_ok());
