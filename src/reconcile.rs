@@ -328,13 +328,13 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         let route_ops = route::plan(&spec, &routing_actual);
         let (route_deletes, route_adds): (Vec<_>, Vec<_>) =
             route_ops.into_iter().partition(|op| op.is_delete());
-        apply_logged(&mut outcome, "routing", &route_deletes, |op| op.kind());
         self.routing.apply(&route_deletes).await?;
+        apply_logged(&mut outcome, "routing", &route_deletes, |op| op.kind());
 
         let wg_actual = self.wg.observe(&spec.owned_interfaces).await?;
         let wg_ops = wg::plan(&spec, &wg_actual);
-        apply_logged(&mut outcome, "wireguard", &wg_ops, |op| op.kind());
         self.wg.apply(&wg_ops).await?;
+        apply_logged(&mut outcome, "wireguard", &wg_ops, |op| op.kind());
         let now = unix_now();
         for op in &wg_ops {
             match op {
@@ -359,11 +359,11 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
 
         let link_actual = self.links.observe(&device_names).await?;
         let link_ops = link::plan(&spec, &link_actual);
-        apply_logged(&mut outcome, "link", &link_ops, |op| op.kind());
         self.links.apply(&link_ops).await?;
+        apply_logged(&mut outcome, "link", &link_ops, |op| op.kind());
 
-        apply_logged(&mut outcome, "routing", &route_adds, |op| op.kind());
         self.routing.apply(&route_adds).await?;
+        apply_logged(&mut outcome, "routing", &route_adds, |op| op.kind());
 
         let node = &self.settings.node_name;
         match snapshot.nodes.get(node) {
@@ -471,6 +471,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The earliest datastore change not yet reflected in an apply (convergence metric).
         let mut pending_change: Option<Instant> = None;
+        let mut trigger: &'static str;
         self.metrics.set_backend(self.wg.backend());
         loop {
             let kernel_event = async {
@@ -491,13 +492,14 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                     return;
                 }
                 changed = snapshots.changed() => {
+                    trigger = "datastore";
                     if changed.is_err() {
                         warn!("datastore cache closed; stopping the reconcile loop");
                         return;
                     }
                     pending_change.get_or_insert_with(Instant::now);
                 }
-                _ = resync.tick() => {}
+                _ = resync.tick() => trigger = "resync",
                 _ = stats.tick() => {
                     self.metrics.health.beat();
                     if self.status.ready {
@@ -505,8 +507,9 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                     }
                     continue;
                 }
-                () = retry => {}
+                () = retry => trigger = "retry",
                 event = kernel_event => {
+                    trigger = "kernel";
                     if event.is_none() {
                         warn!("kernel notifications stopped; relying on the resync timer");
                         kernel_events = None;
@@ -520,7 +523,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                 continue;
             }
             self.status.reconciles += 1;
-            let span = info_span!("reconcile", run = self.status.reconciles);
+            let span = info_span!("reconcile", run = self.status.reconciles, trigger);
             let started = Instant::now();
             let result = self.reconcile_once(&snapshot).instrument(span).await;
             self.metrics.reconciled(
@@ -577,7 +580,9 @@ pub fn stale_after(resync_interval: Duration) -> Duration {
     resync_interval * 2 + Duration::from_secs(30)
 }
 
-/// Counts the ops and logs each change once at info (a summary when there are many).
+/// Counts the applied ops and logs each change once at info (a summary when there are many).
+/// Called after a successful apply, so a failing change that is retried is not logged again
+/// as done (the failure is logged with the error).
 fn apply_logged<T: std::fmt::Display>(
     outcome: &mut Outcome,
     subsystem: &'static str,
