@@ -25,6 +25,12 @@ pub enum DatastoreKind {
 
 /// `wiremesh agent`: every flag also reads an environment variable.
 #[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Examples:
+  wiremesh agent --node-name node1 --etcd-endpoints http://10.0.0.1:2379
+  NODENAME=node1 WIREMESH_LOG=debug wiremesh --log-format json agent
+
+Metrics on :9091/metrics, health on :9099/healthz and /readyz (docs/metrics.md).
+Encryption itself is switched on in FelixConfiguration (docs/encryption.md).")]
 pub struct AgentArgs {
     /// This node's name in the datastore (the DaemonSet sets it from spec.nodeName).
     #[arg(long, env = "NODENAME")]

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod datastore;
+pub mod graph;
 pub mod keys;
 pub mod lab;
 pub mod mesh;

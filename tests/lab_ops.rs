@@ -304,4 +304,19 @@ async fn status_metrics_and_health_in_the_lab() {
     );
     let p2 = peers(&r1).into_iter().find(|p| p["node"] == "node2");
     assert!(p2.is_some_and(|p| p["agrees"] == true), "{r1}");
+
+    // 5. The graph (what `wiremesh lab graph` prints) draws node1 -- node3 in red.
+    let reports = lab.status_reports().expect("status reports");
+    assert_eq!(reports.len(), 3);
+    let dot = wiremesh::graph::render(&reports);
+    let edge = dot
+        .lines()
+        .find(|l| l.contains("\"node1\" -- \"node3\""))
+        .unwrap_or_default();
+    assert!(edge.contains("color=red"), "{dot}");
+    let healthy = dot
+        .lines()
+        .find(|l| l.contains("\"node1\" -- \"node2\""))
+        .unwrap_or_default();
+    assert!(healthy.contains("color=darkgreen"), "{dot}");
 }
