@@ -495,6 +495,38 @@ mod tests {
     }
 
     #[test]
+    fn the_grafana_dashboard_queries_only_documented_metrics() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md"))
+            .expect("docs/metrics.md");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/wiremesh.json");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard"))
+                .expect("dashboard JSON");
+        let mut used = std::collections::BTreeSet::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("wireguard_") || word.starts_with("wiremesh_") {
+                        let base = ["_total", "_bucket", "_count", "_sum"]
+                            .iter()
+                            .find_map(|s| word.strip_suffix(s))
+                            .unwrap_or(word);
+                        used.insert(base.to_string());
+                    }
+                }
+            }
+        }
+        assert!(used.len() >= 10, "{used:?}");
+        for name in used {
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "the dashboard queries {name}, which docs/metrics.md does not list"
+            );
+        }
+    }
+
+    #[test]
     fn health_goes_stale() {
         let h = Health::new(Duration::from_millis(20));
         assert!(h.live().is_ok());
