@@ -304,6 +304,17 @@ async fn status_metrics_and_health_in_the_lab() {
     );
     let p2 = peers(&r1).into_iter().find(|p| p["node"] == "node2");
     assert!(p2.is_some_and(|p| p["agrees"] == true), "{r1}");
+    // Reading the datastore too gives the same answer (node1 follows it: keys agree, the
+    // handshake does not).
+    let (code, r1) = status_json(&lab, "node1", &["--etcd-endpoints", &etcd]);
+    assert_eq!(code, 1, "{r1}");
+    let p3 = peers(&r1).into_iter().find(|p| p["node"] == "node3");
+    assert!(
+        p3.is_some_and(
+            |p| p["agrees"] == false && p["problems"].as_array().map(Vec::len) == Some(1)
+        ),
+        "{r1}"
+    );
 
     // 5. The graph (what `wiremesh lab graph` prints) draws node1 -- node3 in red.
     let reports = lab.status_reports().expect("status reports");
