@@ -71,11 +71,11 @@ enum Command {
     Lab(wiremesh::lab::cli::LabCommand),
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     // Level from WIREMESH_LOG (or RUST_LOG), e.g. `info`, `wiremesh=debug`.
     let filter = EnvFilter::try_from_env("WIREMESH_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -110,7 +110,12 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    init_logging(cli.log_format);
+    // Reports (status, graph) print their own output: only warnings by default.
+    let default_level = match cli.command {
+        Command::Status(_) | Command::Graph(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_level);
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {

@@ -42,9 +42,9 @@ fn duration_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16)
 }
 
-/// Buckets (seconds) of the convergence histogram: 10 ms to ~5.5 min.
+/// Buckets (seconds) of the convergence histogram: 1 ms to ~8.7 min.
 fn convergence_buckets() -> impl Iterator<Item = f64> {
-    prometheus_client::metrics::histogram::exponential_buckets(0.01, 2.0, 16)
+    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 20)
 }
 
 /// Every metric the agent exports.

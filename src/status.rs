@@ -344,6 +344,7 @@ pub fn build(
                 problems: peer_problems,
             });
         }
+        peers.sort_by(|a, b| a.node.cmp(&b.node));
         devices.push(DeviceReport {
             family: d.family,
             interface: d.interface.clone(),
