@@ -332,10 +332,13 @@ async fn s4_node_joins_and_leaves() {
             "peer {key} changed"
         );
     }
-    // node1 changed exactly node4's peer and route.
+    // node1 changed exactly node4's peer and route. Between node4's registration (its CIDR,
+    // no key yet) and its agent publishing a key, node1 may briefly route that CIDR in clear
+    // (a throw route, added then deleted): correct, and whether node1 runs in that window
+    // depends on how fast node4's agent starts, so those two lines are left out.
     let changes: Vec<String> = log_of(&lab, 1)[log_mark..]
         .lines()
-        .filter(|l| l.contains("subsystem="))
+        .filter(|l| l.contains("subsystem=") && !l.contains("route throw 10.244.4.0/24 "))
         .map(String::from)
         .collect();
     assert_eq!(changes.len(), 2, "{changes:#?}");
