@@ -5,6 +5,7 @@ packages=(
   wireguard-tools wireguard-go   # wg(8) and the userspace WireGuard used when the kernel has no module
   nftables iproute2 kmod procps  # nft, ip, modprobe, pgrep/ps
   iputils-ping tcpdump           # traffic and capture in the lab and its tests
+  curl                           # the lab tests scrape /metrics, /healthz, /readyz inside node namespaces
   etcd-server etcd-client        # the lab's datastore and the etcd adapter's tests
   protobuf-compiler libprotobuf-dev  # etcd-client's build script compiles etcd's protos
 )

@@ -1,6 +1,7 @@
 //! Wiring of the agent: flags -> settings, the datastore adapter, the dataplane backends and
 //! the reconcile loop, plus signal handling. Stopping the agent never tears the dataplane down.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,12 @@ pub enum DatastoreKind {
 
 /// `wiremesh agent`: every flag also reads an environment variable.
 #[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Examples:
+  wiremesh agent --node-name node1 --etcd-endpoints http://10.0.0.1:2379
+  NODENAME=node1 WIREMESH_LOG=debug wiremesh --log-format json agent
+
+Metrics on :9091/metrics, health on :9099/healthz and /readyz (docs/metrics.md).
+Encryption itself is switched on in FelixConfiguration (docs/encryption.md).")]
 pub struct AgentArgs {
     /// This node's name in the datastore (the DaemonSet sets it from spec.nodeName).
     #[arg(long, env = "NODENAME")]
@@ -61,6 +68,18 @@ pub struct AgentArgs {
     /// Routing table for WireGuard routes (Felix takes the first of RouteTableRanges: 1).
     #[arg(long, env = "WIREMESH_ROUTING_TABLE", default_value = "1", value_parser = parse_u32)]
     pub routing_table: u32,
+    /// Port of `/metrics` (Felix's prometheusMetricsPort); 0 turns it off.
+    #[arg(long, env = "WIREMESH_METRICS_PORT", default_value = "9091")]
+    pub metrics_port: u16,
+    /// Address the metrics port binds.
+    #[arg(long, env = "WIREMESH_METRICS_ADDRESS", default_value = "0.0.0.0")]
+    pub metrics_address: IpAddr,
+    /// Port of `/healthz` and `/readyz` (Felix's healthPort); 0 turns it off.
+    #[arg(long, env = "WIREMESH_HEALTH_PORT", default_value = "9099")]
+    pub health_port: u16,
+    /// Address the health port binds.
+    #[arg(long, env = "WIREMESH_HEALTH_ADDRESS", default_value = "0.0.0.0")]
+    pub health_address: IpAddr,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -91,6 +110,8 @@ pub enum AgentError {
     Datastore(#[from] DatastoreError),
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("admin endpoints")]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -114,6 +135,18 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         resync_interval: args.resync_interval,
         ..AgentSettings::new(&args.node_name, &args.state_dir)
     };
+    let metrics = Arc::new(crate::metrics::Metrics::new(crate::reconcile::stale_after(
+        settings.resync_interval,
+    )));
+    let admin_addrs: Vec<SocketAddr> = [
+        (args.metrics_address, args.metrics_port),
+        (args.health_address, args.health_port),
+    ]
+    .into_iter()
+    .filter(|(_, port)| *port != 0)
+    .map(SocketAddr::from)
+    .collect();
+    crate::admin::serve(&admin_addrs, Arc::clone(&metrics)).await?;
     let datastore: Arc<dyn Datastore> = match args.datastore {
         DatastoreKind::Etcd => Arc::new(EtcdDatastore::connect(args.etcd_endpoints.clone()).await?),
     };
@@ -145,7 +178,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         routing,
         Arc::clone(&datastore),
     )
-    .with_kernel_events(kernel_rx);
+    .with_kernel_events(kernel_rx)
+    .with_metrics(metrics);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
     let watcher = tokio::spawn(async move { datastore.run(tx).await });

@@ -3,14 +3,23 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "wiremesh",
     version,
-    about = "WireGuard mesh agent for Kubernetes and bare metal, Calico-compatible"
+    about = "WireGuard mesh agent for Kubernetes and bare metal, Calico-compatible",
+    after_help = "Examples:
+  wiremesh agent --node-name node1 --etcd-endpoints http://10.0.0.1:2379
+  wiremesh status                      is this node's mesh healthy? (exit 0 OK, 1 DEGRADED, 2 DOWN)
+  wiremesh status --output json        the same for scripts (docs/status.md)
+  wiremesh lab up && wiremesh lab verify
+  wiremesh completions bash > /etc/bash_completion.d/wiremesh
+  wiremesh man --dir /usr/local/share/man/man1
+
+Exit codes are listed in docs/cli.md."
 )]
 struct Cli {
     /// Log format.
@@ -36,18 +45,39 @@ enum LogFormat {
 enum Command {
     /// Run the node agent.
     Agent(wiremesh::agent::AgentArgs),
+    /// This node's mesh: verdict, device, peers, agreement with what peers publish.
+    Status(wiremesh::status::StatusArgs),
+    /// The mesh as a Graphviz DOT graph, from `wiremesh status --output json` reports.
+    Graph(wiremesh::graph::GraphArgs),
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  wiremesh completions bash > /etc/bash_completion.d/wiremesh\n  wiremesh completions zsh > \"${fpath[1]}/_wiremesh\""
+    )]
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages (wiremesh.1 and one per subcommand), or print wiremesh.1.
+    #[command(
+        after_help = "Examples:\n  wiremesh man | man -l -\n  wiremesh man --dir /usr/local/share/man/man1"
+    )]
+    Man {
+        /// Write every page into this directory instead of printing wiremesh.1.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
     /// A multi-node lab on this machine, out of network namespaces.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  wiremesh lab up --nodes 3\n  wiremesh lab verify\n  wiremesh lab exec node1 -- wiremesh status\n  wiremesh lab graph --svg mesh.svg\n  wiremesh lab down"
+    )]
     Lab(wiremesh::lab::cli::LabCommand),
     /// Benchmark: program 1,000 and 5,000 synthetic peers next to `wg setconf` (root).
     Bench(wiremesh::bench::BenchArgs),
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     // Level from WIREMESH_LOG (or RUST_LOG), e.g. `info`, `wiremesh=debug`.
     let filter = EnvFilter::try_from_env("WIREMESH_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -60,12 +90,53 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Generated from the CLI definition; no runtime or logging needed.
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "wiremesh",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            return match man(dir.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("wiremesh man: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
+    // Reports (status, graph) print their own output: only warnings by default.
+    let default_level = match cli.command {
+        Command::Status(_) | Command::Graph(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_level);
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("wiremesh: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let cmd = Cli::command();
+    match dir {
+        None => clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .context("writing the man page"),
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("writing man pages to {}", dir.display()))
         }
     }
 }
@@ -82,6 +153,21 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 wiremesh::agent::run(args).await.context("agent")?;
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Status(args) => match wiremesh::status::run(args).await {
+                Ok(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(2))),
+                Err(e) => {
+                    eprintln!("wiremesh status: {}", wiremesh::reconcile::error_chain(&e));
+                    Ok(ExitCode::from(2))
+                }
+            },
+            Command::Graph(args) => match wiremesh::graph::run(args) {
+                Ok(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(2))),
+                Err(e) => {
+                    eprintln!("wiremesh graph: {}", wiremesh::reconcile::error_chain(&e));
+                    Ok(ExitCode::from(2))
+                }
+            },
+            Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
             Command::Lab(cmd) => match wiremesh::lab::cli::run(cmd).await {
                 Ok(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
                 Err(e) => {

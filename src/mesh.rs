@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{
     ConfigFieldError, FamilySettings, MTU_OVERHEAD_V4, MTU_OVERHEAD_V6, WireguardSettings,
@@ -37,7 +37,7 @@ pub struct Inputs {
 }
 
 /// Why a node is not a WireGuard peer for one family. Reported in logs and status.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "reason", rename_all = "camelCase")]
 pub enum SkipReason {
     /// The node publishes no key for this family (WireGuard off there, or not started yet).
@@ -66,6 +66,22 @@ pub enum SkipReason {
     },
 }
 
+impl SkipReason {
+    /// A short, stable label (metrics, status JSON): the serialized tag in snake case.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SkipReason::NoKey => "no_key",
+            SkipReason::MalformedKey { .. } => "malformed_key",
+            SkipReason::KeyCollision { .. } => "key_collision",
+            SkipReason::NoUnderlayAddress => "no_underlay_address",
+            SkipReason::MalformedUnderlayAddress { .. } => "malformed_underlay_address",
+            SkipReason::MalformedPodCidr { .. } => "malformed_pod_cidr",
+            SkipReason::MalformedInterfaceAddress { .. } => "malformed_interface_address",
+            SkipReason::Undecodable { .. } => "undecodable",
+        }
+    }
+}
+
 impl std::fmt::Display for SkipReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -91,7 +107,7 @@ impl std::fmt::Display for SkipReason {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SkippedNode {
     pub node: String,
     pub family: Family,
@@ -99,7 +115,7 @@ pub struct SkippedNode {
     pub reason: SkipReason,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerSpec {
     pub node: String,
     pub endpoint: SocketAddr,

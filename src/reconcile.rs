@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
@@ -18,6 +18,7 @@ use crate::dataplane::{Backend, DataplaneError};
 use crate::datastore::{Datastore, DatastoreError};
 use crate::keys::{KeyError, KeyStore, PrivateKey};
 use crate::mesh::{self, DataplaneSpec, Inputs, LocalFacts, SkippedNode};
+use crate::metrics::Metrics;
 use crate::model::{ClusterSnapshot, Family, WgKey};
 
 /// Agent settings that come from flags, not from FelixConfiguration.
@@ -61,6 +62,21 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
+    /// A short, stable label for metrics (`wiremesh_reconcile_failures_total{kind}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReconcileError::Keys { .. } => "keys",
+            ReconcileError::Dataplane(e) => match e.kind() {
+                "observe" => "dataplane_observe",
+                "apply" => "dataplane_apply",
+                "not_wireguard" => "dataplane_not_wireguard",
+                "no_backend" => "dataplane_no_backend",
+                _ => "dataplane_timeout",
+            },
+            ReconcileError::Publish(_) => "publish",
+        }
+    }
+
     pub fn is_transient(&self) -> bool {
         match self {
             ReconcileError::Keys { .. } => false,
@@ -89,8 +105,8 @@ impl Outcome {
 
 /// What the agent last did and saw, written to `<state-dir>/status.json` for `wiremesh status`
 /// and tests.
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct AgentStatus {
     pub node: String,
     pub backend: Option<Backend>,
@@ -100,9 +116,17 @@ pub struct AgentStatus {
     pub config_errors: Vec<String>,
     pub last_error: Option<String>,
     pub reconciles: u64,
+    /// Unix time (seconds) this file was written.
+    pub updated_at: u64,
+    /// Unix time of the last successful run.
+    pub last_success_at: Option<u64>,
+    /// Synced with the datastore and applied successfully at least once.
+    pub ready: bool,
+    /// The agent's resync period in seconds (how stale `updatedAt` may normally get).
+    pub resync_seconds: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceStatus {
     pub family: Family,
@@ -110,8 +134,30 @@ pub struct DeviceStatus {
     pub public_key: WgKey,
     pub listen_port: u16,
     pub mtu: u32,
-    pub peers: Vec<mesh::PeerSpec>,
+    /// The peers the agent wants, derived from what each node published.
+    pub peers: Vec<PeerStatus>,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    pub public_key: WgKey,
+    #[serde(flatten)]
+    pub spec: mesh::PeerSpec,
+    /// Unix time this agent last set the peer (`None`: before this agent started).
+    pub programmed_at: Option<u64>,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// How often the loop re-reads the devices' counters and handshakes for the metrics.
+const STATS_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct Reconciler<W, L, R> {
     settings: Arc<AgentSettings>,
@@ -128,6 +174,9 @@ pub struct Reconciler<W, L, R> {
     /// Wakes the loop when the kernel reports a change to our links, routes or rules.
     kernel_events: Option<tokio::sync::mpsc::Receiver<()>>,
     status: AgentStatus,
+    metrics: Arc<Metrics>,
+    /// When each peer key was last set by this agent (Unix seconds).
+    programmed_at: BTreeMap<WgKey, u64>,
 }
 
 const INTERFACES_FILE: &str = "interfaces.json";
@@ -143,8 +192,10 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         let status = AgentStatus {
             node: settings.node_name.clone(),
             backend: Some(wg.backend()),
+            resync_seconds: settings.resync_interval.as_secs(),
             ..Default::default()
         };
+        let metrics = Arc::new(Metrics::new(stale_after(settings.resync_interval)));
         let created_interfaces = std::fs::read(settings.state_dir.join(INTERFACES_FILE))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -162,7 +213,19 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             last_skipped: BTreeSet::new(),
             last_config_errors: Vec::new(),
             status,
+            metrics,
+            programmed_at: BTreeMap::new(),
         }
+    }
+
+    /// Records metrics and health into `metrics` (shared with the admin server).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Also run when the kernel reports a change (see `dataplane::events`).
@@ -276,14 +339,29 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         let route_ops = route::plan(&spec, &routing_actual);
         let (route_deletes, route_adds): (Vec<_>, Vec<_>) =
             route_ops.into_iter().partition(|op| op.is_delete());
-        apply_logged(&mut outcome, "routing", &route_deletes, |op| op.kind());
         self.routing.apply(&route_deletes).await?;
+        apply_logged(&mut outcome, "routing", &route_deletes, |op| op.kind());
         lap(&mut outcome, "routing");
 
         let wg_actual = self.wg.observe(&spec.owned_interfaces).await?;
         let wg_ops = wg::plan(&spec, &wg_actual);
-        apply_logged(&mut outcome, "wireguard", &wg_ops, |op| op.kind());
         self.wg.apply(&wg_ops).await?;
+        apply_logged(&mut outcome, "wireguard", &wg_ops, |op| op.kind());
+        let now = unix_now();
+        for op in &wg_ops {
+            match op {
+                wg::WgOp::SetPeer { public_key, .. } => {
+                    self.programmed_at.insert(*public_key, now);
+                }
+                wg::WgOp::RemovePeer { public_key, .. } => {
+                    self.programmed_at.remove(public_key);
+                }
+                _ => {}
+            }
+        }
+        if wg_ops.is_empty() {
+            self.metrics.observed_wireguard(&wg_actual);
+        }
         let device_names: BTreeSet<String> =
             spec.devices.values().map(|d| d.name.clone()).collect();
         if device_names != self.created_interfaces {
@@ -294,12 +372,12 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
 
         let link_actual = self.links.observe(&device_names).await?;
         let link_ops = link::plan(&spec, &link_actual);
-        apply_logged(&mut outcome, "link", &link_ops, |op| op.kind());
         self.links.apply(&link_ops).await?;
+        apply_logged(&mut outcome, "link", &link_ops, |op| op.kind());
         lap(&mut outcome, "link");
 
-        apply_logged(&mut outcome, "routing", &route_adds, |op| op.kind());
         self.routing.apply(&route_adds).await?;
+        apply_logged(&mut outcome, "routing", &route_adds, |op| op.kind());
         lap(&mut outcome, "routing");
 
         let node = &self.settings.node_name;
@@ -320,7 +398,19 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         }
         lap(&mut outcome, "publish");
         self.record_status(&spec);
+        if !wg_ops.is_empty() {
+            self.refresh_wireguard_stats().await;
+        }
         Ok(outcome)
+    }
+
+    /// Re-reads the devices (read-only) for the WireGuard metrics; failures only log.
+    async fn refresh_wireguard_stats(&mut self) {
+        let names = self.created_interfaces.clone();
+        match self.wg.observe(&names).await {
+            Ok(devices) => self.metrics.observed_wireguard(&devices),
+            Err(e) => debug!(error = %error_chain(&e), "could not read WireGuard statistics"),
+        }
     }
 
     fn record_status(&mut self, spec: &DataplaneSpec) {
@@ -337,10 +427,24 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                 public_key: d.private_key.public_key(),
                 listen_port: d.listen_port,
                 mtu: d.mtu,
-                peers: d.peers.values().cloned().collect(),
+                peers: d
+                    .peers
+                    .iter()
+                    .map(|(key, peer)| PeerStatus {
+                        public_key: *key,
+                        spec: peer.clone(),
+                        programmed_at: self.programmed_at.get(key).copied(),
+                    })
+                    .collect(),
             })
             .collect();
         self.status.skipped = spec.skipped.iter().cloned().collect();
+        let peers = spec
+            .devices
+            .iter()
+            .map(|(f, d)| (*f, d.peers.len()))
+            .collect();
+        self.metrics.set_mesh(&peers, &self.status.skipped);
     }
 
     fn persist_created_interfaces(&self) {
@@ -353,7 +457,8 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         }
     }
 
-    fn write_status(&self) {
+    fn write_status(&mut self) {
+        self.status.updated_at = unix_now();
         let path = self.settings.state_dir.join("status.json");
         let tmp = self.settings.state_dir.join("status.json.tmp");
         let result = serde_json::to_vec_pretty(&self.status)
@@ -378,6 +483,12 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         let mut backoff = Duration::ZERO;
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut kernel_events = self.kernel_events.take();
+        let mut stats = tokio::time::interval(STATS_INTERVAL);
+        stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The earliest datastore change not yet reflected in an apply (convergence metric).
+        let mut pending_change: Option<Instant> = None;
+        let mut trigger: &'static str;
+        self.metrics.set_backend(self.wg.backend());
         loop {
             let kernel_event = async {
                 match kernel_events.as_mut() {
@@ -397,35 +508,67 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                     return;
                 }
                 changed = snapshots.changed() => {
+                    trigger = "datastore";
                     if changed.is_err() {
                         warn!("datastore cache closed; stopping the reconcile loop");
                         return;
                     }
+                    pending_change.get_or_insert_with(Instant::now);
                 }
-                _ = resync.tick() => {}
-                () = retry => {}
+                _ = resync.tick() => trigger = "resync",
+                _ = stats.tick() => {
+                    self.metrics.health.beat();
+                    if self.status.ready {
+                        self.refresh_wireguard_stats().await;
+                    }
+                    continue;
+                }
+                () = retry => trigger = "retry",
                 event = kernel_event => {
+                    trigger = "kernel";
                     if event.is_none() {
                         warn!("kernel notifications stopped; relying on the resync timer");
                         kernel_events = None;
                     }
                 }
             }
+            self.metrics.health.beat();
             let snapshot = snapshots.borrow_and_update().clone();
             if !snapshot.synced {
                 debug!("waiting for the datastore's initial sync before the first apply");
                 continue;
             }
             self.status.reconciles += 1;
-            let span = info_span!("reconcile", run = self.status.reconciles);
+            let span = info_span!("reconcile", run = self.status.reconciles, trigger);
+            let started = Instant::now();
             let result = self.reconcile_once(&snapshot).instrument(span).await;
+            self.metrics.reconciled(
+                started.elapsed(),
+                result.as_ref().err().map(ReconcileError::kind),
+            );
+            self.metrics.health.beat();
             match result {
                 Ok(outcome) => {
                     backoff = Duration::ZERO;
                     retry_at = None;
                     self.status.last_error = None;
+                    self.status.last_success_at = Some(unix_now());
+                    self.metrics.applied(&outcome.ops);
+                    let converged = pending_change.take().map(|at| at.elapsed());
                     if outcome.total_ops() > 0 {
-                        debug!(ops = outcome.total_ops(), "dataplane updated");
+                        if let Some(elapsed) = converged {
+                            self.metrics.converged(elapsed);
+                        }
+                        debug!(
+                            ops = outcome.total_ops(),
+                            convergence_ms = converged.map(|c| c.as_millis() as u64),
+                            "dataplane updated"
+                        );
+                    }
+                    if !self.status.ready {
+                        self.status.ready = true;
+                        self.metrics.set_ready();
+                        info!(run = self.status.reconciles, "initial sync applied; ready");
                     }
                 }
                 Err(e) => {
@@ -439,11 +582,23 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             }
             self.write_status();
             tokio::time::sleep(self.settings.min_interval).await;
+            if snapshots.has_changed().unwrap_or(false) {
+                // A change arrived while we were busy: it is pending from now at the latest.
+                pending_change.get_or_insert_with(Instant::now);
+            }
         }
     }
 }
 
-/// Counts the ops and logs each change once at info (a summary when there are many).
+/// How long the loop may go without an iteration before `/healthz` fails: twice the resync
+/// interval (the loop wakes at least that often) plus a margin.
+pub fn stale_after(resync_interval: Duration) -> Duration {
+    resync_interval * 2 + Duration::from_secs(30)
+}
+
+/// Counts the applied ops and logs each change once at info (a summary when there are many).
+/// Called after a successful apply, so a failing change that is retried is not logged again
+/// as done (the failure is logged with the error).
 fn apply_logged<T: std::fmt::Display>(
     outcome: &mut Outcome,
     subsystem: &'static str,

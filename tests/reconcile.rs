@@ -340,3 +340,77 @@ async fn key_collision_and_malformed_nodes_are_in_the_status() {
     assert_eq!(json["skipped"][0]["reason"], "keyCollision");
     assert_eq!(json["skipped"][2]["reason"], "malformedKey");
 }
+
+/// The loop records metrics and readiness: not ready before the initial sync, ready after the
+/// first apply; a datastore change that costs operations lands in the convergence histogram; a
+/// failure is counted by kind.
+#[tokio::test(start_paused = true)]
+async fn the_loop_records_metrics_readiness_and_convergence() {
+    let h = Harness::new(ClusterSnapshot::default());
+    let metrics = Arc::new(wiremesh::metrics::Metrics::new(Duration::from_secs(300)));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let loop_task = tokio::spawn(h.reconciler().with_metrics(Arc::clone(&metrics)).run(
+        h.tx.subscribe(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let sample = |name: &str| -> f64 {
+        let text = metrics.encode().expect("encode");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!metrics.health.ready(), "ready before the initial sync");
+    assert!(metrics.health.live().is_ok());
+
+    h.tx.send_replace(cluster(true));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(metrics.health.ready(), "ready after the first apply");
+    assert_eq!(sample("wiremesh_ready"), 1.0);
+    assert_eq!(sample("wiremesh_convergence_seconds_count"), 1.0);
+    assert!(sample("wiremesh_reconcile_runs_total") >= 1.0);
+    let text = metrics.encode().expect("encode");
+    assert!(
+        text.contains(
+            "wiremesh_dataplane_operations_total{subsystem=\"wireguard\",kind=\"set_peer\"} 2"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("wiremesh_peers{family=\"v4\"} 2"), "{text}");
+    assert!(text.contains("wireguard_meta{"), "{text}");
+
+    // A failing apply is counted by kind; the retry converges and is observed once.
+    h.kernel.state().fail_next_apply = Some("EBUSY".into());
+    h.store.edit(|s| {
+        s.nodes.insert("node4".into(), node(4));
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let text = metrics.encode().expect("encode");
+    assert!(
+        text.contains("wiremesh_reconcile_failures_total{kind=\"dataplane_apply\"} 1"),
+        "{text}"
+    );
+    assert_eq!(sample("wiremesh_convergence_seconds_count"), 2.0);
+    assert!(text.contains("wiremesh_peers{family=\"v4\"} 3"), "{text}");
+
+    // A resync with nothing to do is not a convergence.
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    assert_eq!(sample("wiremesh_convergence_seconds_count"), 2.0);
+    assert!(
+        metrics.health.live().is_ok(),
+        "the stats tick keeps the loop live"
+    );
+    let _ = stop_tx.send(());
+    loop_task.await.expect("loop ends");
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.dir.path().join("status.json")).expect("status"))
+            .expect("json");
+    assert_eq!(status["ready"], true);
+    assert!(
+        status["devices"][0]["peers"][0]["programmedAt"].is_u64(),
+        "{status}"
+    );
+}

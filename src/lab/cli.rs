@@ -95,6 +95,17 @@ pub enum LabCommand {
         #[command(flatten)]
         lab: LabArgs,
     },
+    /// Draw the mesh (Graphviz DOT from `wiremesh status` in every node); `--svg` renders it.
+    #[command(
+        after_help = "Examples:\n  wiremesh lab graph > mesh.dot\n  wiremesh lab graph --svg mesh.svg   (needs Graphviz: apt-get install graphviz)"
+    )]
+    Graph {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Render to this SVG file with `dot` instead of printing DOT.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
 }
 
 /// `KEY=VALUE` → (key, JSON value); an empty value means "remove".
@@ -198,7 +209,53 @@ pub async fn run(cmd: LabCommand) -> Result<i32, LabError> {
             }
             Ok(0)
         }
+        LabCommand::Graph { lab, svg } => {
+            let lab = lab.load()?;
+            let dot = crate::graph::render(&lab.status_reports()?);
+            match svg {
+                None => {
+                    print!("{dot}");
+                    Ok(0)
+                }
+                Some(path) => {
+                    render_svg(&dot, &path)?;
+                    println!("wrote {}", path.display());
+                    Ok(0)
+                }
+            }
+        }
     }
+}
+
+/// Runs `dot -Tsvg -o path` on `dot`.
+fn render_svg(dot: &str, path: &std::path::Path) -> Result<(), LabError> {
+    use std::io::Write as _;
+    let spawn_error = |source| LabError::Spawn {
+        step: "rendering the graph (is Graphviz installed? apt-get install graphviz)".into(),
+        object: path.display().to_string(),
+        source,
+    };
+    let mut child = std::process::Command::new("dot")
+        .arg("-Tsvg")
+        .arg("-o")
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(dot.as_bytes()).map_err(spawn_error)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_error)?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            step: "rendering the graph".into(),
+            object: path.display().to_string(),
+            command: format!("dot -Tsvg -o {}", path.display()),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

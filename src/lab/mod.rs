@@ -792,6 +792,32 @@ impl Lab {
     }
 
     /// One line per node: namespaces present, agent alive.
+    /// `wiremesh status --output json` run in every node (a node whose report cannot be read
+    /// is left out: the graph shows it without a report).
+    pub fn status_reports(&self) -> Result<Vec<crate::status::StatusReport>, LabError> {
+        let mut reports = Vec::new();
+        for n in self.state.nodes.values() {
+            let state_dir = n.state_dir.display().to_string();
+            let binary = self.state.binary.display().to_string();
+            let out = self.exec_in_node(
+                &n.name,
+                &[
+                    binary.as_str(),
+                    "status",
+                    "--output",
+                    "json",
+                    "--state-dir",
+                    &state_dir,
+                ],
+            )?;
+            match serde_json::from_slice(&out.stdout) {
+                Ok(report) => reports.push(report),
+                Err(e) => warn!(node = %n.name, error = %e, "no status report"),
+            }
+        }
+        Ok(reports)
+    }
+
     pub fn status_lines(&self) -> Vec<String> {
         let alive = |pid: Option<i32>, ns: &str| match pid {
             Some(p) if sys::is_alive(p) && sys::pid_in_netns(p, ns) => format!("running (pid {p})"),
