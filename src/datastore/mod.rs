@@ -1,10 +1,11 @@
 //! The datastore behind one trait: list + watch into a shared snapshot, and publish this
 //! node's WireGuard fields. `etcd` (Calico's key layout) is the adapter for bare metal and the
-//! lab; the Kubernetes adapter fits the same trait.
+//! lab; `kube` is the adapter for Kubernetes (Node annotations, Calico's CRDs).
 
 pub mod etcd;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod kube;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -46,11 +47,28 @@ pub enum DatastoreError {
     },
     #[error("node {node} kept changing while we updated it ({attempts} attempts)")]
     Conflict { node: String, attempts: u32 },
+    #[error(
+        "the CustomResourceDefinition {crd} is not installed; apply the CRDs first (kubectl apply -f crds/)"
+    )]
+    MissingCrd { crd: String },
+    #[error(
+        "not allowed to {verb} {resource} ({message}); check the agent's ClusterRole and binding (deploy/rbac.yaml)"
+    )]
+    Forbidden {
+        verb: String,
+        resource: String,
+        message: String,
+    },
 }
 
 impl DatastoreError {
     pub fn is_transient(&self) -> bool {
-        !matches!(self, DatastoreError::NodeNotFound { .. })
+        !matches!(
+            self,
+            DatastoreError::NodeNotFound { .. }
+                | DatastoreError::MissingCrd { .. }
+                | DatastoreError::Forbidden { .. }
+        )
     }
 }
 
