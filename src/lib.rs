@@ -2,6 +2,7 @@
 //! Calico's resources. See docs/architecture.md for the shape of the code.
 
 pub mod agent;
+pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod datastore;
