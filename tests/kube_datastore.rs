@@ -235,6 +235,14 @@ async fn lists_then_watches_and_relists_after_410_gone() {
                     None
                 }
             }
+            (FELIX, false) if req.method == "POST" => respond(
+                StatusCode::CONFLICT,
+                &status(
+                    409,
+                    "AlreadyExists",
+                    "felixconfigurations \"default\" already exists",
+                ),
+            ),
             (FELIX, false) => ok(&list(
                 "FelixConfigurationList",
                 "projectcalico.org/v3",
@@ -288,7 +296,18 @@ async fn lists_then_watches_and_relists_after_410_gone() {
         resumed,
         "the watch resumes from the re-list's version: {seen:#?}"
     );
-    assert!(seen.iter().all(|r| r.method == "GET"));
+    // Before listing, `default` is created if missing (here it exists: 409), with an empty spec.
+    let posts: Vec<&Seen> = seen.iter().filter(|r| r.method == "POST").collect();
+    assert_eq!(posts.len(), 1, "{seen:#?}");
+    assert_eq!(posts[0].path, FELIX);
+    let created: Value = serde_json::from_slice(&posts[0].body).expect("JSON");
+    assert_eq!(created["metadata"]["name"], "default");
+    assert_eq!(created["kind"], "FelixConfiguration");
+    assert_eq!(created["spec"], json!({}));
+    assert!(
+        seen.iter().all(|r| r.method == "GET" || r.method == "POST"),
+        "{seen:#?}"
+    );
     task.abort();
 }
 
@@ -336,6 +355,14 @@ async fn rbac_denial_names_verb_and_resource() {
                     403,
                     "Forbidden",
                     "nodes is forbidden: User \"system:serviceaccount:wiremesh:wiremesh\" cannot list resource \"nodes\" in API group \"\" at the cluster scope",
+                ),
+            ),
+            (FELIX, false) if req.method == "POST" => respond(
+                StatusCode::CONFLICT,
+                &status(
+                    409,
+                    "AlreadyExists",
+                    "felixconfigurations \"default\" already exists",
                 ),
             ),
             (FELIX, false) => ok(&list(

@@ -14,6 +14,9 @@
 //! FelixConfigurations are read as untyped objects: one object whose spec does not decode is kept
 //! with its error (and reported) instead of failing the whole list.
 //!
+//! At start the adapter creates an empty FelixConfiguration `default` if none exists (as
+//! calico-node does), so that `kubectl patch felixconfiguration default` works on a new cluster.
+//!
 //! Publishing is a JSON merge patch of `metadata.annotations` with only the four WireGuard keys
 //! that differ (`null` deletes one), never a full update, so other writers' fields are untouched;
 //! nothing is sent when the node already carries our values.
@@ -26,7 +29,7 @@ use async_trait::async_trait;
 use futures::StreamExt as _;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
@@ -388,6 +391,40 @@ impl KubeDatastore {
     pub fn client(&self) -> &Client {
         &self.client
     }
+
+    /// Creates an empty FelixConfiguration `default` unless one exists, as calico-node does, so
+    /// that `kubectl patch felixconfiguration default ...` works on a fresh cluster. A missing
+    /// CRD is fatal; being denied is only logged (an administrator can create it).
+    pub async fn ensure_default_felix_configuration(&self) -> Result<(), DatastoreError> {
+        let api: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &felix_configuration_resource());
+        let object: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "projectcalico.org/v3",
+            "kind": "FelixConfiguration",
+            "metadata": { "name": "default" },
+            "spec": {}
+        }))
+        .map_err(|e| DatastoreError::Publish {
+            node: "FelixConfiguration default".into(),
+            source: boxed(e),
+        })?;
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => {
+                info!("created FelixConfiguration default (empty: Calico's defaults)");
+                Ok(())
+            }
+            Err(error) => match api_status(&error) {
+                Some(status) if status.code == 409 || status.reason == "AlreadyExists" => Ok(()),
+                Some(status) if not_found(status) => Err(DatastoreError::MissingCrd {
+                    crd: FELIX_CONFIGURATION_CRD.into(),
+                }),
+                _ => {
+                    warn!(error = %error, "could not create FelixConfiguration default; create it to configure the cluster");
+                    Ok(())
+                }
+            },
+        }
+    }
 }
 
 enum Item {
@@ -402,6 +439,7 @@ impl Datastore for KubeDatastore {
     }
 
     async fn run(&self, cache: SnapshotSender) -> Result<(), DatastoreError> {
+        self.ensure_default_felix_configuration().await?;
         let nodes = watcher::watcher(
             Api::<Node>::all(self.client.clone()),
             watcher::Config::default(),
