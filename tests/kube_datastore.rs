@@ -523,3 +523,57 @@ async fn publish_denied_names_the_verb() {
         "{error:?}"
     );
 }
+
+#[tokio::test]
+async fn problems_become_warning_events_on_the_object() {
+    use wiremesh::datastore::{ObjectProblem, ProblemObject};
+    let (client, server) = Server::start(Box::new(|req| {
+        if req.method == "POST" {
+            let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+            respond(StatusCode::CREATED, &body)
+        } else {
+            respond(
+                StatusCode::NOT_FOUND,
+                &status(404, "NotFound", "unexpected"),
+            )
+        }
+    }));
+    let datastore = KubeDatastore::from_client(client);
+    datastore
+        .report(&[ObjectProblem {
+            object: ProblemObject::Node("n4".into()),
+            reason: "MalformedWireguardKey".into(),
+            message: "not peered for IPv4: malformed WireGuard public key".into(),
+        }])
+        .await;
+    // report() returns at once; the Event is sent in the background.
+    let mut posts = Vec::new();
+    for _ in 0..100 {
+        posts = server
+            .seen()
+            .into_iter()
+            .filter(|r| r.method == "POST")
+            .collect();
+        if !posts.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(posts.len(), 1, "{:#?}", server.seen());
+    assert_eq!(
+        posts[0].path,
+        "/apis/events.k8s.io/v1/namespaces/default/events"
+    );
+    let event: Value = serde_json::from_slice(&posts[0].body).expect("JSON");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "MalformedWireguardKey");
+    assert_eq!(event["reportingController"], "wiremesh");
+    assert_eq!(event["regarding"]["kind"], "Node");
+    assert_eq!(event["regarding"]["name"], "n4");
+    assert_eq!(event["regarding"]["uid"], "n4");
+    assert!(
+        event["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("malformed WireGuard public key"))
+    );
+}

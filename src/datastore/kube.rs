@@ -29,15 +29,17 @@ use async_trait::async_trait;
 use futures::StreamExt as _;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt as _;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Config, ResourceExt as _};
 use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
-use super::{Datastore, DatastoreError, SnapshotSender};
+use super::{Datastore, DatastoreError, ObjectProblem, ProblemObject, SnapshotSender};
 use crate::config::FelixConfigurationSpec;
 use crate::model::{ClusterSnapshot, Family, NodeResource, PublishedWireguard};
 
@@ -357,6 +359,41 @@ fn fatal_watch_error(
 #[derive(Clone)]
 pub struct KubeDatastore {
     client: Client,
+    recorder: Recorder,
+}
+
+/// The Events' reporting controller.
+pub const EVENT_CONTROLLER: &str = "wiremesh";
+
+/// Where an Event about `object` is attached. A Node's reference carries its name as UID, as the
+/// kubelet's do, so that `kubectl describe node` lists our Events.
+pub fn event_reference(object: &ProblemObject) -> ObjectReference {
+    match object {
+        ProblemObject::Node(name) => ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(name.clone()),
+            uid: Some(name.clone()),
+            ..ObjectReference::default()
+        },
+        ProblemObject::FelixConfiguration(name) => ObjectReference {
+            api_version: Some("projectcalico.org/v3".into()),
+            kind: Some("FelixConfiguration".into()),
+            name: Some(name.clone()),
+            ..ObjectReference::default()
+        },
+    }
+}
+
+/// The Event for a problem: a Warning whose reason names the problem.
+pub fn problem_event(problem: &ObjectProblem) -> KubeEvent {
+    KubeEvent {
+        type_: EventType::Warning,
+        reason: problem.reason.clone(),
+        note: Some(problem.message.chars().take(1024).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    }
 }
 
 impl KubeDatastore {
@@ -380,12 +417,13 @@ impl KubeDatastore {
             None => Config::infer().await.map_err(|e| connect_error(boxed(e)))?,
         };
         let client = Client::try_from(config).map_err(|e| connect_error(boxed(e)))?;
-        Ok(KubeDatastore { client })
+        Ok(Self::from_client(client))
     }
 
     /// An adapter over an existing client (tests use kube's mock transport).
     pub fn from_client(client: Client) -> Self {
-        KubeDatastore { client }
+        let recorder = Recorder::new(client.clone(), Reporter::from(EVENT_CONTROLLER));
+        KubeDatastore { client, recorder }
     }
 
     pub fn client(&self) -> &Client {
@@ -537,6 +575,21 @@ impl Datastore for KubeDatastore {
             })?;
         info!(node, "published WireGuard annotations");
         Ok(())
+    }
+
+    /// One Warning Event per problem, sent in the background; kube-runtime's `Recorder` folds
+    /// repeats of the same event into a series (one patch) rather than new objects.
+    async fn report(&self, problems: &[ObjectProblem]) {
+        let recorder = self.recorder.clone();
+        let problems = problems.to_vec();
+        tokio::spawn(async move {
+            for problem in problems {
+                let reference = event_reference(&problem.object);
+                if let Err(error) = recorder.publish(&problem_event(&problem), &reference).await {
+                    warn!(error = %error, object = ?problem.object, reason = %problem.reason, "could not record a Kubernetes Event");
+                }
+            }
+        });
     }
 }
 

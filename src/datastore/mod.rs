@@ -72,6 +72,25 @@ impl DatastoreError {
     }
 }
 
+/// The object a problem concerns.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProblemObject {
+    Node(String),
+    FelixConfiguration(String),
+}
+
+/// An object the agent could not use (a skipped node, an invalid setting), to be reported where
+/// its owner looks: a Kubernetes Event on that object. The reconciler builds these; logs and
+/// `status.json` carry them whatever the adapter does.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectProblem {
+    pub object: ProblemObject,
+    /// Short CamelCase reason, e.g. `MalformedWireguardKey`.
+    pub reason: String,
+    /// What is wrong, for a person.
+    pub message: String,
+}
+
 #[async_trait]
 pub trait Datastore: Send + Sync {
     /// Short name for logs and status (`etcd`, `kubernetes`).
@@ -88,4 +107,9 @@ pub trait Datastore: Send + Sync {
         node: &str,
         published: &PublishedWireguard,
     ) -> Result<(), DatastoreError>;
+
+    /// Reports problems with specific objects, best effort: it must return quickly, never fail
+    /// the caller and rate-limit repeats itself. Called when problems appear. The default does
+    /// nothing (etcd has no event stream).
+    async fn report(&self, _problems: &[ObjectProblem]) {}
 }
