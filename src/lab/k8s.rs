@@ -11,6 +11,7 @@
 //! rewritten to the relay (and `tls-server-name` set to the real host, so TLS still checks the
 //! API server's certificate).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -18,15 +19,18 @@ use std::path::{Path, PathBuf};
 use std::thread;
 
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::ResourceExt as _;
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::config::Kubeconfig;
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
 use super::{LabError, NodeState};
+use crate::config::FelixConfigurationSpec;
 use crate::datastore::kube::{
-    ANNOTATION_IPV4_ADDRESS, KubeDatastore, felix_configuration_resource,
+    ANNOTATION_IPV4_ADDRESS, KubeDatastore, decode_felix_configuration,
+    felix_configuration_resource,
 };
 
 /// Where the relay listens inside each node's namespace.
@@ -87,6 +91,21 @@ pub async fn merge_felix_configuration(
             .map_err(kube_error(&step))?;
     }
     Ok(())
+}
+
+/// Every FelixConfiguration, decoded as the agent decodes them.
+pub async fn felix_configurations(
+    client: &Client,
+) -> Result<BTreeMap<String, Result<FelixConfigurationSpec, String>>, LabError> {
+    let list = felix_api(client)
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_error("listing FelixConfigurations"))?;
+    Ok(list
+        .items
+        .iter()
+        .map(|o| (o.name_any(), decode_felix_configuration(o)))
+        .collect())
 }
 
 fn strip_nulls(value: Value) -> Value {
