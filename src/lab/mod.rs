@@ -630,15 +630,8 @@ impl Lab {
                 reason: format!("{} already runs an agent (pid {pid})", n.name),
             });
         }
-        let mut args = vec![
-            "agent".to_string(),
-            "--node-name".into(),
-            n.name.clone(),
-            "--state-dir".into(),
-            n.state_dir.display().to_string(),
-            "--wireguard-backend".into(),
-            self.state.wireguard_backend.clone(),
-        ];
+        // The etcd arguments keep their positions (tests/lab.rs's stub agent reads them so).
+        let mut args = vec!["agent".to_string(), "--node-name".into(), n.name.clone()];
         if self.state.kubeconfig.is_some() {
             args.extend([
                 "--datastore".into(),
@@ -649,6 +642,12 @@ impl Lab {
         } else {
             args.extend(["--etcd-endpoints".into(), self.state.etcd_endpoint.clone()]);
         }
+        args.extend([
+            "--state-dir".into(),
+            n.state_dir.display().to_string(),
+            "--wireguard-backend".into(),
+            self.state.wireguard_backend.clone(),
+        ]);
         let pid = sys::spawn_daemon(
             &n.netns,
             Some(&n.run_dir),
