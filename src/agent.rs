@@ -13,6 +13,7 @@ use crate::dataplane::DataplaneError;
 use crate::dataplane::kernel::{self, BackendChoice, NetlinkLinks, NetlinkRouting};
 use crate::dataplane::uapi::UserspaceConfig;
 use crate::datastore::etcd::EtcdDatastore;
+use crate::datastore::kube::KubeDatastore;
 use crate::datastore::{Datastore, DatastoreError};
 use crate::model::ClusterSnapshot;
 use crate::reconcile::{AgentSettings, Reconciler};
@@ -21,6 +22,8 @@ use crate::reconcile::{AgentSettings, Reconciler};
 pub enum DatastoreKind {
     /// etcd v3 with Calico's key layout (bare metal, the lab).
     Etcd,
+    /// The Kubernetes API: Node annotations and Calico's projectcalico.org/v3 CRDs.
+    Kubernetes,
 }
 
 /// `wiremesh agent`: every flag also reads an environment variable.
@@ -45,6 +48,10 @@ pub struct AgentArgs {
         default_value = "http://127.0.0.1:2379"
     )]
     pub etcd_endpoints: Vec<String>,
+    /// Kubeconfig for `--datastore kubernetes`; without it, the in-cluster service account
+    /// (or KUBECONFIG / ~/.kube/config when run outside a cluster).
+    #[arg(long, env = "WIREMESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// Where the private keys and the agent's records live (0700).
     #[arg(long, env = "WIREMESH_STATE_DIR", default_value = "/var/lib/wiremesh")]
     pub state_dir: PathBuf,
@@ -149,6 +156,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     crate::admin::serve(&admin_addrs, Arc::clone(&metrics)).await?;
     let datastore: Arc<dyn Datastore> = match args.datastore {
         DatastoreKind::Etcd => Arc::new(EtcdDatastore::connect(args.etcd_endpoints.clone()).await?),
+        DatastoreKind::Kubernetes => {
+            Arc::new(KubeDatastore::connect(args.kubeconfig.as_deref()).await?)
+        }
     };
     let handle = kernel::netlink_handle()?;
     let userspace = UserspaceConfig {

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod api;
 pub mod bench;
 pub mod config;
 pub mod dataplane;

@@ -45,6 +45,12 @@ enum LogFormat {
 enum Command {
     /// Run the node agent.
     Agent(wiremesh::agent::AgentArgs),
+    /// Print the CRDs generated from the Rust types (or write one YAML per CRD with --dir).
+    Crds {
+        /// Write `<plural>.projectcalico.org.yaml` files into this directory.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
     /// This node's mesh: verdict, device, peers, agreement with what peers publish.
     Status(wiremesh::status::StatusArgs),
     /// The mesh as a Graphviz DOT graph, from `wiremesh status --output json` reports.
@@ -151,6 +157,21 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         match command {
             Command::Agent(args) => {
                 wiremesh::agent::run(args).await.context("agent")?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Crds { dir } => {
+                match dir {
+                    Some(dir) => {
+                        for path in wiremesh::api::write_all(&dir).context("writing CRDs")? {
+                            println!("wrote {}", path.display());
+                        }
+                    }
+                    None => {
+                        let docs = wiremesh::api::rendered().context("rendering CRDs")?;
+                        let yaml: Vec<String> = docs.into_iter().map(|(_, y)| y).collect();
+                        print!("{}", yaml.join("---\n"));
+                    }
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Command::Status(args) => match wiremesh::status::run(args).await {

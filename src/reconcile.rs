@@ -15,9 +15,9 @@ use crate::dataplane::link::{self, LinkDataplane};
 use crate::dataplane::route::{self, RoutingDataplane};
 use crate::dataplane::wg::{self, WireguardDataplane};
 use crate::dataplane::{Backend, DataplaneError};
-use crate::datastore::{Datastore, DatastoreError};
+use crate::datastore::{Datastore, DatastoreError, ObjectProblem, ProblemObject};
 use crate::keys::{KeyError, KeyStore, PrivateKey};
-use crate::mesh::{self, DataplaneSpec, Inputs, LocalFacts, SkippedNode};
+use crate::mesh::{self, DataplaneSpec, Inputs, LocalFacts, SkipReason, SkippedNode};
 use crate::metrics::Metrics;
 use crate::model::{ClusterSnapshot, Family, WgKey};
 
@@ -169,6 +169,8 @@ pub struct Reconciler<W, L, R> {
     datastore: Arc<dyn Datastore>,
     last_skipped: BTreeSet<SkippedNode>,
     last_config_errors: Vec<String>,
+    /// Problems seen since the last run, for `Datastore::report`.
+    pending_reports: Vec<ObjectProblem>,
     /// Names of the devices we programmed, persisted so a rename or a restart still knows them.
     created_interfaces: BTreeSet<String>,
     /// Wakes the loop when the kernel reports a change to our links, routes or rules.
@@ -211,6 +213,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             routing,
             datastore,
             last_skipped: BTreeSet::new(),
+            pending_reports: Vec::new(),
             last_config_errors: Vec::new(),
             status,
             metrics,
@@ -265,6 +268,8 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         let node = &settings.node_name;
         let (settings, config_errors) =
             mesh::effective_settings(node, &snapshot.felix_configurations);
+        let config_problems: Vec<ObjectProblem> =
+            config_errors.iter().map(config_problem).collect();
         let config_errors: Vec<String> = config_errors
             .iter()
             .map(ConfigFieldError::to_string)
@@ -273,6 +278,11 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             for e in &config_errors {
                 warn!(error = %e, "ignoring invalid FelixConfiguration field");
             }
+            self.pending_reports.extend(
+                config_problems
+                    .into_iter()
+                    .filter(|p| !self.last_config_errors.contains(&p.message)),
+            );
             self.last_config_errors = config_errors.clone();
         }
         let mut private_keys = BTreeMap::new();
@@ -297,6 +307,9 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         if spec.skipped != self.last_skipped {
             for s in spec.skipped.difference(&self.last_skipped) {
                 warn!(node = %s.node, family = %s.family, reason = %s.reason, "not peering with node");
+                if let Some(problem) = skipped_problem(s) {
+                    self.pending_reports.push(problem);
+                }
             }
             for s in self.last_skipped.difference(&spec.skipped) {
                 if !spec
@@ -333,6 +346,10 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         lap(&mut outcome, "link");
         let spec = self.desired(snapshot, host_mtu)?;
         lap(&mut outcome, "desired");
+        if !self.pending_reports.is_empty() {
+            let problems = std::mem::take(&mut self.pending_reports);
+            self.datastore.report(&problems).await;
+        }
 
         // Rules and routes go first when removed and last when added.
         let routing_actual = self.routing.observe(spec.routing_table).await?;
@@ -599,6 +616,34 @@ pub fn stale_after(resync_interval: Duration) -> Duration {
 /// Counts the applied ops and logs each change once at info (a summary when there are many).
 /// Called after a successful apply, so a failing change that is retried is not logged again
 /// as done (the failure is logged with the error).
+/// The problem to report for a skipped node, if it is one (a node without a key is normal:
+/// WireGuard is off there or not started yet).
+fn skipped_problem(skipped: &SkippedNode) -> Option<ObjectProblem> {
+    let reason = match &skipped.reason {
+        SkipReason::NoKey | SkipReason::NoUnderlayAddress => return None,
+        SkipReason::MalformedKey { .. } => "MalformedWireguardKey",
+        SkipReason::KeyCollision { .. } => "WireguardKeyCollision",
+        SkipReason::MalformedUnderlayAddress { .. } => "MalformedNodeAddress",
+        SkipReason::MalformedPodCidr { .. } => "MalformedPodCIDR",
+        SkipReason::MalformedInterfaceAddress { .. } => "MalformedWireguardInterfaceAddress",
+        SkipReason::Undecodable { .. } => "UndecodableNode",
+    };
+    Some(ObjectProblem {
+        object: ProblemObject::Node(skipped.node.clone()),
+        reason: reason.to_string(),
+        message: format!("not peered for {}: {}", skipped.family, skipped.reason),
+    })
+}
+
+fn config_problem(error: &ConfigFieldError) -> ObjectProblem {
+    ObjectProblem {
+        object: ProblemObject::FelixConfiguration(error.object.clone()),
+        reason: "InvalidFelixConfiguration".to_string(),
+        message: error.to_string(),
+    }
+}
+
+/// Counts the ops and logs each change once at info (a summary when there are many).
 fn apply_logged<T: std::fmt::Display>(
     outcome: &mut Outcome,
     subsystem: &'static str,

@@ -414,3 +414,54 @@ async fn the_loop_records_metrics_readiness_and_convergence() {
         "{status}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn object_problems_are_reported_through_the_datastore_once() {
+    use wiremesh::datastore::ProblemObject;
+    let mut snap = cluster(true);
+    snap.nodes
+        .get_mut("node3")
+        .expect("node3")
+        .wireguard_public_key = node(2).wireguard_public_key;
+    let mut bad = node(4);
+    bad.wireguard_public_key = Some("not a key".into());
+    snap.nodes.insert("node4".into(), bad);
+    snap.felix_configurations.insert(
+        "node.node1".into(),
+        Err("spec: invalid type: string, expected a boolean".into()),
+    );
+    let h = Harness::new(snap);
+    let mut r = h.reconciler();
+    r.reconcile_once(&h.snap()).await.expect("reconcile");
+    let mut reported: Vec<(ProblemObject, String)> = h
+        .store
+        .reported()
+        .into_iter()
+        .map(|p| (p.object, p.reason))
+        .collect();
+    reported.sort();
+    assert_eq!(
+        reported,
+        vec![
+            (
+                ProblemObject::Node("node2".into()),
+                "WireguardKeyCollision".into()
+            ),
+            (
+                ProblemObject::Node("node3".into()),
+                "WireguardKeyCollision".into()
+            ),
+            (
+                ProblemObject::Node("node4".into()),
+                "MalformedWireguardKey".into()
+            ),
+            (
+                ProblemObject::FelixConfiguration("node.node1".into()),
+                "InvalidFelixConfiguration".into()
+            ),
+        ]
+    );
+    // Nothing new: nothing reported again.
+    r.reconcile_once(&h.snap()).await.expect("reconcile");
+    assert_eq!(h.store.reported().len(), 4);
+}

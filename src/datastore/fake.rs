@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Datastore, DatastoreError, SnapshotSender};
+use super::{Datastore, DatastoreError, ObjectProblem, SnapshotSender};
 use crate::model::{ClusterSnapshot, NodeResource, PublishedWireguard};
 
 pub struct FakeDatastore {
@@ -14,6 +14,8 @@ pub struct FakeDatastore {
     pub published: Mutex<Vec<(String, PublishedWireguard)>>,
     /// Make the next publish fail.
     pub fail_next_publish: Mutex<bool>,
+    /// Every reported problem, in order.
+    pub reported: Mutex<Vec<ObjectProblem>>,
 }
 
 impl FakeDatastore {
@@ -22,11 +24,16 @@ impl FakeDatastore {
             cache,
             published: Mutex::new(Vec::new()),
             fail_next_publish: Mutex::new(false),
+            reported: Mutex::new(Vec::new()),
         }
     }
 
     pub fn edit(&self, f: impl FnOnce(&mut ClusterSnapshot)) {
         self.cache.send_modify(f);
+    }
+
+    pub fn reported(&self) -> Vec<ObjectProblem> {
+        self.reported.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     pub fn publish_count(&self) -> usize {
@@ -73,6 +80,12 @@ impl Datastore for FakeDatastore {
             log.push((node.to_string(), published.clone()));
         }
         Ok(())
+    }
+
+    async fn report(&self, problems: &[ObjectProblem]) {
+        if let Ok(mut log) = self.reported.lock() {
+            log.extend_from_slice(problems);
+        }
     }
 }
 

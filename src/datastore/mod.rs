@@ -1,10 +1,11 @@
 //! The datastore behind one trait: list + watch into a shared snapshot, and publish this
 //! node's WireGuard fields. `etcd` (Calico's key layout) is the adapter for bare metal and the
-//! lab; the Kubernetes adapter fits the same trait.
+//! lab; `kube` is the adapter for Kubernetes (Node annotations, Calico's CRDs).
 
 pub mod etcd;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod kube;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -46,12 +47,48 @@ pub enum DatastoreError {
     },
     #[error("node {node} kept changing while we updated it ({attempts} attempts)")]
     Conflict { node: String, attempts: u32 },
+    #[error(
+        "the CustomResourceDefinition {crd} is not installed; apply the CRDs first (kubectl apply -f crds/)"
+    )]
+    MissingCrd { crd: String },
+    #[error(
+        "not allowed to {verb} {resource} ({message}); check the agent's ClusterRole and binding (deploy/rbac.yaml)"
+    )]
+    Forbidden {
+        verb: String,
+        resource: String,
+        message: String,
+    },
 }
 
 impl DatastoreError {
     pub fn is_transient(&self) -> bool {
-        !matches!(self, DatastoreError::NodeNotFound { .. })
+        !matches!(
+            self,
+            DatastoreError::NodeNotFound { .. }
+                | DatastoreError::MissingCrd { .. }
+                | DatastoreError::Forbidden { .. }
+        )
     }
+}
+
+/// The object a problem concerns.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProblemObject {
+    Node(String),
+    FelixConfiguration(String),
+}
+
+/// An object the agent could not use (a skipped node, an invalid setting), to be reported where
+/// its owner looks: a Kubernetes Event on that object. The reconciler builds these; logs and
+/// `status.json` carry them whatever the adapter does.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectProblem {
+    pub object: ProblemObject,
+    /// Short CamelCase reason, e.g. `MalformedWireguardKey`.
+    pub reason: String,
+    /// What is wrong, for a person.
+    pub message: String,
 }
 
 #[async_trait]
@@ -70,4 +107,9 @@ pub trait Datastore: Send + Sync {
         node: &str,
         published: &PublishedWireguard,
     ) -> Result<(), DatastoreError>;
+
+    /// Reports problems with specific objects, best effort: it must return quickly, never fail
+    /// the caller and rate-limit repeats itself. Called when problems appear. The default does
+    /// nothing (etcd has no event stream).
+    async fn report(&self, _problems: &[ObjectProblem]) {}
 }

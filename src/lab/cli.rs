@@ -55,6 +55,21 @@ pub enum LabCommand {
         binary: Option<PathBuf>,
         #[arg(long, default_value = "userspace")]
         wireguard_backend: String,
+        /// Use this cluster as the datastore instead of a local etcd: lab nodes become Node
+        /// objects and the agents run with --datastore kubernetes (see docs/kubernetes.md).
+        #[arg(long, env = "WIREMESH_LAB_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+    },
+    /// (internal) Relay TCP from a node's namespace to the API server (Kubernetes labs).
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The namespace to listen in, e.g. /run/netns/wm-lab-n1.
+        #[arg(long)]
+        listen_netns: PathBuf,
+        #[arg(long)]
+        connect: String,
     },
     /// Remove every namespace, process and file of the lab (also after a crash).
     Down {
@@ -143,6 +158,7 @@ pub async fn run(cmd: LabCommand) -> Result<i32, LabError> {
             no_agents,
             binary,
             wireguard_backend,
+            kubeconfig,
         } => {
             let options = UpOptions {
                 name: lab.name,
@@ -153,11 +169,25 @@ pub async fn run(cmd: LabCommand) -> Result<i32, LabError> {
                 agents: !no_agents,
                 binary,
                 wireguard_backend,
+                kubeconfig,
             };
             let lab = Lab::up(options).await?;
             for line in lab.status_lines() {
                 println!("{line}");
             }
+            Ok(0)
+        }
+        LabCommand::Relay {
+            listen,
+            listen_netns,
+            connect,
+        } => {
+            tokio::task::spawn_blocking(move || super::k8s::relay(listen, &listen_netns, connect))
+                .await
+                .map_err(|e| LabError::Kube {
+                    step: "relay".into(),
+                    source: Box::new(e),
+                })??;
             Ok(0)
         }
         LabCommand::Down { lab } => {

@@ -4,6 +4,7 @@
 
 pub mod cli;
 mod hub;
+pub mod k8s;
 mod sys;
 mod topology;
 pub mod verify;
@@ -92,6 +93,12 @@ pub enum LabError {
         #[source]
         source: StoreError,
     },
+    #[error("{step} (Kubernetes)")]
+    Kube {
+        step: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("timed out {step} ({object})")]
     Timeout { step: String, object: String },
     #[error("down left things behind: {0}")]
@@ -116,6 +123,9 @@ pub struct NodeState {
     pub run_dir: PathBuf,
     pub log: PathBuf,
     pub agent_pid: Option<i32>,
+    /// The API-server relay of a Kubernetes lab (see `k8s`).
+    #[serde(default)]
+    pub relay_pid: Option<i32>,
 }
 
 /// Everything `down` needs, persisted as `lab.json`.
@@ -133,6 +143,9 @@ pub struct LabState {
     pub agents: bool,
     pub wireguard_backend: String,
     pub nodes: BTreeMap<u32, NodeState>,
+    /// Kubernetes instead of etcd: the kubeconfig the lab was brought up with.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Options of `lab up`.
@@ -149,6 +162,8 @@ pub struct UpOptions {
     /// Defaults to this executable.
     pub binary: Option<PathBuf>,
     pub wireguard_backend: String,
+    /// Use this cluster as the datastore (Node objects, FelixConfigurations) instead of etcd.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl UpOptions {
@@ -162,6 +177,7 @@ impl UpOptions {
             agents: true,
             binary: None,
             wireguard_backend: "userspace".into(),
+            kubeconfig: None,
         }
     }
 }
@@ -306,6 +322,7 @@ impl Lab {
                 agents: options.agents,
                 wireguard_backend: options.wireguard_backend.clone(),
                 nodes: BTreeMap::new(),
+                kubeconfig: options.kubeconfig.clone(),
                 dir,
             },
         };
@@ -330,17 +347,22 @@ impl Lab {
         self.save()?;
 
         topology::create_hub(&self.state.hub_netns)?;
-        self.start_etcd()?;
-        self.save()?;
         let mut spec = serde_json::json!({ "wireguardEnabled": options.encryption });
         if let Some(keepalive) = &options.keepalive {
             spec["wireguardKeepAlive"] = Value::String(keepalive.clone());
         }
-        self.with_store(
-            "writing FelixConfiguration default",
-            move |mut w| async move { w.put_felix_configuration("default", &spec).await },
-        )
-        .await?;
+        if let Some(kubeconfig) = &self.state.kubeconfig {
+            let client = k8s::client(kubeconfig).await?;
+            k8s::merge_felix_configuration(&client, "default", spec).await?;
+        } else {
+            self.start_etcd()?;
+            self.save()?;
+            self.with_store(
+                "writing FelixConfiguration default",
+                move |mut w| async move { w.put_felix_configuration("default", &spec).await },
+            )
+            .await?;
+        }
         for i in 1..=options.nodes {
             self.add_node(i).await?;
         }
@@ -523,6 +545,7 @@ impl Lab {
             run_dir: node_dir.join("run"),
             log: self.state.dir.join("logs").join(format!("node{index}.log")),
             agent_pid: None,
+            relay_pid: None,
         };
         create_dir("creating node state dir", &node.state_dir)?;
         create_dir("creating node run dir", &node.run_dir)?;
@@ -544,12 +567,18 @@ impl Lab {
             ]),
         };
         let cidr = node.pod_cidr.into();
-        let step = format!("registering {}", node.name);
-        self.with_store(&step, move |mut w| async move {
-            w.put_node(&registration).await?;
-            w.put_block_affinity(&registration.name, &cidr).await
-        })
-        .await?;
+        if let Some(kubeconfig) = self.state.kubeconfig.clone() {
+            let client = k8s::client(&kubeconfig).await?;
+            k8s::register_node(&client, &node, &self.state.name).await?;
+            self.start_relay(&node, &kubeconfig)?;
+        } else {
+            let step = format!("registering {}", node.name);
+            self.with_store(&step, move |mut w| async move {
+                w.put_node(&registration).await?;
+                w.put_block_affinity(&registration.name, &cidr).await
+            })
+            .await?;
+        }
         if self.state.agents {
             self.start_agent(&node.name)?;
         }
@@ -561,13 +590,18 @@ impl Lab {
     pub async fn remove_node(&mut self, index: u32) -> Result<(), LabError> {
         let node = self.node(index)?.clone();
         let (name, cidr) = (node.name.clone(), node.pod_cidr.into());
-        self.with_store(&format!("deregistering {name}"), move |mut w| async move {
-            // Node first, as in a cluster (IPAM releases the block later): peers then drop the
-            // node in one step instead of first seeing it without its pod CIDR.
-            w.delete_node(&name).await?;
-            w.delete_block_affinity(&name, &cidr).await
-        })
-        .await?;
+        if let Some(kubeconfig) = &self.state.kubeconfig {
+            let client = k8s::client(kubeconfig).await?;
+            k8s::delete_node(&client, &name).await?;
+        } else {
+            self.with_store(&format!("deregistering {name}"), move |mut w| async move {
+                // Node first, as in a cluster (IPAM releases the block later): peers then drop
+                // the node in one step instead of first seeing it without its pod CIDR.
+                w.delete_node(&name).await?;
+                w.delete_block_affinity(&name, &cidr).await
+            })
+            .await?;
+        }
         clear_netns(&[node.pod_netns.clone(), node.netns.clone()])?;
         for other in self.state.nodes.values().filter(|n| n.index != index) {
             if let Err(e) = topology::delete_pod_route(other, &node) {
@@ -596,17 +630,24 @@ impl Lab {
                 reason: format!("{} already runs an agent (pid {pid})", n.name),
             });
         }
-        let args = vec![
-            "agent".to_string(),
-            "--node-name".into(),
-            n.name.clone(),
-            "--etcd-endpoints".into(),
-            self.state.etcd_endpoint.clone(),
+        // The etcd arguments keep their positions (tests/lab.rs's stub agent reads them so).
+        let mut args = vec!["agent".to_string(), "--node-name".into(), n.name.clone()];
+        if self.state.kubeconfig.is_some() {
+            args.extend([
+                "--datastore".into(),
+                "kubernetes".into(),
+                "--kubeconfig".into(),
+                agent_kubeconfig_path(&n).display().to_string(),
+            ]);
+        } else {
+            args.extend(["--etcd-endpoints".into(), self.state.etcd_endpoint.clone()]);
+        }
+        args.extend([
             "--state-dir".into(),
             n.state_dir.display().to_string(),
             "--wireguard-backend".into(),
             self.state.wireguard_backend.clone(),
-        ];
+        ]);
         let pid = sys::spawn_daemon(
             &n.netns,
             Some(&n.run_dir),
@@ -621,6 +662,47 @@ impl Lab {
         }
         self.save()?;
         Ok(pid)
+    }
+
+    /// Starts the API-server relay in `node`'s namespace and writes the agent's kubeconfig
+    /// pointing at it (see `k8s`).
+    fn start_relay(&mut self, node: &NodeState, kubeconfig: &Path) -> Result<(), LabError> {
+        let target = k8s::agent_kubeconfig(kubeconfig, &agent_kubeconfig_path(node))?;
+        let args = vec![
+            "lab".to_string(),
+            "relay".into(),
+            "--listen".into(),
+            k8s::RELAY_LISTEN.into(),
+            "--listen-netns".into(),
+            Path::new(sys::NETNS_DIR)
+                .join(&node.netns)
+                .display()
+                .to_string(),
+            "--connect".into(),
+            target,
+        ];
+        // In the host's namespace (""), from where the API server is reachable.
+        let pid = sys::spawn_daemon(
+            "",
+            None,
+            &self.state.binary,
+            &args,
+            &self
+                .state
+                .dir
+                .join("logs")
+                .join(format!("{}-relay.log", node.name)),
+            &self
+                .state
+                .dir
+                .join("pids")
+                .join(format!("{}-relay.pid", node.name)),
+        )?;
+        info!(node = %node.name, pid, "API-server relay started");
+        if let Some(entry) = self.state.nodes.get_mut(&node.index) {
+            entry.relay_pid = Some(pid);
+        }
+        self.save()
     }
 
     /// Stops `node`'s agent (SIGTERM, then SIGKILL), leaving whatever it started (wireguard-go)
@@ -783,6 +865,12 @@ impl Lab {
             None => "default".to_string(),
             Some(n) => format!("node.{}", self.target(n)?.1.name),
         };
+        if let Some(kubeconfig) = &self.state.kubeconfig {
+            let client = k8s::client(kubeconfig).await?;
+            let mut spec = serde_json::Map::new();
+            spec.insert(field.to_string(), value);
+            return k8s::merge_felix_configuration(&client, &object, Value::Object(spec)).await;
+        }
         let field = field.to_string();
         self.with_store(
             &format!("setting {field} in FelixConfiguration {object}"),
@@ -887,6 +975,21 @@ pub fn restart_agent(lab: &mut Lab, node: &str) -> Result<i32, LabError> {
     lab.restart_agent(node)
 }
 
+/// Whether `pid` is alive and one of our relays (a pid may have been reused).
+fn is_relay(pid: i32) -> bool {
+    sys::is_alive(pid)
+        && fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--listen-netns"))
+}
+
+/// The kubeconfig a Kubernetes lab's agent uses (pointing at its relay).
+pub fn agent_kubeconfig_path(node: &NodeState) -> PathBuf {
+    node.state_dir
+        .parent()
+        .unwrap_or(&node.state_dir)
+        .join("kubeconfig")
+}
+
 /// Kills every process in `namespaces` (this also catches daemonized wireguard-go, etcd and
 /// stray captures, and with them their mounts), then deletes the namespaces, in order.
 fn clear_netns(namespaces: &[String]) -> Result<(), LabError> {
@@ -923,8 +1026,18 @@ pub fn down(name: &str, state_dir: Option<&Path>) -> Result<(), LabError> {
     require_root()?;
     validate_name(name)?;
     let dir = state_dir.map_or_else(|| default_state_dir(name), Path::to_path_buf);
+    let mut relays = Vec::new();
     let mut namespaces = match Lab::load_from(name, &dir) {
-        Ok(lab) => lab.namespaces(),
+        Ok(lab) => {
+            relays = lab
+                .state
+                .nodes
+                .values()
+                .filter_map(|n| n.relay_pid)
+                .filter(|pid| is_relay(*pid))
+                .collect();
+            lab.namespaces()
+        }
         Err(LabError::NotFound { .. }) => Vec::new(),
         Err(e) => {
             warn!(error = %e, "lab state unreadable; cleaning up by namespace names");
@@ -940,6 +1053,15 @@ pub fn down(name: &str, state_dir: Option<&Path>) -> Result<(), LabError> {
     // Every process first (an agent may still be reconfiguring its node), then the namespaces;
     // the hub goes last so etcd outlives the agents.
     let mut problems = Vec::new();
+    if !relays.is_empty() {
+        // The API-server relays of a Kubernetes lab live in the host's namespace.
+        let left = sys::terminate(&relays, STOP_GRACE, || {
+            relays.iter().copied().filter(|p| is_relay(*p)).collect()
+        });
+        if !left.is_empty() {
+            problems.push(format!("relay processes {left:?}"));
+        }
+    }
     let (hub, rest): (Vec<String>, Vec<String>) = namespaces
         .into_iter()
         .partition(|ns| *ns == hub_netns(name));

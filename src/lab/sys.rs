@@ -170,8 +170,8 @@ pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Starts `program args` inside `ns` as a daemon of its own (new session, re-parented away from
-/// us so it outlives this process and leaves no zombie here). When `run_dir` is given, the
+/// Starts `program args` inside `ns` (`""` = this process's namespace) as a daemon of its own
+/// (new session, re-parented away from us so it outlives this process and leaves no zombie here). When `run_dir` is given, the
 /// process also gets it bind-mounted over /run/wireguard in its private mount namespace.
 /// Returns the daemon's pid, read from `pid_file`.
 pub fn spawn_daemon(
@@ -201,10 +201,12 @@ pub fn spawn_daemon(
         r#"echo $$ > "$WM_PID_FILE" && exec "$@""#
     };
     let mut command = Command::new("setsid");
+    command.arg("--fork");
+    if !ns.is_empty() {
+        command.args(["ip", "netns", "exec", ns]);
+    }
     command
-        .args([
-            "--fork", "ip", "netns", "exec", ns, "sh", "-c", script, "sh",
-        ])
+        .args(["sh", "-c", script, "sh"])
         .arg(program)
         .args(args)
         .env("WM_PID_FILE", pid_file)

@@ -85,6 +85,19 @@ async fn effective(lab: &Lab) -> Result<Vec<(u32, bool, u16)>, LabError> {
         .values()
         .map(|n| (n.index, n.name.clone()))
         .collect();
+    if let Some(kubeconfig) = &lab.state.kubeconfig {
+        let client = super::k8s::client(kubeconfig).await?;
+        let configs = super::k8s::felix_configurations(&client).await?;
+        let mut out = Vec::new();
+        for (index, name) in names {
+            let (settings, errors) = crate::mesh::effective_settings(&name, &configs);
+            for e in errors {
+                warn!(node = %name, error = %e, "ignored as the agent ignores it");
+            }
+            out.push((index, settings.v4.enabled, settings.v4.listening_port));
+        }
+        return Ok(out);
+    }
     lab.with_store("reading FelixConfiguration", move |mut w| async move {
         let mut out = Vec::new();
         for (index, name) in names {

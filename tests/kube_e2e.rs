@@ -1,0 +1,364 @@
+//! The Kubernetes end-to-end suite (docs/testing.md, "Kubernetes end-to-end suite"): runs only
+//! when `WIREMESH_E2E_KUBECONFIG` names the kubeconfig of a disposable cluster without Calico;
+//! otherwise it prints that it was skipped and why, and passes.
+//!
+//! Against that cluster: applies `crds/` and the RBAC of `deploy/` (server-side apply), checks
+//! the agent's ServiceAccount rights with SubjectAccessReviews, brings up a 3-node lab whose
+//! nodes are Node objects and whose agents run out of cluster with `--datastore kubernetes`,
+//! enables WireGuard by patching FelixConfiguration `default` (as `kubectl patch --type=merge`
+//! does), checks the annotations, `wg show` and encrypted pod-to-pod traffic (the lab's
+//! `verify`), disables it and checks the cleanup, then deletes its Node objects.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, ResourceExt as _};
+use serde::Deserialize as _;
+use serde_json::{Value, json};
+
+use wiremesh::datastore::kube::{
+    ANNOTATION_INTERFACE_V4, ANNOTATION_PUBLIC_KEY, felix_configuration_resource,
+};
+use wiremesh::lab::{self, Lab, UpOptions, VerifyExpect, k8s, verify};
+use wiremesh::model::WgKey;
+
+const ENV: &str = "WIREMESH_E2E_KUBECONFIG";
+const MANAGER: &str = "wiremesh-e2e";
+const CONVERGE: Duration = Duration::from_secs(60);
+const SERVICE_ACCOUNT: &str = "system:serviceaccount:wiremesh:wiremesh";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Removes the lab and its Node objects, also when the test fails.
+struct Cleanup {
+    lab: String,
+    kubeconfig: PathBuf,
+    nodes: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Err(e) = lab::down(&self.lab, None) {
+            eprintln!("cleanup of lab {} failed: {e}", self.lab);
+        }
+        // Drop runs inside the test's runtime: delete the Nodes from a thread of our own.
+        let (kubeconfig, nodes) = (self.kubeconfig.clone(), self.nodes.clone());
+        let deleted = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let client = k8s::client(&kubeconfig).await.map_err(|e| e.to_string())?;
+                for node in nodes {
+                    k8s::delete_node(&client, &node)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok::<_, String>(())
+            })
+        })
+        .join();
+        if !matches!(deleted, Ok(Ok(()))) {
+            eprintln!("deleting the lab's Node objects failed: {deleted:?}");
+        }
+    }
+}
+
+async fn wait_within(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + CONVERGE;
+    while Instant::now() < deadline {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("timed out after {CONVERGE:?} waiting for {what}");
+}
+
+/// Server-side applies every CRD and waits until each is established.
+async fn apply_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply(MANAGER).force();
+    for crd in wiremesh::api::crds() {
+        let name = crd.name_any();
+        api.patch(&name, &params, &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        let established = await_condition(api.clone(), &name, conditions::is_crd_established());
+        tokio::time::timeout(CONVERGE, established)
+            .await
+            .unwrap_or_else(|_| panic!("CRD {name} not established"))
+            .unwrap_or_else(|e| panic!("waiting for CRD {name}: {e}"));
+    }
+}
+
+fn yaml_documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("YAML document"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+async fn apply_typed<K>(api: Api<K>, object: Value)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let typed: K = serde_json::from_value(object).expect("manifest decodes");
+    let name = typed.name_any();
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&typed),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("applying {name}: {e}"));
+}
+
+/// Applies deploy/namespace.yaml and deploy/rbac.yaml (the DaemonSet is not needed: the agents
+/// run out of cluster, in the lab).
+async fn apply_rbac(client: &Client) {
+    for file in ["deploy/namespace.yaml", "deploy/rbac.yaml"] {
+        for doc in yaml_documents(&root().join(file)) {
+            let namespace = doc
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("wiremesh")
+                .to_string();
+            match doc.get("kind").and_then(Value::as_str) {
+                Some("Namespace") => apply_typed::<Namespace>(Api::all(client.clone()), doc).await,
+                Some("ServiceAccount") => {
+                    apply_typed::<ServiceAccount>(Api::namespaced(client.clone(), &namespace), doc)
+                        .await
+                }
+                Some("ClusterRole") => {
+                    apply_typed::<ClusterRole>(Api::all(client.clone()), doc).await
+                }
+                Some("ClusterRoleBinding") => {
+                    apply_typed::<ClusterRoleBinding>(Api::all(client.clone()), doc).await
+                }
+                other => panic!("{file}: unexpected kind {other:?}"),
+            }
+        }
+    }
+}
+
+/// Whether the agent's ServiceAccount may `verb` `resource` in `group`.
+async fn allowed(client: &Client, verb: &str, group: &str, resource: &str) -> bool {
+    let api: Api<SubjectAccessReview> = Api::all(client.clone());
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(SERVICE_ACCOUNT.into()),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                "system:serviceaccounts:wiremesh".into(),
+                "system:authenticated".into(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                namespace: (resource == "events").then(|| "default".to_string()),
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    };
+    let answer = api
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap_or_else(|e| panic!("SubjectAccessReview {verb} {resource}: {e}"));
+    answer.status.is_some_and(|s| s.allowed)
+}
+
+async fn check_rbac(client: &Client) {
+    for (verb, group, resource) in [
+        ("list", "", "nodes"),
+        ("watch", "", "nodes"),
+        ("patch", "", "nodes"),
+        ("list", "projectcalico.org", "felixconfigurations"),
+        ("watch", "projectcalico.org", "felixconfigurations"),
+        ("create", "projectcalico.org", "felixconfigurations"),
+        ("list", "projectcalico.org", "globalnetworkpolicies"),
+        ("create", "events.k8s.io", "events"),
+    ] {
+        assert!(
+            allowed(client, verb, group, resource).await,
+            "the agent may not {verb} {resource}"
+        );
+    }
+    for (verb, group, resource) in [
+        ("delete", "", "nodes"),
+        ("update", "", "nodes"),
+        ("list", "", "secrets"),
+        ("patch", "projectcalico.org", "felixconfigurations"),
+        ("create", "projectcalico.org", "globalnetworkpolicies"),
+    ] {
+        assert!(
+            !allowed(client, verb, group, resource).await,
+            "least rights: the agent must not {verb} {resource}"
+        );
+    }
+}
+
+/// Sets `wireguardEnabled` in FelixConfiguration `default` with a JSON merge patch, exactly
+/// what `kubectl patch felixconfiguration default --type=merge -p ...` sends.
+async fn set_wireguard(client: &Client, enabled: bool) {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &felix_configuration_resource());
+    api.patch(
+        "default",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "wireguardEnabled": enabled } })),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("patching FelixConfiguration default: {e}"));
+}
+
+async fn annotations(client: &Client, node: &str) -> std::collections::BTreeMap<String, String> {
+    let api: Api<Node> = Api::all(client.clone());
+    api.get(node)
+        .await
+        .unwrap_or_else(|e| panic!("reading Node {node}: {e}"))
+        .annotations()
+        .clone()
+}
+
+/// `wg show wireguard.cali dump` peers of a lab node: (public key, latest handshake).
+fn wg_peers(lab: &Lab, node: &str) -> Option<Vec<(String, u64)>> {
+    let out = lab
+        .exec_in_node(node, &["wg", "show", "wireguard.cali", "dump"])
+        .expect("exec");
+    if !out.status.success() {
+        return None;
+    }
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (
+                    f[0].to_string(),
+                    f.get(4).and_then(|h| h.parse().ok()).unwrap_or(0),
+                )
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn kubernetes_end_to_end() {
+    let Some(kubeconfig) = std::env::var_os(ENV).map(PathBuf::from) else {
+        println!(
+            "kube_e2e: skipped: {ENV} is not set (it names the kubeconfig of a disposable cluster; see docs/testing.md)"
+        );
+        return;
+    };
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "kube_e2e needs root (the lab's nodes are network namespaces)"
+    );
+    let client = k8s::client(&kubeconfig)
+        .await
+        .expect("connect to the cluster");
+
+    apply_crds(&client).await;
+    apply_rbac(&client).await;
+    check_rbac(&client).await;
+
+    let name = format!("ke{}", std::process::id() % 100_000);
+    let nodes: Vec<String> = (1..=3).map(|i| format!("node{i}")).collect();
+    let _cleanup = Cleanup {
+        lab: name.clone(),
+        kubeconfig: kubeconfig.clone(),
+        nodes: nodes.clone(),
+    };
+    let mut options = UpOptions::new(&name, 3);
+    options.encryption = false;
+    options.kubeconfig = Some(kubeconfig.clone());
+    options.binary = Some(PathBuf::from(env!("CARGO_BIN_EXE_wiremesh")));
+    let lab = Lab::up(options).await.expect("lab up --kubeconfig");
+
+    // Encryption off: traffic flows in clear, nothing published.
+    let results = verify::verify(&lab, VerifyExpect::Clear, 2)
+        .await
+        .expect("verify");
+    assert!(verify::summary(&results).1, "clear traffic: {results:?}");
+
+    set_wireguard(&client, true).await;
+    wait_within(
+        "every node to publish its key and tunnel address",
+        async || {
+            let mut all = true;
+            for node in &nodes {
+                let a = annotations(&client, node).await;
+                all &= a
+                    .get(ANNOTATION_PUBLIC_KEY)
+                    .is_some_and(|k| k.parse::<WgKey>().is_ok())
+                    && a.contains_key(ANNOTATION_INTERFACE_V4);
+            }
+            all
+        },
+    )
+    .await;
+    let mut keys = std::collections::BTreeSet::new();
+    for node in &nodes {
+        keys.insert(annotations(&client, node).await[ANNOTATION_PUBLIC_KEY].clone());
+    }
+    assert_eq!(keys.len(), 3, "three distinct keys: {keys:?}");
+
+    // Traffic, then every node shows both peers with handshakes.
+    let results = verify::verify(&lab, VerifyExpect::Encrypted, 3)
+        .await
+        .expect("verify");
+    assert!(
+        verify::summary(&results).1,
+        "encrypted traffic: {results:?}"
+    );
+    wait_within("two peers with handshakes on every node", async || {
+        nodes.iter().all(|n| {
+            wg_peers(&lab, n).is_some_and(|p| p.len() == 2 && p.iter().all(|(_, h)| *h > 0))
+        })
+    })
+    .await;
+    for node in &nodes {
+        let peers = wg_peers(&lab, node).expect("wg show");
+        let own = annotations(&client, node).await[ANNOTATION_PUBLIC_KEY].clone();
+        for (key, _) in peers {
+            assert!(
+                keys.contains(&key) && key != own,
+                "{node}: unexpected peer {key}"
+            );
+        }
+    }
+
+    // Off again: annotations and devices go, traffic in clear.
+    set_wireguard(&client, false).await;
+    wait_within("annotations and devices to be removed", async || {
+        let mut clean = true;
+        for node in &nodes {
+            let a = annotations(&client, node).await;
+            clean &= !a.contains_key(ANNOTATION_PUBLIC_KEY)
+                && !a.contains_key(ANNOTATION_INTERFACE_V4)
+                && wg_peers(&lab, node).is_none();
+        }
+        clean
+    })
+    .await;
+    let results = verify::verify(&lab, VerifyExpect::Clear, 2)
+        .await
+        .expect("verify");
+    assert!(verify::summary(&results).1, "clear again: {results:?}");
+}
