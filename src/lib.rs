@@ -11,5 +11,6 @@ pub mod lab;
 pub mod mesh;
 pub mod model;
 pub mod netns;
+pub mod policy;
 pub mod reconcile;
 pub mod selector;
