@@ -61,6 +61,10 @@ pub struct AgentArgs {
     /// Routing table for WireGuard routes (Felix takes the first of RouteTableRanges: 1).
     #[arg(long, env = "WIREMESH_ROUTING_TABLE", default_value = "1", value_parser = parse_u32)]
     pub routing_table: u32,
+    /// Enforce HostEndpoint policy in the nftables table `inet wiremesh`. With `false`, the
+    /// table is removed at start-up and never written.
+    #[arg(long, env = "WIREMESH_HOST_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub host_policy: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -146,6 +150,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         Arc::clone(&datastore),
     )
     .with_kernel_events(kernel_rx);
+    let reconciler = if args.host_policy {
+        reconciler.with_filter(Box::new(crate::dataplane::nft::KernelNft::new()))
+    } else {
+        crate::dataplane::nft::remove_table(&mut crate::dataplane::nft::KernelNft::new()).await?;
+        reconciler
+    };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
     let watcher = tokio::spawn(async move { datastore.run(tx).await });

@@ -122,6 +122,12 @@ pub fn plan(desired: &FilterSpec, actual: &NftState) -> Vec<NftOp> {
     deletes
 }
 
+/// Removes our table if present (policy disabled).
+pub async fn remove_table(filter: &mut dyn FilterDataplane) -> Result<(), DataplaneError> {
+    let actual = filter.observe().await?;
+    filter.apply(&plan(&FilterSpec::default(), &actual)).await
+}
+
 /// The `nft -f` script for a batch of ops (one transaction).
 pub fn script(ops: &[NftOp]) -> String {
     let mut out = String::new();

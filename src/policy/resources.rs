@@ -122,6 +122,39 @@ impl PolicyResources {
         out
     }
 
+    /// Like [`PolicyResources::from_raw`], but an object that fails validation is replaced by
+    /// its last valid version from `last_good` (if any), so a bad edit never weakens or
+    /// tightens enforcement; the error is still reported. `last_good` is updated: valid objects
+    /// are remembered, deleted ones forgotten.
+    pub fn from_raw_keeping_last_good(
+        raw: &RawPolicyResources,
+        last_good: &mut RawPolicyResources,
+    ) -> PolicyResources {
+        let mut out = PolicyResources::default();
+        let mut good = RawPolicyResources::default();
+        for (kind, objects) in &raw.objects {
+            for (key, value) in objects {
+                match out.add_value(*kind, key, value) {
+                    Ok(()) => good.insert(*kind, key.clone(), value.clone()),
+                    Err(mut e) => {
+                        let previous = last_good.objects.get(kind).and_then(|o| o.get(key));
+                        if let Some(prev) = previous
+                            && out.add_value(*kind, key, prev).is_ok()
+                        {
+                            e.message
+                                .push_str(" (the last valid version stays in force)");
+                            good.insert(*kind, key.clone(), prev.clone());
+                        }
+                        out.errors.push(e);
+                    }
+                }
+            }
+        }
+        *last_good = good;
+        out.finish();
+        out
+    }
+
     /// Validates one object and adds it. `key` names it in errors if it has no name.
     pub fn add_value(
         &mut self,
@@ -135,6 +168,13 @@ impl PolicyResources {
             field: field.into(),
             message,
         };
+        if !value.is_object() {
+            let what = value
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
+            return Err(err("object", format!("is not a JSON object: {what}")));
+        }
         let meta: Metadata = match value.get("metadata") {
             Some(m) => {
                 serde_json::from_value(m.clone()).map_err(|e| err("metadata", e.to_string()))?
