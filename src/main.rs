@@ -39,6 +39,9 @@ enum Command {
     /// A multi-node lab on this machine, out of network namespaces.
     #[command(subcommand)]
     Lab(wiremesh::lab::cli::LabCommand),
+    /// Host-endpoint policy tools: check, which-endpoints, unused, explain.
+    #[command(subcommand)]
+    Policy(wiremesh::policy::cli::PolicyCommand),
     /// Benchmark: program 1,000 and 5,000 synthetic peers next to `wg setconf` (root).
     Bench(wiremesh::bench::BenchArgs),
 }
@@ -90,6 +93,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(2))
                 }
             },
+            Command::Policy(cmd) => {
+                let code = wiremesh::policy::cli::run(cmd).await.context("policy")?;
+                Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+            }
             Command::Bench(args) => {
                 wiremesh::bench::run(args).await.context("bench")?;
                 Ok(ExitCode::SUCCESS)

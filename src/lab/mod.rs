@@ -4,6 +4,7 @@
 
 pub mod cli;
 mod hub;
+pub mod policy;
 mod sys;
 mod topology;
 pub mod verify;
@@ -541,6 +542,9 @@ impl Lab {
             labels: BTreeMap::from([
                 ("kubernetes.io/hostname".to_string(), node.name.clone()),
                 ("wiremesh.io/lab".to_string(), self.state.name.clone()),
+                // HostEndpoint-friendly labels (docs/policy.md): copy them onto a node's HEPs.
+                ("wiremesh.io/node".to_string(), node.name.clone()),
+                ("wiremesh.io/node-index".to_string(), index.to_string()),
             ]),
         };
         let cidr = node.pod_cidr.into();

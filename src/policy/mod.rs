@@ -2,7 +2,9 @@
 //! ([`model`]), the per-node evaluation program ([`program`]), a pure packet evaluator
 //! ([`explain`]) and the nftables rendering ([`render`]). See docs/policy.md.
 
+pub mod cli;
 pub mod explain;
+pub mod manifest;
 pub mod model;
 pub mod program;
 pub mod render;
