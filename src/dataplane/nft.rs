@@ -158,41 +158,61 @@ pub enum NftError {
     Json(String),
 }
 
-/// Parses `nft -j list table inet wiremesh` output into our state.
+/// Parses `nft -j list ...` outputs (a table listing, or `list chains inet` plus `list sets
+/// inet`) into our state; objects of other tables are ignored.
 pub fn parse_listing(json: &str) -> Result<NftState, NftError> {
-    let value: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| NftError::Json(e.to_string()))?;
-    let items = value
-        .get("nftables")
-        .and_then(|v| v.as_array())
-        .ok_or_else(|| NftError::Json("no \"nftables\" array".into()))?;
-    let mut state = NftState {
-        present: true,
-        ..Default::default()
-    };
-    for item in items {
-        if let Some(chain) = item.get("chain") {
-            if let Some(hash) = chain
-                .get("name")
-                .and_then(|n| n.as_str())
-                .and_then(|n| n.strip_prefix("hash-"))
-            {
-                state.rules_hash = Some(hash.to_string());
-            }
-        } else if let Some(set) = item.get("set") {
-            let Some(name) = set.get("name").and_then(|n| n.as_str()) else {
-                continue;
+    parse_listings(&[json])
+}
+
+pub fn parse_listings(jsons: &[&str]) -> Result<NftState, NftError> {
+    let mut state = NftState::default();
+    for json in jsons {
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| NftError::Json(e.to_string()))?;
+        let items = value
+            .get("nftables")
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| NftError::Json("no \"nftables\" array".into()))?;
+        for item in items {
+            let ours = |obj: &serde_json::Value, field: &str| {
+                obj.get("family").and_then(|f| f.as_str()) == Some(TABLE_FAMILY)
+                    && obj.get(field).and_then(|t| t.as_str()) == Some(TABLE)
             };
-            let mut elements = BTreeSet::new();
-            for e in set
-                .get("elem")
-                .and_then(|e| e.as_array())
-                .into_iter()
-                .flatten()
-            {
-                elements.insert(element_from_json(e)?);
+            if let Some(table) = item.get("table") {
+                if ours(table, "name") {
+                    state.present = true;
+                }
+            } else if let Some(chain) = item.get("chain") {
+                if !ours(chain, "table") {
+                    continue;
+                }
+                state.present = true;
+                if let Some(hash) = chain
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .and_then(|n| n.strip_prefix("hash-"))
+                {
+                    state.rules_hash = Some(hash.to_string());
+                }
+            } else if let Some(set) = item.get("set") {
+                if !ours(set, "table") {
+                    continue;
+                }
+                state.present = true;
+                let Some(name) = set.get("name").and_then(|n| n.as_str()) else {
+                    continue;
+                };
+                let mut elements = BTreeSet::new();
+                for e in set
+                    .get("elem")
+                    .and_then(|e| e.as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    elements.insert(element_from_json(e)?);
+                }
+                state.sets.insert(name.to_string(), elements);
             }
-            state.sets.insert(name.to_string(), elements);
         }
     }
     Ok(state)
@@ -310,17 +330,18 @@ impl KernelNft {
 #[async_trait]
 impl FilterDataplane for KernelNft {
     async fn observe(&mut self) -> Result<NftState, DataplaneError> {
-        match self
-            .run(&["-j", "list", "table", TABLE_FAMILY, TABLE])
+        // Chains without their rules, and sets with their elements: cheap even when the table
+        // holds thousands of rules (the rule part is identified by the hash chain's name).
+        let what = || format!("nft table {TABLE_FAMILY} {TABLE}");
+        let chains = self
+            .run(&["-j", "list", "chains", TABLE_FAMILY])
             .await
-        {
-            Ok(text) => parse_listing(&text)
-                .map_err(|e| DataplaneError::observe(format!("nft table {TABLE}"), e)),
-            Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => {
-                Ok(NftState::default())
-            }
-            Err(e) => Err(DataplaneError::observe(format!("nft table {TABLE}"), e)),
-        }
+            .map_err(|e| DataplaneError::observe(what(), e))?;
+        let sets = self
+            .run(&["-j", "list", "sets", TABLE_FAMILY])
+            .await
+            .map_err(|e| DataplaneError::observe(what(), e))?;
+        parse_listings(&[&chains, &sets]).map_err(|e| DataplaneError::observe(what(), e))
     }
 
     async fn apply(&mut self, ops: &[NftOp]) -> Result<(), DataplaneError> {
