@@ -42,6 +42,8 @@ enum Command {
     /// Host-endpoint policy tools: check, which-endpoints, unused, explain.
     #[command(subcommand)]
     Policy(wiremesh::policy::cli::PolicyCommand),
+    /// Benchmark host-endpoint policy: 1,000 policies / 10,000 rules vs `nft -f`, and a set change (root).
+    BenchPolicy(wiremesh::policy::bench::PolicyBenchArgs),
     /// Benchmark: program 1,000 and 5,000 synthetic peers next to `wg setconf` (root).
     Bench(wiremesh::bench::BenchArgs),
 }
@@ -96,6 +98,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Command::Policy(cmd) => {
                 let code = wiremesh::policy::cli::run(cmd).await.context("policy")?;
                 Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+            }
+            Command::BenchPolicy(args) => {
+                wiremesh::policy::bench::run(args)
+                    .await
+                    .context("bench-policy")?;
+                Ok(ExitCode::SUCCESS)
             }
             Command::Bench(args) => {
                 wiremesh::bench::run(args).await.context("bench")?;

@@ -28,6 +28,41 @@ pub struct NftState {
     pub sets: BTreeMap<String, BTreeSet<String>>,
 }
 
+impl NftState {
+    /// The state after `ops` succeeded (what the kernel then holds).
+    pub fn apply_ops(&mut self, ops: &[NftOp]) {
+        for op in ops {
+            match op {
+                NftOp::ReplaceTable(spec) => {
+                    *self = NftState {
+                        present: true,
+                        rules_hash: Some(spec.rules_hash()),
+                        sets: spec
+                            .sets
+                            .iter()
+                            .map(|(n, set)| (n.clone(), set.elements.clone()))
+                            .collect(),
+                    };
+                }
+                NftOp::DeleteTable => *self = NftState::default(),
+                NftOp::AddElements { set, elements } => {
+                    self.sets
+                        .entry(set.clone())
+                        .or_default()
+                        .extend(elements.iter().cloned());
+                }
+                NftOp::DeleteElements { set, elements } => {
+                    if let Some(have) = self.sets.get_mut(set) {
+                        for e in elements {
+                            have.remove(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NftOp {
     /// Replace the whole table atomically (rules changed, or the table is new).
@@ -256,17 +291,27 @@ fn element_from_json(e: &serde_json::Value) -> Result<String, NftError> {
 #[derive(Debug, Clone, Default)]
 pub struct KernelNft {
     netns: Option<String>,
+    /// What we last applied (or fully observed), and when it was fully observed last.
+    cache: Option<(std::time::Instant, NftState)>,
 }
+
+/// How long set elements may be taken from the cache before a full listing (drift in the
+/// rule part is seen at every observe through the hash chain).
+pub const FULL_OBSERVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl KernelNft {
     pub fn new() -> Self {
-        KernelNft { netns: None }
+        KernelNft {
+            netns: None,
+            cache: None,
+        }
     }
 
     /// Runs `nft` through `ip netns exec <name>` (tests, the lab, the bench).
     pub fn in_netns(name: &str) -> Self {
         KernelNft {
             netns: Some(name.to_string()),
+            cache: None,
         }
     }
 
@@ -330,18 +375,31 @@ impl KernelNft {
 #[async_trait]
 impl FilterDataplane for KernelNft {
     async fn observe(&mut self) -> Result<NftState, DataplaneError> {
-        // Chains without their rules, and sets with their elements: cheap even when the table
-        // holds thousands of rules (the rule part is identified by the hash chain's name).
+        // `list chains` is cheap even with thousands of rules and shows the hash chain. Listing
+        // sets is not (nft fetches every anonymous set too), so set elements come from what we
+        // last applied while the hash is unchanged, with a full listing every
+        // FULL_OBSERVE_INTERVAL.
         let what = || format!("nft table {TABLE_FAMILY} {TABLE}");
         let chains = self
             .run(&["-j", "list", "chains", TABLE_FAMILY])
             .await
             .map_err(|e| DataplaneError::observe(what(), e))?;
+        let quick = parse_listings(&[&chains]).map_err(|e| DataplaneError::observe(what(), e))?;
+        if let Some((at, cached)) = &self.cache
+            && at.elapsed() < FULL_OBSERVE_INTERVAL
+            && cached.present == quick.present
+            && cached.rules_hash == quick.rules_hash
+        {
+            return Ok(cached.clone());
+        }
         let sets = self
             .run(&["-j", "list", "sets", TABLE_FAMILY])
             .await
             .map_err(|e| DataplaneError::observe(what(), e))?;
-        parse_listings(&[&chains, &sets]).map_err(|e| DataplaneError::observe(what(), e))
+        let full =
+            parse_listings(&[&chains, &sets]).map_err(|e| DataplaneError::observe(what(), e))?;
+        self.cache = Some((std::time::Instant::now(), full.clone()));
+        Ok(full)
     }
 
     async fn apply(&mut self, ops: &[NftOp]) -> Result<(), DataplaneError> {
@@ -349,9 +407,16 @@ impl FilterDataplane for KernelNft {
             return Ok(());
         }
         let summary = ops.iter().map(NftOp::kind).collect::<Vec<_>>().join(", ");
-        self.run_script(&script(ops))
+        let result = self
+            .run_script(&script(ops))
             .await
-            .map_err(|e| DataplaneError::apply(format!("nft transaction ({summary})"), e))
+            .map_err(|e| DataplaneError::apply(format!("nft transaction ({summary})"), e));
+        match (&result, self.cache.as_mut()) {
+            (Ok(()), Some((_, state))) => state.apply_ops(ops),
+            // After a failure (or without a baseline) the next observe lists everything.
+            _ => self.cache = None,
+        }
+        result
     }
 }
 
@@ -403,38 +468,12 @@ impl FilterDataplane for FakeNft {
         for op in ops {
             s.log.push(format!("{}: {op}", op.kind()));
             match op {
-                NftOp::ReplaceTable(spec) => {
-                    s.table = NftState {
-                        present: true,
-                        rules_hash: Some(spec.rules_hash()),
-                        sets: spec
-                            .sets
-                            .iter()
-                            .map(|(n, set)| (n.clone(), set.elements.clone()))
-                            .collect(),
-                    };
-                    s.spec = Some((**spec).clone());
-                }
-                NftOp::DeleteTable => {
-                    s.table = NftState::default();
-                    s.spec = None;
-                }
-                NftOp::AddElements { set, elements } => {
-                    s.table
-                        .sets
-                        .entry(set.clone())
-                        .or_default()
-                        .extend(elements.iter().cloned());
-                }
-                NftOp::DeleteElements { set, elements } => {
-                    if let Some(have) = s.table.sets.get_mut(set) {
-                        for e in elements {
-                            have.remove(e);
-                        }
-                    }
-                }
+                NftOp::ReplaceTable(spec) => s.spec = Some((**spec).clone()),
+                NftOp::DeleteTable => s.spec = None,
+                _ => {}
             }
         }
+        s.table.apply_ops(ops);
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! ([`model`]), the per-node evaluation program ([`program`]), a pure packet evaluator
 //! ([`explain`]) and the nftables rendering ([`render`]). See docs/policy.md.
 
+pub mod bench;
 pub mod cli;
 pub mod explain;
 pub mod manifest;
