@@ -572,6 +572,27 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// From any element state, applying plan(d, a) leaves nothing to do, and never replaces
+        /// the table when only elements differ.
+        #[test]
+        fn plan_then_apply_converges(a in proptest::collection::btree_set(0u8..40, 0..20),
+                                     b in proptest::collection::btree_set(0u8..40, 0..20)) {
+            let elems = |s: &BTreeSet<u8>| s.iter().map(|i| format!("10.0.{i}.0/24")).collect::<Vec<_>>();
+            let ea = elems(&a);
+            let eb = elems(&b);
+            let sa = spec(&ea.iter().map(String::as_str).collect::<Vec<_>>());
+            let sb = spec(&eb.iter().map(String::as_str).collect::<Vec<_>>());
+            let mut state = observed(&sa);
+            let ops = plan(&sb, &state);
+            proptest::prop_assert!(ops.iter().all(|o| !matches!(o, NftOp::ReplaceTable(_))));
+            proptest::prop_assert!(ops.len() <= 2);
+            state.apply_ops(&ops);
+            proptest::prop_assert_eq!(&state, &observed(&sb));
+            proptest::prop_assert!(plan(&sb, &state).is_empty());
+        }
+    }
+
     #[tokio::test]
     async fn fake_converges() {
         let mut fake = FakeNft::default();

@@ -765,3 +765,53 @@ fn set_change_touches_no_rule() {
     assert_eq!(before.rules_hash(), after.rules_hash());
     assert_ne!(before.sets, after.sets);
 }
+
+#[test]
+fn ipv6_parity() {
+    let res = PolicyResources::from_raw(&raw(&[
+        hep(
+            "h",
+            "n1",
+            "eth0",
+            json!({"role": "peer"}),
+            json!(["10.0.0.1", "fd00::1"]),
+        ),
+        gnp(
+            "peers",
+            json!({"selector": "all()", "types": ["Ingress"],
+            "ingress": [{"action": "Allow", "source": {"selector": "role == 'peer'"}},
+                        {"action": "Allow", "protocol": "ICMPv6"},
+                        {"action": "Deny", "source": {"nets": ["10.9.0.0/16"]}}]}),
+        ),
+    ]));
+    assert!(res.errors.is_empty(), "{:?}", res.errors);
+    let prog = compile(&PolicyInputs {
+        node: "n1",
+        resources: Some(&res),
+        ..Default::default()
+    });
+    let v = |src: &str, dst: &str, proto| {
+        explain(
+            &prog,
+            &pkt(PacketPath::Input, "eth0", src, dst, proto, Some(80)),
+        )
+    };
+    assert_eq!(v("fd00::1", "fd00::2", Protocol::Tcp).rule, Some(0));
+    assert_eq!(v("10.0.0.1", "10.0.0.2", Protocol::Tcp).rule, Some(0));
+    assert_eq!(v("fd00::9", "fd00::2", Protocol::IcmpV6).rule, Some(1));
+    // The v4-only deny does not apply to IPv6: default deny at the end of the tier instead.
+    let d = v("fd00::9", "fd00::2", Protocol::Tcp);
+    assert_eq!((d.outcome, d.reason), (Outcome::Drop, Reason::EndOfTier));
+    let d = v("10.9.0.1", "10.0.0.2", Protocol::Tcp);
+    assert_eq!(
+        (d.outcome, d.reason, d.rule),
+        (Outcome::Drop, Reason::Rule, Some(2))
+    );
+    let text = render(&prog).to_nft();
+    assert!(
+        text.contains("meta nfproto ipv6 ip6 saddr @sel6-"),
+        "{text}"
+    );
+    assert!(text.contains("meta nfproto ipv4 ip saddr @sel4-"), "{text}");
+    assert!(text.contains("elements = { fd00::1 }"), "{text}");
+}
