@@ -307,6 +307,10 @@ pub async fn run(cmd: PolicyCommand) -> Result<i32, PolicyToolError> {
                     }
                 }
             }
+            for (id, why) in shadowed(&res) {
+                findings += 1;
+                println!("{id}: {why}");
+            }
             let used: BTreeSet<&str> = res.policies.iter().map(|p| p.tier.as_str()).collect();
             for t in res.tiers.keys() {
                 if !used.contains(t.as_str())
@@ -395,4 +399,81 @@ pub async fn run(cmd: PolicyCommand) -> Result<i32, PolicyToolError> {
             Ok(0)
         }
     }
+}
+
+/// A rule with no match field: it decides every packet that reaches it.
+fn unconditional(r: &super::model::Rule) -> bool {
+    let empty = |e: &super::model::Entity| {
+        e.nets.is_empty()
+            && e.not_nets.is_empty()
+            && e.selector.is_none()
+            && e.not_selector.is_none()
+            && e.ports.is_empty()
+            && e.not_ports.is_empty()
+    };
+    r.ip_version.is_none()
+        && r.protocol.is_none()
+        && r.not_protocol.is_none()
+        && r.icmp.is_none()
+        && r.not_icmp.is_none()
+        && empty(&r.source)
+        && empty(&r.destination)
+}
+
+/// Policies that are fully shadowed (§5, 76e): on every endpoint chain where they appear, an
+/// earlier policy already decides every packet (an unconditional Allow or Deny earlier in the
+/// same or an earlier tier, or an unconditional Pass earlier in the same tier).
+pub fn shadowed(res: &PolicyResources) -> Vec<(String, String)> {
+    use super::model::Action;
+    use std::collections::BTreeMap;
+    let nodes: BTreeSet<&str> = res.host_endpoints.iter().map(|h| h.node.as_str()).collect();
+    // policy id -> (appearances, shadowed appearances, a witness)
+    let mut seen: BTreeMap<String, (usize, usize, String)> = BTreeMap::new();
+    for node in nodes {
+        let program = compile(&PolicyInputs {
+            node,
+            resources: Some(res),
+            ..Default::default()
+        });
+        for ep in &program.endpoints {
+            for ((hook, dir), tiers) in &ep.chains {
+                let mut blocked_by: Option<String> = None;
+                for tier in tiers {
+                    let mut tier_blocked_by: Option<String> = None;
+                    for pid in &tier.policies {
+                        let entry = seen.entry(pid.clone()).or_default();
+                        entry.0 += 1;
+                        if let Some(w) = blocked_by.as_ref().or(tier_blocked_by.as_ref()) {
+                            entry.1 += 1;
+                            entry.2 = format!("{w} decides first ({hook} {dir} of {})", ep.hep);
+                            continue;
+                        }
+                        let Some(p) = program.policies.get(pid) else {
+                            continue;
+                        };
+                        for r in p.rules(*dir) {
+                            if !unconditional(r) {
+                                continue;
+                            }
+                            match r.action {
+                                Action::Allow | Action::Deny => {
+                                    blocked_by = Some(pid.clone());
+                                    break;
+                                }
+                                Action::Pass => {
+                                    tier_blocked_by = Some(pid.clone());
+                                    break;
+                                }
+                                Action::Log => {}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    seen.into_iter()
+        .filter(|(_, (n, s, _))| *n > 0 && n == s)
+        .map(|(id, (_, _, w))| (id, format!("fully shadowed: {w}")))
+        .collect()
 }

@@ -815,3 +815,26 @@ fn ipv6_parity() {
     assert!(text.contains("meta nfproto ipv4 ip saddr @sel4-"), "{text}");
     assert!(text.contains("elements = { fd00::1 }"), "{text}");
 }
+
+#[test]
+fn shadowed_policies_are_found() {
+    let res = PolicyResources::from_raw(&raw(&[
+        hep("h", "n1", "eth0", json!({"a": "b"}), json!([])),
+        gnp(
+            "allow-all",
+            json!({"order": 1, "ingress": [{"action": "Log"}, {"action": "Allow"}]}),
+        ),
+        gnp(
+            "later",
+            json!({"order": 2, "ingress": [{"action": "Deny", "protocol": "TCP"}]}),
+        ),
+        gnp(
+            "egress-only",
+            json!({"order": 3, "egress": [{"action": "Deny"}]}),
+        ),
+    ]));
+    let found = super::cli::shadowed(&res);
+    let ids: Vec<&str> = found.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["gnp/later"]);
+    assert!(found[0].1.contains("gnp/allow-all"), "{found:?}");
+}
