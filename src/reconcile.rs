@@ -400,16 +400,26 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             }
             self.status.policy_errors = errors;
         }
-        let program = policy::compile(&policy::PolicyInputs {
-            node,
-            resources: Some(&resources),
-            settings,
-            ..Default::default()
-        });
-        let desired = policy::render::render(&program);
         let Some(filter) = self.filter.as_mut() else {
             return Ok(());
         };
+        // Host endpoints identified by expectedIPs only need this host's interface addresses.
+        let local_interfaces = if resources
+            .host_endpoints
+            .iter()
+            .any(|h| &h.node == node && h.interface_name.is_none())
+        {
+            filter.local_interfaces().await?
+        } else {
+            Default::default()
+        };
+        let program = policy::compile(&policy::PolicyInputs {
+            node,
+            resources: Some(&resources),
+            local_interfaces,
+            settings,
+        });
+        let desired = policy::render::render(&program);
         let actual = filter.observe().await?;
         let ops = nft::plan(&desired, &actual);
         apply_logged(outcome, "nftables", &ops, |op| op.kind());

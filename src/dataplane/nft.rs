@@ -116,6 +116,13 @@ pub trait FilterDataplane: Send {
     async fn observe(&mut self) -> Result<NftState, DataplaneError>;
     /// Applies every op in one transaction.
     async fn apply(&mut self, ops: &[NftOp]) -> Result<(), DataplaneError>;
+    /// This host's interfaces and their addresses, for host endpoints identified by
+    /// `expectedIPs` only. Asked only when such an endpoint exists.
+    async fn local_interfaces(
+        &mut self,
+    ) -> Result<BTreeMap<String, BTreeSet<IpAddr>>, DataplaneError> {
+        Ok(BTreeMap::new())
+    }
 }
 
 /// The minimal ops that turn `actual` into `desired`. An empty `desired` (no chains) means
@@ -402,6 +409,28 @@ impl FilterDataplane for KernelNft {
         Ok(full)
     }
 
+    async fn local_interfaces(
+        &mut self,
+    ) -> Result<BTreeMap<String, BTreeSet<IpAddr>>, DataplaneError> {
+        let mut cmd = tokio::process::Command::new("ip");
+        if let Some(ns) = &self.netns {
+            cmd.args(["-n", ns]);
+        }
+        let out = cmd
+            .args(["-j", "addr", "show"])
+            .output()
+            .await
+            .map_err(|e| DataplaneError::observe("interface addresses", e))?;
+        if !out.status.success() {
+            return Err(DataplaneError::observe(
+                "interface addresses",
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        parse_ip_addr_json(&out.stdout)
+            .map_err(|e| DataplaneError::observe("interface addresses", e))
+    }
+
     async fn apply(&mut self, ops: &[NftOp]) -> Result<(), DataplaneError> {
         if ops.is_empty() {
             return Ok(());
@@ -420,6 +449,28 @@ impl FilterDataplane for KernelNft {
     }
 }
 
+/// Parses `ip -j addr show` into interface -> addresses.
+pub fn parse_ip_addr_json(
+    json: &[u8],
+) -> Result<BTreeMap<String, BTreeSet<IpAddr>>, serde_json::Error> {
+    let links: Vec<serde_json::Value> = serde_json::from_slice(json)?;
+    let mut out = BTreeMap::new();
+    for link in links {
+        let Some(name) = link.get("ifname").and_then(|n| n.as_str()) else {
+            continue;
+        };
+        let addrs: BTreeSet<IpAddr> = link
+            .get("addr_info")
+            .and_then(|a| a.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.get("local")?.as_str()?.parse().ok())
+            .collect();
+        out.insert(name.to_string(), addrs);
+    }
+    Ok(out)
+}
+
 /// In-memory fake: keeps the state `plan()` reasons about and records every op.
 #[cfg(any(test, feature = "fake"))]
 #[derive(Debug, Clone, Default)]
@@ -435,6 +486,8 @@ pub struct FakeNftState {
     pub spec: Option<FilterSpec>,
     pub log: Vec<String>,
     pub fail_next_apply: Option<String>,
+    /// What `local_interfaces` reports.
+    pub interfaces: BTreeMap<String, BTreeSet<IpAddr>>,
 }
 
 #[cfg(any(test, feature = "fake"))]
@@ -458,6 +511,12 @@ struct Injected(String);
 impl FilterDataplane for FakeNft {
     async fn observe(&mut self) -> Result<NftState, DataplaneError> {
         Ok(self.lock().table.clone())
+    }
+
+    async fn local_interfaces(
+        &mut self,
+    ) -> Result<BTreeMap<String, BTreeSet<IpAddr>>, DataplaneError> {
+        Ok(self.lock().interfaces.clone())
     }
 
     async fn apply(&mut self, ops: &[NftOp]) -> Result<(), DataplaneError> {
@@ -591,6 +650,16 @@ mod tests {
             proptest::prop_assert_eq!(&state, &observed(&sb));
             proptest::prop_assert!(plan(&sb, &state).is_empty());
         }
+    }
+
+    #[test]
+    fn parses_ip_addr_json() {
+        let json = br#"[{"ifindex":1,"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
+                        {"ifindex":2,"ifname":"eth0","addr_info":[{"family":"inet","local":"172.30.0.1","prefixlen":24},
+                                                                 {"family":"inet6","local":"fe80::1","prefixlen":64}]}]"#;
+        let m = parse_ip_addr_json(json).expect("parse");
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["eth0"].len(), 2);
     }
 
     #[tokio::test]

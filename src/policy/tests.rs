@@ -838,3 +838,42 @@ fn shadowed_policies_are_found() {
     assert_eq!(ids, ["gnp/later"]);
     assert!(found[0].1.contains("gnp/allow-all"), "{found:?}");
 }
+
+#[test]
+fn expected_ip_endpoints_resolve_through_local_addresses() {
+    let res = PolicyResources::from_raw(&raw(&[
+        (
+            Kind::HostEndpoint,
+            json!({"metadata": {"name": "a-by-ip"}, "spec": {"node": "n1", "expectedIPs": ["10.0.0.1"]}}),
+        ),
+        hep("z-by-name", "n1", "eth1", json!({}), json!([])),
+    ]));
+    assert!(res.errors.is_empty(), "{:?}", res.errors);
+    let local = std::collections::BTreeMap::from([
+        (
+            "eth1".to_string(),
+            std::collections::BTreeSet::from(["10.0.0.1".parse::<IpAddr>().expect("ip")]),
+        ),
+        ("eth2".to_string(), std::collections::BTreeSet::new()),
+    ]);
+    let prog = compile(&PolicyInputs {
+        node: "n1",
+        resources: Some(&res),
+        local_interfaces: local,
+        ..Default::default()
+    });
+    let owners: Vec<(String, &str)> = prog
+        .endpoints
+        .iter()
+        .map(|e| (e.iface.to_string(), e.hep.as_str()))
+        .collect();
+    // The smallest name wins; a name match does not beat an IP match.
+    assert_eq!(owners, [("eth1".to_string(), "a-by-ip")]);
+    let none = compile(&PolicyInputs {
+        node: "n1",
+        resources: Some(&res),
+        ..Default::default()
+    });
+    assert_eq!(none.endpoints.len(), 1);
+    assert_eq!(none.endpoints[0].hep, "z-by-name");
+}
