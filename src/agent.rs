@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::dataplane::DataplaneError;
 use crate::dataplane::kernel::{self, BackendChoice, NetlinkLinks, NetlinkRouting};
@@ -153,7 +153,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let reconciler = if args.host_policy {
         reconciler.with_filter(Box::new(crate::dataplane::nft::KernelNft::new()))
     } else {
-        crate::dataplane::nft::remove_table(&mut crate::dataplane::nft::KernelNft::new()).await?;
+        let mut nft = crate::dataplane::nft::KernelNft::new();
+        if let Err(e) = crate::dataplane::nft::remove_table(&mut nft).await {
+            warn!(error = %crate::reconcile::error_chain(&e), "could not remove the nftables table inet wiremesh");
+        }
         reconciler
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
