@@ -199,6 +199,19 @@ async fn table_lifecycle_and_set_only_updates() {
         "{ops:?}"
     );
 
+    // Drift: a chain of ours flushed behind our back is repaired by the next full observe.
+    nft(&a, &["flush", "chain", "inet", "wiremesh", "filter-input"]);
+    let mut fresh = KernelNft::in_netns(a.name());
+    let ops = converge(&mut fresh, &spec_for(&objs)).await;
+    assert!(
+        matches!(ops.as_slice(), [NftOp::ReplaceTable(_)]),
+        "{ops:?}"
+    );
+    assert!(
+        nft(&a, &["list", "chain", "inet", "wiremesh", "filter-input"])
+            .contains("jump filter-from-hep")
+    );
+
     // Cleanup removes only our table.
     let ops = converge(&mut k, &FilterSpec::default()).await;
     assert_eq!(ops, [NftOp::DeleteTable]);

@@ -26,6 +26,9 @@ pub struct NftState {
     pub rules_hash: Option<String>,
     /// Set name -> elements, as [`element_text`] prints them.
     pub sets: BTreeMap<String, BTreeSet<String>>,
+    /// Rules per chain (chains with rules only), when the rules were listed: a full observe
+    /// detects rules flushed or added behind our back even though the hash chain is intact.
+    pub rule_counts: Option<BTreeMap<String, usize>>,
 }
 
 impl NftState {
@@ -42,6 +45,7 @@ impl NftState {
                             .iter()
                             .map(|(n, set)| (n.clone(), set.elements.clone()))
                             .collect(),
+                        rule_counts: None,
                     };
                 }
                 NftOp::DeleteTable => *self = NftState::default(),
@@ -136,7 +140,19 @@ pub fn plan(desired: &FilterSpec, actual: &NftState) -> Vec<NftOp> {
         };
     }
     let same_sets = desired.sets.keys().eq(actual.sets.keys());
-    if !actual.present || actual.rules_hash.as_deref() != Some(&desired.rules_hash()) || !same_sets
+    let same_rules = actual.rule_counts.as_ref().is_none_or(|have| {
+        let want: BTreeMap<String, usize> = desired
+            .chains
+            .iter()
+            .filter(|c| !c.rules.is_empty())
+            .map(|c| (c.name.clone(), c.rules.len()))
+            .collect();
+        *have == want
+    });
+    if !actual.present
+        || actual.rules_hash.as_deref() != Some(&desired.rules_hash())
+        || !same_sets
+        || !same_rules
     {
         return vec![NftOp::ReplaceTable(Box::new(desired.clone()))];
     }
@@ -223,6 +239,17 @@ pub fn parse_listings(jsons: &[&str]) -> Result<NftState, NftError> {
             if let Some(table) = item.get("table") {
                 if ours(table, "name") {
                     state.present = true;
+                }
+            } else if let Some(rule) = item.get("rule") {
+                if !ours(rule, "table") {
+                    continue;
+                }
+                if let Some(chain) = rule.get("chain").and_then(|c| c.as_str()) {
+                    *state
+                        .rule_counts
+                        .get_or_insert_with(BTreeMap::new)
+                        .entry(chain.to_string())
+                        .or_default() += 1;
                 }
             } else if let Some(chain) = item.get("chain") {
                 if !ours(chain, "table") {
@@ -383,8 +410,9 @@ impl KernelNft {
 impl FilterDataplane for KernelNft {
     async fn observe(&mut self) -> Result<NftState, DataplaneError> {
         // `list chains` is cheap even with thousands of rules and shows the hash chain. Listing
-        // sets is not (nft fetches every anonymous set too), so set elements come from what we
-        // last applied while the hash is unchanged, with a full listing every
+        // sets or rules is not (nft fetches every anonymous set too), so set elements come from
+        // what we last applied while the hash is unchanged, with a full listing (elements and
+        // rule counts) at start-up, after a failure or hash change, and every
         // FULL_OBSERVE_INTERVAL.
         let what = || format!("nft table {TABLE_FAMILY} {TABLE}");
         let chains = self
@@ -399,12 +427,25 @@ impl FilterDataplane for KernelNft {
         {
             return Ok(cached.clone());
         }
-        let sets = self
-            .run(&["-j", "list", "sets", TABLE_FAMILY])
+        if !quick.present {
+            self.cache = Some((std::time::Instant::now(), quick.clone()));
+            return Ok(quick);
+        }
+        // The full listing: sets with elements, and the rules (counted per chain).
+        let table = match self
+            .run(&["-j", "list", "table", TABLE_FAMILY, TABLE])
             .await
-            .map_err(|e| DataplaneError::observe(what(), e))?;
-        let full =
-            parse_listings(&[&chains, &sets]).map_err(|e| DataplaneError::observe(what(), e))?;
+        {
+            Ok(t) => t,
+            Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => {
+                self.cache = None;
+                return Ok(NftState::default());
+            }
+            Err(e) => return Err(DataplaneError::observe(what(), e)),
+        };
+        let mut full =
+            parse_listings(&[&chains, &table]).map_err(|e| DataplaneError::observe(what(), e))?;
+        full.rule_counts.get_or_insert_with(BTreeMap::new);
         self.cache = Some((std::time::Instant::now(), full.clone()));
         Ok(full)
     }
@@ -570,6 +611,7 @@ mod tests {
                 .iter()
                 .map(|(n, x)| (n.clone(), x.elements.clone()))
                 .collect(),
+            rule_counts: None,
         }
     }
 
