@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::dataplane::DataplaneError;
 use crate::dataplane::kernel::{self, BackendChoice, NetlinkLinks, NetlinkRouting};
@@ -87,6 +87,10 @@ pub struct AgentArgs {
     /// Address the health port binds.
     #[arg(long, env = "WIREMESH_HEALTH_ADDRESS", default_value = "0.0.0.0")]
     pub health_address: IpAddr,
+    /// Enforce HostEndpoint policy in the nftables table `inet wiremesh`. With `false`, the
+    /// table is removed at start-up and never written.
+    #[arg(long, env = "WIREMESH_HOST_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub host_policy: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -190,6 +194,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     )
     .with_kernel_events(kernel_rx)
     .with_metrics(metrics);
+    let reconciler = if args.host_policy {
+        reconciler.with_filter(Box::new(crate::dataplane::nft::KernelNft::new()))
+    } else {
+        let mut nft = crate::dataplane::nft::KernelNft::new();
+        if let Err(e) = crate::dataplane::nft::remove_table(&mut nft).await {
+            warn!(error = %crate::reconcile::error_chain(&e), "could not remove the nftables table inet wiremesh");
+        }
+        reconciler
+    };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
     let watcher = tokio::spawn(async move { datastore.run(tx).await });

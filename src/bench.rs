@@ -454,6 +454,7 @@ fn snapshot(nodes: &[SyntheticNode]) -> ClusterSnapshot {
             .collect(),
         felix_configurations: [("default".to_string(), Ok(felix))].into(),
         synced: true,
+        ..Default::default()
     }
 }
 

@@ -59,6 +59,13 @@ pub struct FelixConfigurationSpec {
     pub wireguard_keep_alive: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wireguard_host_encryption_enabled: Option<bool>,
+    /// Host-endpoint policy (see `policy::program::FailsafePort::from_json`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failsafe_inbound_host_ports: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failsafe_outbound_host_ports: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_prefix: Option<String>,
 }
 
 /// A FelixConfiguration field that failed validation; it is ignored (the lower layer's value or

@@ -15,6 +15,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod model;
 pub mod netns;
+pub mod policy;
 pub mod reconcile;
 pub mod selector;
 pub mod status;

@@ -75,6 +75,11 @@ enum Command {
         after_help = "Examples:\n  wiremesh lab up --nodes 3\n  wiremesh lab verify\n  wiremesh lab exec node1 -- wiremesh status\n  wiremesh lab graph --svg mesh.svg\n  wiremesh lab down"
     )]
     Lab(wiremesh::lab::cli::LabCommand),
+    /// Host-endpoint policy tools: check, which-endpoints, unused, explain.
+    #[command(subcommand)]
+    Policy(wiremesh::policy::cli::PolicyCommand),
+    /// Benchmark host-endpoint policy: 1,000 policies / 10,000 rules vs `nft -f`, and a set change (root).
+    BenchPolicy(wiremesh::policy::bench::PolicyBenchArgs),
     /// Benchmark: program 1,000 and 5,000 synthetic peers next to `wg setconf` (root).
     Bench(wiremesh::bench::BenchArgs),
 }
@@ -197,6 +202,16 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(2))
                 }
             },
+            Command::Policy(cmd) => {
+                let code = wiremesh::policy::cli::run(cmd).await.context("policy")?;
+                Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+            }
+            Command::BenchPolicy(args) => {
+                wiremesh::policy::bench::run(args)
+                    .await
+                    .context("bench-policy")?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Bench(args) => {
                 wiremesh::bench::run(args).await.context("bench")?;
                 Ok(ExitCode::SUCCESS)

@@ -226,6 +226,8 @@ pub struct ClusterSnapshot {
     pub felix_configurations: BTreeMap<String, Result<FelixConfigurationSpec, String>>,
     /// True once every initial list has completed; nothing is pruned before that.
     pub synced: bool,
+    /// Host-endpoint policy resources, raw JSON per kind (validated by `policy`).
+    pub policy: crate::policy::RawPolicyResources,
 }
 
 /// A WireGuard peer's endpoint.

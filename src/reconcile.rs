@@ -12,6 +12,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::config::ConfigFieldError;
 use crate::dataplane::link::{self, LinkDataplane};
+use crate::dataplane::nft::{self, FilterDataplane};
 use crate::dataplane::route::{self, RoutingDataplane};
 use crate::dataplane::wg::{self, WireguardDataplane};
 use crate::dataplane::{Backend, DataplaneError};
@@ -114,6 +115,10 @@ pub struct AgentStatus {
     pub devices: Vec<DeviceStatus>,
     pub skipped: Vec<SkippedNode>,
     pub config_errors: Vec<String>,
+    /// Host-endpoint policy objects that failed validation (skipped, or kept at their last
+    /// valid version).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policy_errors: Vec<String>,
     pub last_error: Option<String>,
     pub reconciles: u64,
     /// Unix time (seconds) this file was written.
@@ -179,6 +184,10 @@ pub struct Reconciler<W, L, R> {
     metrics: Arc<Metrics>,
     /// When each peer key was last set by this agent (Unix seconds).
     programmed_at: BTreeMap<WgKey, u64>,
+    /// Host-endpoint policy in our nftables table; `None` = policy not enforced by this agent.
+    filter: Option<Box<dyn FilterDataplane>>,
+    /// Last valid version of every policy object, so a bad edit keeps the previous one.
+    policy_last_good: crate::policy::RawPolicyResources,
 }
 
 const INTERFACES_FILE: &str = "interfaces.json";
@@ -218,6 +227,8 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             status,
             metrics,
             programmed_at: BTreeMap::new(),
+            filter: None,
+            policy_last_good: Default::default(),
         }
     }
 
@@ -229,6 +240,12 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Also enforce host-endpoint policy through this nftables dataplane.
+    pub fn with_filter(mut self, filter: Box<dyn FilterDataplane>) -> Self {
+        self.filter = Some(filter);
+        self
     }
 
     /// Also run when the kernel reports a change (see `dataplane::events`).
@@ -414,6 +431,11 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             }
         }
         lap(&mut outcome, "publish");
+        // Last, so a policy failure never holds back the mesh.
+        if self.filter.is_some() {
+            self.reconcile_policy(snapshot, &spec, &mut outcome).await?;
+            lap(&mut outcome, "policy");
+        }
         self.record_status(&spec);
         if !wg_ops.is_empty() {
             self.refresh_wireguard_stats().await;
@@ -428,6 +450,88 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             Ok(devices) => self.metrics.observed_wireguard(&devices),
             Err(e) => debug!(error = %error_chain(&e), "could not read WireGuard statistics"),
         }
+    }
+
+    /// Host-endpoint policy: validate, compile for this node, render, observe, plan, apply.
+    async fn reconcile_policy(
+        &mut self,
+        snapshot: &ClusterSnapshot,
+        spec: &DataplaneSpec,
+        outcome: &mut Outcome,
+    ) -> Result<(), ReconcileError> {
+        use crate::policy::{self, FailsafePort, PolicyResources, PolicySettings};
+        let resources = PolicyResources::from_raw_keeping_last_good(
+            &snapshot.policy,
+            &mut self.policy_last_good,
+        );
+        let mut errors: Vec<String> = resources.errors.iter().map(|e| e.to_string()).collect();
+        let node = &self.settings.node_name;
+        let mut settings = PolicySettings::default();
+        // FelixConfiguration `node.<name>` wins over `default`.
+        for name in ["default".to_string(), format!("node.{node}")] {
+            let Some(Ok(felix)) = snapshot.felix_configurations.get(&name) else {
+                continue;
+            };
+            for (field, value, target) in [
+                (
+                    "failsafeInboundHostPorts",
+                    &felix.failsafe_inbound_host_ports,
+                    &mut settings.failsafe_inbound,
+                ),
+                (
+                    "failsafeOutboundHostPorts",
+                    &felix.failsafe_outbound_host_ports,
+                    &mut settings.failsafe_outbound,
+                ),
+            ] {
+                if let Some(v) = value {
+                    match FailsafePort::from_json(v) {
+                        Ok(list) => *target = list,
+                        Err(e) => errors.push(format!("FelixConfiguration {name:?}: {field}{e}")),
+                    }
+                }
+            }
+            if let Some(p) = felix.log_prefix.as_ref().filter(|p| !p.is_empty()) {
+                settings.log_prefix = p.clone();
+            }
+        }
+        settings.wireguard_ports = spec.devices.values().map(|d| d.listen_port).collect();
+        settings.wireguard_ports.sort_unstable();
+        settings.wireguard_ports.dedup();
+        if errors != self.status.policy_errors {
+            for e in errors
+                .iter()
+                .filter(|e| !self.status.policy_errors.contains(e))
+            {
+                warn!(error = %e, "invalid policy object");
+            }
+            self.status.policy_errors = errors;
+        }
+        let Some(filter) = self.filter.as_mut() else {
+            return Ok(());
+        };
+        // Host endpoints identified by expectedIPs only need this host's interface addresses.
+        let local_interfaces = if resources
+            .host_endpoints
+            .iter()
+            .any(|h| &h.node == node && h.interface_name.is_none())
+        {
+            filter.local_interfaces().await?
+        } else {
+            Default::default()
+        };
+        let program = policy::compile(&policy::PolicyInputs {
+            node,
+            resources: Some(&resources),
+            local_interfaces,
+            settings,
+        });
+        let desired = policy::render::render(&program);
+        let actual = filter.observe().await?;
+        let ops = nft::plan(&desired, &actual);
+        filter.apply(&ops).await?;
+        apply_logged(outcome, "nftables", &ops, |op| op.kind());
+        Ok(())
     }
 
     fn record_status(&mut self, spec: &DataplaneSpec) {

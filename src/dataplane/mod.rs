@@ -5,6 +5,7 @@
 
 pub mod events;
 pub mod link;
+pub mod nft;
 pub mod route;
 pub mod wg;
 

@@ -50,6 +50,34 @@ pub const NODES_PREFIX: &str = "/calico/resources/v3/projectcalico.org/nodes/";
 pub const FELIX_CONFIGURATIONS_PREFIX: &str =
     "/calico/resources/v3/projectcalico.org/felixconfigurations/";
 /// Prefix of Calico IPAM block affinities (per host).
+/// Policy resources, one prefix per kind: `<prefix><name>` or `<prefix><namespace>/<name>`.
+pub const POLICY_PREFIXES: [&str; 6] = [
+    "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/",
+    "/calico/resources/v3/projectcalico.org/networkpolicies/",
+    "/calico/resources/v3/projectcalico.org/tiers/",
+    "/calico/resources/v3/projectcalico.org/hostendpoints/",
+    "/calico/resources/v3/projectcalico.org/globalnetworksets/",
+    "/calico/resources/v3/projectcalico.org/networksets/",
+];
+
+/// The etcd key of a policy resource (`name` is `namespace/name` for namespaced kinds).
+pub fn policy_key(kind: crate::policy::Kind, name: &str) -> String {
+    format!(
+        "/calico/resources/v3/projectcalico.org/{}/{name}",
+        kind.plural()
+    )
+}
+
+/// The kind and name (`namespace/name` for namespaced kinds) of a policy resource key.
+pub fn decode_policy_key(key: &str) -> Option<(crate::policy::Kind, String)> {
+    let rest = key.strip_prefix("/calico/resources/v3/projectcalico.org/")?;
+    let (plural, name) = rest.split_once('/')?;
+    let kind = crate::policy::Kind::from_plural(plural)?;
+    let parts = name.split('/').count();
+    let want = if kind.namespaced() { 2 } else { 1 };
+    (parts == want && name.split('/').all(|p| !p.is_empty())).then(|| (kind, name.to_string()))
+}
+
 pub const AFFINITIES_PREFIX: &str = "/calico/ipam/v2/host/";
 
 /// How long connecting (and each list/publish request) may take.
@@ -373,12 +401,14 @@ struct State {
     /// Counting block affinities: key -> (node, CIDR).
     affinities: BTreeMap<String, (String, IpNet)>,
     felix: BTreeMap<String, Result<FelixConfigurationSpec, String>>,
+    policy: crate::policy::RawPolicyResources,
 }
 
 /// What a single key change touched, so only that part of the snapshot is recomputed.
 enum Touched {
     Node(String),
     Felix(String),
+    Policy,
     Nothing,
 }
 
@@ -412,6 +442,16 @@ impl State {
             }
             self.felix.insert(name.to_string(), spec);
             Touched::Felix(name.to_string())
+        } else if POLICY_PREFIXES.iter().any(|p| key.starts_with(p)) {
+            let Some((kind, name)) = decode_policy_key(key) else {
+                warn!(key, "ignoring a malformed policy resource key");
+                return Touched::Nothing;
+            };
+            // Undecodable JSON is kept as a string so validation reports it.
+            let value = serde_json::from_slice::<Value>(value)
+                .unwrap_or_else(|e| Value::String(format!("not valid JSON: {e}")));
+            self.policy.insert(kind, name, value);
+            Touched::Policy
         } else if key.starts_with(AFFINITIES_PREFIX) {
             let Some((node, _family, cidr)) = decode_affinity_key(key) else {
                 warn!(key, "malformed block affinity key; ignored");
@@ -446,6 +486,11 @@ impl State {
         } else if let Some(name) = key.strip_prefix(FELIX_CONFIGURATIONS_PREFIX) {
             self.felix.remove(name);
             Touched::Felix(name.to_string())
+        } else if let Some((kind, name)) = decode_policy_key(key) {
+            if let Some(objects) = self.policy.objects.get_mut(&kind) {
+                objects.remove(&name);
+            }
+            Touched::Policy
         } else {
             self.forget_affinity(key)
         }
@@ -483,6 +528,7 @@ impl State {
                 .collect(),
             felix_configurations: self.felix.clone(),
             synced: true,
+            policy: self.policy.clone(),
         }
     }
 
@@ -495,6 +541,13 @@ impl State {
                 name,
                 self.felix.get(name).cloned(),
             ),
+            Touched::Policy => {
+                let changed = snap.policy != self.policy;
+                if changed {
+                    snap.policy = self.policy.clone();
+                }
+                changed
+            }
             Touched::Nothing => false,
         }
     }
@@ -582,7 +635,18 @@ async fn bounded<T>(
 }
 
 /// The watched prefixes, in a fixed order (the index names a watch).
-const PREFIXES: [&str; 3] = [NODES_PREFIX, AFFINITIES_PREFIX, FELIX_CONFIGURATIONS_PREFIX];
+const PREFIXES: [&str; 9] = [
+    NODES_PREFIX,
+    AFFINITIES_PREFIX,
+    FELIX_CONFIGURATIONS_PREFIX,
+    POLICY_PREFIXES[0],
+    POLICY_PREFIXES[1],
+    POLICY_PREFIXES[2],
+    POLICY_PREFIXES[3],
+    POLICY_PREFIXES[4],
+    POLICY_PREFIXES[5],
+];
+type Revisions = [i64; PREFIXES.len()];
 
 /// Why a watch session ended.
 enum WatchEnd {
@@ -649,7 +713,7 @@ impl EtcdDatastore {
     async fn open_watches(
         &self,
         client: &mut Client,
-        next_revision: &[i64; 3],
+        next_revision: &Revisions,
     ) -> Result<SelectAll<BoxStream<'static, WatchItem>>, WatchEnd> {
         let mut all = SelectAll::new();
         for (index, prefix) in PREFIXES.iter().enumerate() {
@@ -693,7 +757,7 @@ impl EtcdDatastore {
         &self,
         client: &mut Client,
         state: &mut State,
-        next_revision: &mut [i64; 3],
+        next_revision: &mut Revisions,
         cache: &SnapshotSender,
         backoff: &mut Duration,
     ) -> WatchEnd {
@@ -791,7 +855,7 @@ impl Datastore for EtcdDatastore {
     async fn run(&self, cache: SnapshotSender) -> Result<(), DatastoreError> {
         let mut client = self.client.clone();
         let mut backoff = BACKOFF_MIN;
-        let mut listed: Option<(State, [i64; 3])> = None;
+        let mut listed: Option<(State, Revisions)> = None;
         loop {
             let (mut state, mut next_revision) = match listed.take() {
                 Some(done) => done,
@@ -814,7 +878,7 @@ impl Datastore for EtcdDatastore {
                                 true
                             }
                         });
-                        (state, [revision + 1; 3])
+                        (state, [revision + 1; PREFIXES.len()])
                     }
                     Err(error) => {
                         warn!(error = %error, source = ?std::error::Error::source(&error), ?backoff, "etcd list failed; retrying");

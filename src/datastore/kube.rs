@@ -254,6 +254,8 @@ impl State {
         Some(ClusterSnapshot {
             nodes: self.nodes.current.clone()?,
             felix_configurations: self.felix.current.clone()?,
+            // Policy resources are not watched on Kubernetes yet (etcd only).
+            policy: Default::default(),
             synced: true,
         })
     }

@@ -105,6 +105,17 @@ pub enum LabCommand {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Load projectcalico.org/v3 manifests (policy kinds, FelixConfiguration) into the lab's
+    /// etcd; validated first, nothing is written if any object is invalid.
+    Apply {
+        #[command(flatten)]
+        lab: LabArgs,
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Delete the objects instead.
+        #[arg(long)]
+        delete: bool,
+    },
     /// Show nodes, namespaces and whether the processes are alive.
     Status {
         #[command(flatten)]
@@ -230,6 +241,14 @@ pub async fn run(cmd: LabCommand) -> Result<i32, LabError> {
             lab.set(&key, value.clone(), node.as_deref()).await?;
             let object = node.map_or_else(|| "default".to_string(), |n| format!("node.{n}"));
             println!("FelixConfiguration {object}: {key} = {value}");
+            Ok(0)
+        }
+        LabCommand::Apply { lab, files, delete } => {
+            let lab = lab.load()?;
+            let manifest = super::policy::read_manifests(&files)?;
+            for key in lab.apply_manifest(&manifest, delete).await? {
+                println!("{} {key}", if delete { "deleted" } else { "applied" });
+            }
             Ok(0)
         }
         LabCommand::Status { lab } => {

@@ -5,6 +5,7 @@
 pub mod cli;
 mod hub;
 pub mod k8s;
+pub mod policy;
 mod sys;
 mod topology;
 pub mod verify;
@@ -564,6 +565,9 @@ impl Lab {
             labels: BTreeMap::from([
                 ("kubernetes.io/hostname".to_string(), node.name.clone()),
                 ("wiremesh.io/lab".to_string(), self.state.name.clone()),
+                // HostEndpoint-friendly labels (docs/policy.md): copy them onto a node's HEPs.
+                ("wiremesh.io/node".to_string(), node.name.clone()),
+                ("wiremesh.io/node-index".to_string(), index.to_string()),
             ]),
         };
         let cidr = node.pod_cidr.into();

@@ -51,6 +51,7 @@ pub fn snapshot(nodes: impl IntoIterator<Item = NodeResource>, enabled: bool) ->
             .into_iter()
             .collect(),
         synced: true,
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,521 @@
+//! The evaluation model: for one node's host endpoints, the ordered per-interface,
+//! per-hook, per-direction program (tiers -> policies -> rules), plus failsafes, the WireGuard
+//! port and the address sets that rule selectors refer to. Pure: no I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::Serialize;
+
+use super::model::{Direction, HostEndpoint, Policy, Protocol, Rule, TierDefault, cmp_order};
+use super::resources::PolicyResources;
+use crate::model::Family;
+use crate::selector::{Scope, Selector};
+
+/// The profile that kube-controllers' auto host endpoints carry: allow everything.
+pub const DEFAULT_ALLOW_PROFILE: &str = "projectcalico-default-allow";
+
+/// One failsafe entry (`failsafeInboundHostPorts` / `failsafeOutboundHostPorts`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct FailsafePort {
+    pub protocol: Protocol,
+    pub port: u16,
+    /// Source CIDR (inbound) or destination CIDR (outbound).
+    pub net: Option<IpNet>,
+}
+
+impl FailsafePort {
+    fn new(protocol: Protocol, port: u16) -> Self {
+        FailsafePort {
+            protocol,
+            port,
+            net: None,
+        }
+    }
+
+    /// Felix's defaults.
+    pub fn default_inbound() -> Vec<FailsafePort> {
+        use Protocol::{Tcp, Udp};
+        [
+            (Tcp, 22),
+            (Udp, 68),
+            (Tcp, 179),
+            (Tcp, 2379),
+            (Tcp, 2380),
+            (Tcp, 5473),
+            (Tcp, 6443),
+            (Tcp, 6666),
+            (Tcp, 6667),
+        ]
+        .into_iter()
+        .map(|(p, n)| FailsafePort::new(p, n))
+        .collect()
+    }
+
+    pub fn default_outbound() -> Vec<FailsafePort> {
+        use Protocol::{Tcp, Udp};
+        [
+            (Udp, 53),
+            (Udp, 67),
+            (Tcp, 179),
+            (Tcp, 2379),
+            (Tcp, 2380),
+            (Tcp, 5473),
+            (Tcp, 6443),
+            (Tcp, 6666),
+            (Tcp, 6667),
+        ]
+        .into_iter()
+        .map(|(p, n)| FailsafePort::new(p, n))
+        .collect()
+    }
+
+    /// Parses FelixConfiguration's list form: `[{protocol: TCP, port: 22, net: "10.0.0.0/8"}]`.
+    /// Protocol defaults to TCP; like Felix, only TCP and UDP are accepted. `[]` disables.
+    pub fn from_json(value: &serde_json::Value) -> Result<Vec<FailsafePort>, String> {
+        let items = value
+            .as_array()
+            .ok_or_else(|| "must be a list of {protocol, port, net}".to_string())?;
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let protocol = match item.get("protocol").and_then(|p| p.as_str()) {
+                    None => Protocol::Tcp,
+                    Some(p) if p.eq_ignore_ascii_case("tcp") => Protocol::Tcp,
+                    Some(p) if p.eq_ignore_ascii_case("udp") => Protocol::Udp,
+                    Some(p) => return Err(format!("[{i}].protocol: {p:?} is not TCP or UDP")),
+                };
+                let port = item
+                    .get("port")
+                    .and_then(serde_json::Value::as_u64)
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("[{i}].port: missing or not in 1..65535"))?;
+                let net = match item
+                    .get("net")
+                    .and_then(|n| n.as_str())
+                    .filter(|n| !n.is_empty())
+                {
+                    None => None,
+                    Some(n) => Some(
+                        n.parse::<IpNet>()
+                            .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
+                            .map_err(|_| format!("[{i}].net: {n:?} is not a CIDR"))?,
+                    ),
+                };
+                Ok(FailsafePort {
+                    protocol,
+                    port,
+                    net,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Settings that shape the program, from FelixConfiguration and the agent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicySettings {
+    pub failsafe_inbound: Vec<FailsafePort>,
+    pub failsafe_outbound: Vec<FailsafePort>,
+    /// WireGuard listening ports, always accepted on host interfaces.
+    pub wireguard_ports: Vec<u16>,
+    /// Interface name prefixes of workloads (pods); never treated as host interfaces.
+    pub workload_prefixes: Vec<String>,
+    /// Log prefix base (`logPrefix`); tier, policy and rule are appended.
+    pub log_prefix: String,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        PolicySettings {
+            failsafe_inbound: FailsafePort::default_inbound(),
+            failsafe_outbound: FailsafePort::default_outbound(),
+            wireguard_ports: vec![51820],
+            workload_prefixes: vec!["cali".into()],
+            log_prefix: "calico-packet".into(),
+        }
+    }
+}
+
+/// Where a chain is hooked (see docs/policy.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Hook {
+    /// raw prerouting/output: doNotTrack policy.
+    Untracked,
+    /// mangle prerouting: preDNAT policy (ingress only).
+    PreDnat,
+    /// filter input/output: normal policy for local traffic.
+    Normal,
+    /// filter forward: applyOnForward policy.
+    Forward,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 4] = [Hook::Untracked, Hook::PreDnat, Hook::Normal, Hook::Forward];
+
+    pub fn short(self) -> &'static str {
+        match self {
+            Hook::Untracked => "untracked",
+            Hook::PreDnat => "prednat",
+            Hook::Normal => "filter",
+            Hook::Forward => "forward",
+        }
+    }
+
+    /// Whether a tier's default action (drop) applies at its end.
+    pub fn has_tier_default(self) -> bool {
+        matches!(self, Hook::Normal | Hook::Forward)
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.short())
+    }
+}
+
+/// Which interfaces an endpoint program covers.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Iface {
+    Named(String),
+    /// The `"*"` host endpoint: every host interface without a specific one.
+    Any,
+}
+
+impl fmt::Display for Iface {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Iface::Named(n) => f.write_str(n),
+            Iface::Any => f.write_str("*"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TierProgram {
+    pub name: String,
+    pub default_action: TierDefault,
+    /// Policy IDs (`gnp/name`) in evaluation order; their rules are in [`Program::policies`].
+    pub policies: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EndpointProgram {
+    pub hep: String,
+    pub iface: Iface,
+    pub profiles: Vec<String>,
+    /// Per hook and direction, the tiers that apply (empty = no policy).
+    pub chains: BTreeMap<(Hook, Direction), Vec<TierProgram>>,
+}
+
+impl EndpointProgram {
+    pub fn tiers(&self, hook: Hook, dir: Direction) -> &[TierProgram] {
+        self.chains
+            .get(&(hook, dir))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// After all tiers of a normal chain: a profile allows, or the endpoint drops.
+    pub fn default_allow(&self) -> bool {
+        self.profiles.iter().any(|p| p == DEFAULT_ALLOW_PROFILE)
+    }
+}
+
+/// The addresses one selector stands for, per family, aggregated (no overlaps).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SelectorSet {
+    pub selector: String,
+    pub v4: Vec<Ipv4Net>,
+    pub v6: Vec<Ipv6Net>,
+}
+
+impl SelectorSet {
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) => self.v4.iter().any(|n| n.contains(&a)),
+            IpAddr::V6(a) => self.v6.iter().any(|n| n.contains(&a)),
+        }
+    }
+}
+
+/// A policy's rules, as programmed once and shared by every endpoint it selects.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicyProgram {
+    pub id: String,
+    pub tier: String,
+    pub ingress: Vec<Rule>,
+    pub egress: Vec<Rule>,
+}
+
+impl PolicyProgram {
+    pub fn rules(&self, dir: Direction) -> &[Rule] {
+        match dir {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+}
+
+/// Everything the node's filter needs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Program {
+    pub settings: PolicySettings,
+    /// Specific interfaces in name order, then the `"*"` endpoint if any.
+    pub endpoints: Vec<EndpointProgram>,
+    pub policies: BTreeMap<String, PolicyProgram>,
+    /// Keyed by selector unique ID.
+    pub sets: BTreeMap<String, SelectorSet>,
+}
+
+impl Program {
+    /// Nothing to enforce on this node: no host endpoint applies. The table should be removed.
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    /// The endpoint program that owns `iface`, if any: a specific one, else `"*"`. Workload
+    /// interfaces have none.
+    pub fn endpoint_for(&self, iface: &str) -> Option<&EndpointProgram> {
+        if self
+            .settings
+            .workload_prefixes
+            .iter()
+            .any(|p| iface.starts_with(p.as_str()))
+        {
+            return None;
+        }
+        self.endpoints
+            .iter()
+            .find(|e| e.iface == Iface::Named(iface.to_string()))
+            .or_else(|| self.endpoints.iter().find(|e| e.iface == Iface::Any))
+    }
+}
+
+/// Inputs to [`compile`].
+#[derive(Debug, Clone, Default)]
+pub struct PolicyInputs<'a> {
+    pub node: &'a str,
+    pub resources: Option<&'a PolicyResources>,
+    /// This host's interfaces and their addresses, for host endpoints identified by
+    /// `expectedIPs` only. May be empty (such endpoints then apply to no interface).
+    pub local_interfaces: BTreeMap<String, BTreeSet<IpAddr>>,
+    pub settings: PolicySettings,
+}
+
+/// Resolves which host endpoint owns which interface on `node` (§3.3, 49–50).
+fn resolve_interfaces<'a>(
+    heps: &'a [HostEndpoint],
+    node: &str,
+    local: &BTreeMap<String, BTreeSet<IpAddr>>,
+) -> Vec<(Iface, &'a HostEndpoint)> {
+    let mine: Vec<&HostEndpoint> = heps.iter().filter(|h| h.node == node).collect();
+    let mut owner: BTreeMap<String, &HostEndpoint> = BTreeMap::new();
+    let mut consider = |iface: &str, h: &'a HostEndpoint| {
+        let slot = owner.entry(iface.to_string()).or_insert(h);
+        if h.name < slot.name {
+            *slot = h;
+        }
+    };
+    for h in &mine {
+        match h.interface_name.as_deref() {
+            Some("*") => {}
+            Some(name) => consider(name, h),
+            None => {
+                for (iface, addrs) in local {
+                    if h.expected_ips.iter().any(|ip| addrs.contains(ip)) {
+                        consider(iface, h);
+                    }
+                }
+            }
+        }
+    }
+    let mut out: Vec<(Iface, &HostEndpoint)> = owner
+        .into_iter()
+        .map(|(i, h)| (Iface::Named(i), h))
+        .collect();
+    if let Some(star) = mine
+        .iter()
+        .filter(|h| h.interface_name.as_deref() == Some("*"))
+        .min_by(|a, b| a.name.cmp(&b.name))
+    {
+        out.push((Iface::Any, star));
+    }
+    out
+}
+
+/// Which hooks a policy is programmed into.
+fn policy_hooks(p: &Policy) -> Vec<Hook> {
+    if p.do_not_track {
+        vec![Hook::Untracked]
+    } else if p.pre_dnat {
+        vec![Hook::PreDnat]
+    } else if p.apply_on_forward {
+        vec![Hook::Normal, Hook::Forward]
+    } else {
+        vec![Hook::Normal]
+    }
+}
+
+/// Builds the node's program. Pure.
+pub fn compile(inputs: &PolicyInputs<'_>) -> Program {
+    let empty = PolicyResources::default();
+    let res = inputs.resources.unwrap_or(&empty);
+    // Tier order: existing tiers by (order, name); missing tiers after them by name, as Deny.
+    let mut tier_names: BTreeSet<&str> = res.policies.iter().map(|p| p.tier.as_str()).collect();
+    tier_names.extend(res.tiers.keys().map(String::as_str));
+    let mut tiers: Vec<(bool, Option<f64>, &str, TierDefault)> = tier_names
+        .into_iter()
+        .map(|name| match res.tiers.get(name) {
+            Some(t) => (false, t.order, name, t.default_action),
+            None => (true, None, name, TierDefault::Deny),
+        })
+        .collect();
+    tiers.sort_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| cmp_order(a.1, b.1))
+            .then_with(|| a.2.as_bytes().cmp(b.2.as_bytes()))
+    });
+
+    let mut policies_used: BTreeMap<String, PolicyProgram> = BTreeMap::new();
+    let mut endpoints = Vec::new();
+    for (iface, hep) in
+        resolve_interfaces(&res.host_endpoints, inputs.node, &inputs.local_interfaces)
+    {
+        let mut chains: BTreeMap<(Hook, Direction), Vec<TierProgram>> = BTreeMap::new();
+        for hook in Hook::ALL {
+            // doNotTrack on a "*" endpoint is ignored (Felix logs a warning).
+            if hook == Hook::Untracked && iface == Iface::Any {
+                continue;
+            }
+            for dir in [Direction::Ingress, Direction::Egress] {
+                if hook == Hook::PreDnat && dir == Direction::Egress {
+                    continue;
+                }
+                let mut out = Vec::new();
+                for &(_, _, tier, default_action) in &tiers {
+                    let ids: Vec<String> = res
+                        .policies
+                        .iter()
+                        .filter(|p| {
+                            p.tier == tier
+                                && p.selects_host_endpoints
+                                && policy_hooks(p).contains(&hook)
+                                && p.rules(dir).is_some()
+                                && p.selector.matches_in(&hep.labels, Scope::Global)
+                        })
+                        .map(|p| {
+                            let id = p.display_name();
+                            policies_used
+                                .entry(id.clone())
+                                .or_insert_with(|| PolicyProgram {
+                                    id: id.clone(),
+                                    tier: p.tier.clone(),
+                                    ingress: p.ingress.clone().unwrap_or_default(),
+                                    egress: p.egress.clone().unwrap_or_default(),
+                                });
+                            id
+                        })
+                        .collect();
+                    if !ids.is_empty() {
+                        out.push(TierProgram {
+                            name: tier.to_string(),
+                            default_action,
+                            policies: ids,
+                        });
+                    }
+                }
+                chains.insert((hook, dir), out);
+            }
+        }
+        endpoints.push(EndpointProgram {
+            hep: hep.name.clone(),
+            iface,
+            profiles: hep.profiles.clone(),
+            chains,
+        });
+    }
+
+    // Address sets for every selector the programmed rules use.
+    let mut selectors: BTreeMap<String, Selector> = BTreeMap::new();
+    for p in policies_used.values() {
+        for r in p.ingress.iter().chain(&p.egress) {
+            for e in [&r.source, &r.destination] {
+                for s in e.selector.iter().chain(&e.not_selector) {
+                    selectors.entry(s.unique_id()).or_insert_with(|| s.clone());
+                }
+            }
+        }
+    }
+    let sets = selectors
+        .into_iter()
+        .map(|(id, sel)| {
+            let set = selector_members(&sel, res);
+            (id, set)
+        })
+        .collect();
+    Program {
+        settings: inputs.settings.clone(),
+        endpoints,
+        policies: policies_used,
+        sets,
+    }
+}
+
+/// Members of a selector's set: matching host endpoints' `expectedIPs` (any node) and the
+/// nets of matching network sets.
+pub fn selector_members(sel: &Selector, res: &PolicyResources) -> SelectorSet {
+    let mut nets: Vec<IpNet> = Vec::new();
+    for h in &res.host_endpoints {
+        if sel.matches_in(&h.labels, Scope::Global) {
+            nets.extend(h.expected_ips.iter().map(|ip| IpNet::from(*ip)));
+        }
+    }
+    for s in &res.network_sets {
+        let scope = if s.namespace.is_some() {
+            Scope::Namespaced
+        } else {
+            Scope::Global
+        };
+        if sel.matches_in(&s.labels, scope) {
+            nets.extend(s.nets.iter().copied());
+        }
+    }
+    let v4: Vec<Ipv4Net> = nets
+        .iter()
+        .filter_map(|n| match n {
+            IpNet::V4(n) => Some(*n),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    let v6: Vec<Ipv6Net> = nets
+        .iter()
+        .filter_map(|n| match n {
+            IpNet::V6(n) => Some(*n),
+            IpNet::V4(_) => None,
+        })
+        .collect();
+    SelectorSet {
+        selector: sel.canonical(),
+        v4: Ipv4Net::aggregate(&v4),
+        v6: Ipv6Net::aggregate(&v6),
+    }
+}
+
+/// Families a rule is rendered for and the nets it keeps in each (§2.1, 25–26). `None` for a
+/// family means the rule is dropped from it.
+pub fn rule_families(rule: &Rule) -> Vec<Family> {
+    Family::ALL
+        .into_iter()
+        .filter(|f| rule.ip_version.is_none_or(|v| v == *f))
+        .filter(|f| {
+            [&rule.source, &rule.destination]
+                .iter()
+                .all(|e| e.nets.is_empty() || e.nets.iter().any(|n| Family::of_net(n) == *f))
+        })
+        .collect()
+}

@@ -1,0 +1,699 @@
+//! Rendering a [`Program`] into a [`FilterSpec`] (pure data: sets with elements, chains with
+//! rule text) and that into `nft -f` input for our one table, `inet wiremesh`.
+//!
+//! Layout (docs/policy.md has the full picture):
+//! - base chains `raw-prerouting`/`raw-output` (priority raw, doNotTrack), `mangle-prerouting`
+//!   (priority mangle, preDNAT), `filter-input`/`filter-output`/`filter-forward` (priority
+//!   filter: normal policy and applyOnForward);
+//! - dispatch chains `<hook>-from-hep`/`<hook>-to-hep` (interface -> endpoint chain, `"*"`
+//!   last, workload interfaces excluded);
+//! - endpoint chains `<hook>-fh-<iface>`/`<hook>-th-<iface>` (conntrack, failsafe, tiers);
+//! - policy chains `pi-<id>`/`po-<id>` shared by every endpoint, referring to named sets
+//!   `sel4-<selector id>`/`sel6-<selector id>`, so a set change never rewrites a rule;
+//! - an empty chain `hash-<hex>` whose name carries a hash of the rule part (everything but set
+//!   elements), so that an observer can tell "only elements changed" from "rules changed".
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use ipnet::IpNet;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::model::{Action, Direction, Entity, PortRange, Protocol, Rule, TierDefault};
+use super::program::{EndpointProgram, FailsafePort, Hook, Iface, Program, rule_families};
+use crate::model::Family;
+use crate::selector::Selector;
+
+/// Our table: `inet wiremesh`.
+pub const TABLE: &str = "wiremesh";
+pub const TABLE_FAMILY: &str = "inet";
+
+/// Mark bit: "accepted by an earlier stage / by a policy" (Felix's Accept bit).
+pub const MARK_ACCEPT: u32 = 0x0001_0000;
+/// Mark bit: "a Pass rule matched; skip the rest of this tier" (Felix's Pass bit).
+pub const MARK_PASS: u32 = 0x0002_0000;
+
+/// Set element as nft prints it: `10.0.0.1` for a host, `10.0.0.0/24` otherwise.
+pub fn element_text(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SetSpec {
+    pub family: Family,
+    /// Canonical selector, for humans.
+    pub comment: String,
+    pub elements: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BaseHook {
+    /// `prerouting`, `input`, `forward`, `output`.
+    pub hook: &'static str,
+    /// `raw`, `mangle`, `filter`.
+    pub priority: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChainSpec {
+    pub name: String,
+    pub base: Option<BaseHook>,
+    pub rules: Vec<String>,
+}
+
+/// The table as pure data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct FilterSpec {
+    pub sets: BTreeMap<String, SetSpec>,
+    pub chains: Vec<ChainSpec>,
+}
+
+impl FilterSpec {
+    /// Hash of everything but set elements (set names and types, chains, rules).
+    pub fn rules_hash(&self) -> String {
+        let mut h = Sha256::new();
+        for (name, s) in &self.sets {
+            h.update(format!("set {name} {:?}\n", s.family));
+        }
+        for c in self.chains.iter().filter(|c| !c.name.starts_with("hash-")) {
+            h.update(format!("chain {} {:?}\n", c.name, c.base));
+            for r in &c.rules {
+                h.update(r.as_bytes());
+                h.update(b"\n");
+            }
+        }
+        h.finalize()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// The marker chain's name.
+    pub fn hash_chain(&self) -> String {
+        format!("hash-{}", self.rules_hash())
+    }
+
+    /// The `nft -f` text defining the whole table (without delete/flush).
+    pub fn to_nft(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "table {TABLE_FAMILY} {TABLE} {{");
+        for (name, s) in &self.sets {
+            let ty = match s.family {
+                Family::V4 => "ipv4_addr",
+                Family::V6 => "ipv6_addr",
+            };
+            let _ = writeln!(out, "\tset {name} {{");
+            let _ = writeln!(out, "\t\ttype {ty}");
+            let _ = writeln!(out, "\t\tflags interval");
+            let _ = writeln!(out, "\t\tcomment {}", quote(&s.comment));
+            if !s.elements.is_empty() {
+                let elems: Vec<&str> = s.elements.iter().map(String::as_str).collect();
+                let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
+            }
+            let _ = writeln!(out, "\t}}");
+        }
+        let _ = writeln!(out, "\tchain {} {{", self.hash_chain());
+        let _ = writeln!(out, "\t}}");
+        for c in &self.chains {
+            let _ = writeln!(out, "\tchain {} {{", c.name);
+            if let Some(b) = &c.base {
+                let _ = writeln!(
+                    out,
+                    "\t\ttype filter hook {} priority {}; policy accept;",
+                    b.hook, b.priority
+                );
+            }
+            for r in &c.rules {
+                let _ = writeln!(out, "\t\t{r}");
+            }
+            let _ = writeln!(out, "\t}}");
+        }
+        out.push_str("}\n");
+        out
+    }
+
+    /// One atomic transaction replacing our table (creates it if absent).
+    pub fn replace_script(&self) -> String {
+        format!(
+            "add table {TABLE_FAMILY} {TABLE}\ndelete table {TABLE_FAMILY} {TABLE}\n{}",
+            self.to_nft()
+        )
+    }
+}
+
+/// Removes our table (a no-op if absent), as one transaction.
+pub fn delete_script() -> String {
+    format!("add table {TABLE_FAMILY} {TABLE}\ndelete table {TABLE_FAMILY} {TABLE}\n")
+}
+
+/// nft string literal. Names we render are DNS labels, so quotes never need escaping; any
+/// other character outside `[A-Za-z0-9 ._/:=|-]` is replaced to keep the script well formed.
+fn quote(s: &str) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || " ._/:=|-()!&,{}'".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("\"{clean}\"")
+}
+
+pub fn set_name(sel: &Selector, family: Family) -> String {
+    let id = sel.unique_id();
+    let id = id.strip_prefix("s:").unwrap_or(&id);
+    match family {
+        Family::V4 => format!("sel4-{id}"),
+        Family::V6 => format!("sel6-{id}"),
+    }
+}
+
+fn mark_is(bit: u32) -> String {
+    format!("meta mark & {bit:#010x} == {bit:#010x}")
+}
+
+fn mark_clear(bit: u32) -> String {
+    format!("meta mark & {bit:#010x} == 0x00000000")
+}
+
+fn clear_marks(bits: u32) -> String {
+    format!("meta mark set meta mark & {:#010x}", !bits)
+}
+
+fn iface_chain_part(iface: &Iface) -> String {
+    match iface {
+        Iface::Named(n) => n.clone(),
+        Iface::Any => "any-interface-at-all".into(),
+    }
+}
+
+/// Name of an endpoint chain.
+pub fn endpoint_chain(hook: Hook, dir: Direction, iface: &Iface) -> String {
+    let d = match dir {
+        Direction::Ingress => "fh",
+        Direction::Egress => "th",
+    };
+    format!("{}-{d}-{}", hook.short(), iface_chain_part(iface))
+}
+
+/// Name of a policy chain.
+pub fn policy_chain(id: &str, dir: Direction) -> String {
+    match dir {
+        Direction::Ingress => format!("pi-{id}"),
+        Direction::Egress => format!("po-{id}"),
+    }
+}
+
+fn proto_text(p: Protocol) -> String {
+    match p.number() {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "ipv6-icmp".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        n => n.to_string(),
+    }
+}
+
+fn list<T: ToString>(items: &[T]) -> String {
+    if items.len() == 1 {
+        items[0].to_string()
+    } else {
+        format!(
+            "{{ {} }}",
+            items
+                .iter()
+                .map(T::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+fn ports_text(ports: &[PortRange]) -> String {
+    list(ports)
+}
+
+fn entity_matches(e: &Entity, fam: Option<Family>, src: bool, out: &mut Vec<String>) {
+    let (addr, port) = if src {
+        ("saddr", "sport")
+    } else {
+        ("daddr", "dport")
+    };
+    if let Some(f) = fam {
+        let p = match f {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        };
+        let nets: Vec<String> = e
+            .nets
+            .iter()
+            .filter(|n| Family::of_net(n) == f)
+            .map(element_text)
+            .collect();
+        if !nets.is_empty() {
+            out.push(format!("{p} {addr} {}", list(&nets)));
+        }
+        let not_nets: Vec<String> = e
+            .not_nets
+            .iter()
+            .filter(|n| Family::of_net(n) == f)
+            .map(element_text)
+            .collect();
+        if !not_nets.is_empty() {
+            out.push(format!("{p} {addr} != {}", list(&not_nets)));
+        }
+        if let Some(s) = &e.selector {
+            out.push(format!("{p} {addr} @{}", set_name(s, f)));
+        }
+        if let Some(s) = &e.not_selector {
+            out.push(format!("{p} {addr} != @{}", set_name(s, f)));
+        }
+    }
+    if !e.ports.is_empty() {
+        out.push(format!("th {port} {}", ports_text(&e.ports)));
+    }
+    if !e.not_ports.is_empty() {
+        out.push(format!("th {port} != {}", ports_text(&e.not_ports)));
+    }
+}
+
+fn needs_family(rule: &Rule) -> bool {
+    rule.ip_version.is_some()
+        || rule.icmp.is_some()
+        || rule.not_icmp.is_some()
+        || [&rule.source, &rule.destination].iter().any(|e| {
+            !e.nets.is_empty()
+                || !e.not_nets.is_empty()
+                || e.selector.is_some()
+                || e.not_selector.is_some()
+        })
+}
+
+/// The match part of a rule, once per family it needs (empty list = dropped everywhere).
+pub fn rule_matches(rule: &Rule) -> Vec<String> {
+    let fams = rule_families(rule);
+    let copies: Vec<Option<Family>> = if fams.len() == 2 && !needs_family(rule) {
+        vec![None]
+    } else {
+        fams.into_iter().map(Some).collect()
+    };
+    copies
+        .into_iter()
+        .map(|fam| {
+            let mut m = Vec::new();
+            match fam {
+                Some(Family::V4) => m.push("meta nfproto ipv4".to_string()),
+                Some(Family::V6) => m.push("meta nfproto ipv6".to_string()),
+                None => {}
+            }
+            if let Some(p) = rule.protocol {
+                m.push(format!("meta l4proto {}", proto_text(p)));
+            }
+            if let Some(p) = rule.not_protocol {
+                m.push(format!("meta l4proto != {}", proto_text(p)));
+            }
+            entity_matches(&rule.source, fam, true, &mut m);
+            entity_matches(&rule.destination, fam, false, &mut m);
+            let icmp_kw = match rule.protocol.map(Protocol::number) {
+                Some(58) => "icmpv6",
+                _ => "icmp",
+            };
+            if let Some(i) = &rule.icmp {
+                m.push(format!("{icmp_kw} type {}", i.type_));
+                if let Some(c) = i.code {
+                    m.push(format!("{icmp_kw} code {c}"));
+                }
+            }
+            if let Some(i) = &rule.not_icmp {
+                // "not (type and code)", iptables' meaning; see docs/policy.md.
+                match i.code {
+                    None => m.push(format!("{icmp_kw} type != {}", i.type_)),
+                    Some(c) => m.push(format!(
+                        "{icmp_kw} type . {icmp_kw} code != {{ {} . {c} }}",
+                        i.type_
+                    )),
+                }
+            }
+            m.join(" ")
+        })
+        .collect()
+}
+
+fn log_prefix(
+    settings_prefix: &str,
+    tier: &str,
+    policy: &str,
+    dir: Direction,
+    idx: usize,
+) -> String {
+    let d = match dir {
+        Direction::Ingress => "in",
+        Direction::Egress => "out",
+    };
+    let mut p = format!("{settings_prefix}|{tier}|{policy}|{d}{idx}: ");
+    // The kernel keeps 127 characters of an nft log prefix.
+    if p.len() > 127 {
+        p.truncate(125);
+        p.push_str(": ");
+    }
+    p
+}
+
+fn policy_rules(
+    program: &Program,
+    id: &str,
+    tier: &str,
+    dir: Direction,
+    rules: &[Rule],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let verdict = match rule.action {
+            Action::Allow => format!("meta mark set meta mark | {MARK_ACCEPT:#010x} return"),
+            Action::Pass => format!("meta mark set meta mark | {MARK_PASS:#010x} return"),
+            Action::Deny => "drop".to_string(),
+            Action::Log => format!(
+                "log prefix {} level info",
+                quote(&log_prefix(&program.settings.log_prefix, tier, id, dir, i))
+            ),
+        };
+        for m in rule_matches(rule) {
+            if m.is_empty() {
+                out.push(verdict.clone());
+            } else {
+                out.push(format!("{m} {verdict}"));
+            }
+        }
+    }
+    out
+}
+
+fn failsafe_rules(list: &[FailsafePort], port_field: &str, peer_field: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for f in list {
+        let proto = proto_text(f.protocol);
+        match f.net {
+            None => out.push(format!("{proto} {port_field} {} accept", f.port)),
+            Some(n) => {
+                let p = match n {
+                    IpNet::V4(_) => "ip",
+                    IpNet::V6(_) => "ip6",
+                };
+                out.push(format!(
+                    "{p} {peer_field} {} {proto} {port_field} {} accept",
+                    element_text(&n),
+                    f.port
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn endpoint_body(ep: &EndpointProgram, hook: Hook, dir: Direction) -> Vec<String> {
+    let mut r = Vec::new();
+    if matches!(hook, Hook::Normal | Hook::Forward) {
+        r.push("ct state established,related accept".into());
+        r.push("ct state invalid drop".into());
+    }
+    match (hook, dir) {
+        (Hook::Forward, _) => {}
+        (Hook::Untracked, Direction::Ingress) => r.push("jump untracked-failsafe-in".into()),
+        (Hook::Untracked, Direction::Egress) => r.push("jump untracked-failsafe-out".into()),
+        (_, Direction::Ingress) => r.push("jump failsafe-in".into()),
+        (_, Direction::Egress) => r.push("jump failsafe-out".into()),
+    }
+    r.push(clear_marks(MARK_ACCEPT | MARK_PASS));
+    let on_allow = match hook {
+        Hook::Normal => "accept",
+        Hook::Untracked => "notrack return",
+        Hook::PreDnat | Hook::Forward => "return",
+    };
+    for tier in ep.tiers(hook, dir) {
+        r.push(format!(
+            "{} comment {}",
+            clear_marks(MARK_PASS),
+            quote(&format!("tier {}", tier.name))
+        ));
+        for pid in &tier.policies {
+            r.push(format!(
+                "{} jump {}",
+                mark_clear(MARK_PASS),
+                policy_chain(pid, dir)
+            ));
+            r.push(format!("{} {on_allow}", mark_is(MARK_ACCEPT)));
+        }
+        if hook.has_tier_default() && tier.default_action == TierDefault::Deny {
+            r.push(format!(
+                "{} drop comment {}",
+                mark_clear(MARK_PASS),
+                quote(&format!("end of tier {}", tier.name))
+            ));
+        }
+    }
+    if hook == Hook::Normal {
+        if ep.default_allow() {
+            r.push(format!(
+                "accept comment {}",
+                quote("profile projectcalico-default-allow")
+            ));
+        } else {
+            r.push(format!(
+                "drop comment {}",
+                quote(&format!("default deny of host endpoint {}", ep.hep))
+            ));
+        }
+    }
+    r
+}
+
+/// Whether an endpoint gets a chain for this hook and direction.
+fn has_chain(ep: &EndpointProgram, hook: Hook, dir: Direction) -> bool {
+    match hook {
+        Hook::Normal | Hook::Forward => true,
+        Hook::Untracked | Hook::PreDnat => !ep.tiers(hook, dir).is_empty(),
+    }
+}
+
+/// Renders the program. An empty program renders an empty spec (the table should be removed).
+pub fn render(program: &Program) -> FilterSpec {
+    let mut spec = FilterSpec::default();
+    if program.is_empty() {
+        return spec;
+    }
+    // Sets.
+    for set in program.sets.values() {
+        let Ok(sel) = Selector::parse(&set.selector) else {
+            continue;
+        };
+        for fam in Family::ALL {
+            let elements: BTreeSet<String> = match fam {
+                Family::V4 => set
+                    .v4
+                    .iter()
+                    .map(|n| element_text(&IpNet::V4(*n)))
+                    .collect(),
+                Family::V6 => set
+                    .v6
+                    .iter()
+                    .map(|n| element_text(&IpNet::V6(*n)))
+                    .collect(),
+            };
+            spec.sets.insert(
+                set_name(&sel, fam),
+                SetSpec {
+                    family: fam,
+                    comment: set.selector.clone(),
+                    elements,
+                },
+            );
+        }
+    }
+    let s = &program.settings;
+    let workload: Vec<String> = s
+        .workload_prefixes
+        .iter()
+        .map(|p| format!("\"{p}*\""))
+        .collect();
+    let wg: Vec<u16> = s.wireguard_ports.clone();
+    let mut chains = Vec::new();
+    let base =
+        |name: &str, hook: &'static str, priority: &'static str, rules: Vec<String>| ChainSpec {
+            name: name.into(),
+            base: Some(BaseHook { hook, priority }),
+            rules,
+        };
+    let any = |hook: Hook, dir: Direction| {
+        program
+            .endpoints
+            .iter()
+            .any(|e| hook_dir_applies(e, hook, dir))
+    };
+    // raw
+    let mut raw_pre = vec![clear_marks(MARK_ACCEPT | MARK_PASS)];
+    if any(Hook::Untracked, Direction::Ingress) {
+        raw_pre.push("jump untracked-from-hep".into());
+        raw_pre.push(format!("{} accept", mark_is(MARK_ACCEPT)));
+    }
+    chains.push(base("raw-prerouting", "prerouting", "raw", raw_pre));
+    let mut raw_out = vec![clear_marks(MARK_ACCEPT | MARK_PASS)];
+    if any(Hook::Untracked, Direction::Egress) {
+        raw_out.push("jump untracked-to-hep".into());
+        raw_out.push(format!("{} accept", mark_is(MARK_ACCEPT)));
+    }
+    chains.push(base("raw-output", "output", "raw", raw_out));
+    // mangle
+    let mut mangle = vec![
+        "ct state established,related accept".to_string(),
+        format!("{} accept", mark_is(MARK_ACCEPT)),
+    ];
+    if any(Hook::PreDnat, Direction::Ingress) {
+        mangle.push("jump prednat-from-hep".into());
+        mangle.push(format!("{} accept", mark_is(MARK_ACCEPT)));
+    }
+    chains.push(base("mangle-prerouting", "prerouting", "mangle", mangle));
+    // filter
+    let mut input = Vec::new();
+    if !wg.is_empty() {
+        input.push(format!(
+            "udp dport {} fib daddr type local accept",
+            list(&wg)
+        ));
+    }
+    input.push(format!("{} accept", mark_is(MARK_ACCEPT)));
+    input.push(clear_marks(MARK_ACCEPT | MARK_PASS));
+    input.push("jump filter-from-hep".into());
+    chains.push(base("filter-input", "input", "filter", input));
+    let mut output = vec![format!("{} accept", mark_is(MARK_ACCEPT))];
+    if !wg.is_empty() {
+        output.push(format!("udp sport {} accept", list(&wg)));
+        output.push(format!("udp dport {} accept", list(&wg)));
+    }
+    output.push(clear_marks(MARK_ACCEPT | MARK_PASS));
+    output.push("jump filter-to-hep".into());
+    chains.push(base("filter-output", "output", "filter", output));
+    let forward = vec![
+        clear_marks(MARK_PASS),
+        format!("{} jump forward-from-hep", mark_clear(MARK_ACCEPT)),
+        "jump forward-to-hep".into(),
+    ];
+    chains.push(base("filter-forward", "forward", "filter", forward));
+
+    // Dispatch chains.
+    for hook in Hook::ALL {
+        for dir in [Direction::Ingress, Direction::Egress] {
+            let (name, field) = match dir {
+                Direction::Ingress => (format!("{}-from-hep", hook.short()), "iifname"),
+                Direction::Egress => (format!("{}-to-hep", hook.short()), "oifname"),
+            };
+            let used = match hook {
+                Hook::Normal | Hook::Forward => true,
+                _ => any(hook, dir),
+            };
+            if !used {
+                continue;
+            }
+            let mut rules = Vec::new();
+            if !workload.is_empty() {
+                rules.push(format!("{field} {} return", list(&workload)));
+            }
+            for ep in &program.endpoints {
+                if !has_chain(ep, hook, dir) {
+                    continue;
+                }
+                let target = endpoint_chain(hook, dir, &ep.iface);
+                match &ep.iface {
+                    Iface::Named(n) => rules.push(format!("{field} {} goto {target}", quote(n))),
+                    Iface::Any => rules.push(format!("goto {target}")),
+                }
+            }
+            chains.push(ChainSpec {
+                name,
+                base: None,
+                rules,
+            });
+        }
+    }
+    // Failsafe chains.
+    chains.push(ChainSpec {
+        name: "failsafe-in".into(),
+        base: None,
+        rules: failsafe_rules(&s.failsafe_inbound, "dport", "saddr"),
+    });
+    chains.push(ChainSpec {
+        name: "failsafe-out".into(),
+        base: None,
+        rules: failsafe_rules(&s.failsafe_outbound, "dport", "daddr"),
+    });
+    if any(Hook::Untracked, Direction::Ingress) || any(Hook::Untracked, Direction::Egress) {
+        let mut fin = failsafe_rules(&s.failsafe_inbound, "dport", "saddr");
+        fin.extend(failsafe_rules(&s.failsafe_outbound, "sport", "saddr"));
+        let mut fout = failsafe_rules(&s.failsafe_outbound, "dport", "daddr");
+        fout.extend(failsafe_rules(&s.failsafe_inbound, "sport", "daddr"));
+        chains.push(ChainSpec {
+            name: "untracked-failsafe-in".into(),
+            base: None,
+            rules: fin,
+        });
+        chains.push(ChainSpec {
+            name: "untracked-failsafe-out".into(),
+            base: None,
+            rules: fout,
+        });
+    }
+    // Endpoint chains.
+    for ep in &program.endpoints {
+        for hook in Hook::ALL {
+            for dir in [Direction::Ingress, Direction::Egress] {
+                if hook == Hook::PreDnat && dir == Direction::Egress {
+                    continue;
+                }
+                if !has_chain(ep, hook, dir) {
+                    continue;
+                }
+                chains.push(ChainSpec {
+                    name: endpoint_chain(hook, dir, &ep.iface),
+                    base: None,
+                    rules: endpoint_body(ep, hook, dir),
+                });
+            }
+        }
+    }
+    // Policy chains, for the directions some endpoint uses.
+    let mut used: BTreeSet<(String, Direction)> = BTreeSet::new();
+    for ep in &program.endpoints {
+        for ((_, dir), tiers) in &ep.chains {
+            for t in tiers {
+                for p in &t.policies {
+                    used.insert((p.clone(), *dir));
+                }
+            }
+        }
+    }
+    for (id, dir) in used {
+        let Some(p) = program.policies.get(&id) else {
+            continue;
+        };
+        chains.push(ChainSpec {
+            name: policy_chain(&id, dir),
+            base: None,
+            rules: policy_rules(program, &id, &p.tier, dir, p.rules(dir)),
+        });
+    }
+    spec.chains = chains;
+    spec
+}
+
+fn hook_dir_applies(ep: &EndpointProgram, hook: Hook, dir: Direction) -> bool {
+    !ep.tiers(hook, dir).is_empty()
+}

@@ -1,0 +1,176 @@
+//! The reconcile loop's host-endpoint policy subsystem against the fake nftables and kernel.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use support::{node, snapshot};
+use tokio::sync::watch;
+use wiremesh::dataplane::fake::FakeKernel;
+use wiremesh::dataplane::nft::FakeNft;
+use wiremesh::datastore::fake::FakeDatastore;
+use wiremesh::model::ClusterSnapshot;
+use wiremesh::policy::Kind;
+use wiremesh::reconcile::{AgentSettings, Reconciler};
+
+fn cluster(deny: &[&str], hep_node: &str) -> ClusterSnapshot {
+    let mut s = snapshot([node(1), node(2), node(3)], true);
+    s.policy.insert(
+        Kind::HostEndpoint,
+        "tunnel".into(),
+        json!({"metadata": {"name": "tunnel", "labels": {"host-endpoint": "true"}},
+               "spec": {"node": hep_node, "interfaceName": "wireguard.cali"}}),
+    );
+    s.policy.insert(
+        Kind::GlobalNetworkSet,
+        "deny".into(),
+        json!({"metadata": {"name": "deny", "labels": {"list": "deny"}}, "spec": {"nets": deny}}),
+    );
+    s.policy.insert(
+        Kind::GlobalNetworkPolicy,
+        "deny-list".into(),
+        json!({"metadata": {"name": "deny-list"},
+               "spec": {"selector": "host-endpoint == 'true'",
+                        "ingress": [{"action": "Deny", "source": {"selector": "list == 'deny'"}}, {"action": "Allow"}],
+                        "egress": [{"action": "Allow"}]}}),
+    );
+    s
+}
+
+struct H {
+    kernel: FakeKernel,
+    nft: FakeNft,
+    store: Arc<FakeDatastore>,
+    dir: tempfile::TempDir,
+}
+
+impl H {
+    fn new(initial: ClusterSnapshot) -> Self {
+        let (tx, _rx) = watch::channel(initial);
+        H {
+            kernel: FakeKernel::new(),
+            nft: FakeNft::default(),
+            store: Arc::new(FakeDatastore::new(tx)),
+            dir: tempfile::tempdir().expect("tmp"),
+        }
+    }
+
+    fn reconciler(
+        &self,
+    ) -> Reconciler<
+        wiremesh::dataplane::fake::FakeWireguard,
+        wiremesh::dataplane::fake::FakeLinks,
+        wiremesh::dataplane::fake::FakeRouting,
+    > {
+        let mut settings = AgentSettings::new("node1", self.dir.path());
+        settings.min_interval = Duration::from_millis(10);
+        Reconciler::new(
+            Arc::new(settings),
+            self.kernel.wireguard(),
+            self.kernel.links(),
+            self.kernel.routing(),
+            self.store.clone(),
+        )
+        .with_filter(Box::new(self.nft.clone()))
+    }
+}
+
+#[tokio::test]
+async fn policy_is_programmed_updated_by_elements_and_removed() {
+    let h = H::new(cluster(&["10.244.3.0/24"], "node1"));
+    let mut r = h.reconciler();
+    let out = r
+        .reconcile_once(&cluster(&["10.244.3.0/24"], "node1"))
+        .await
+        .expect("reconcile");
+    assert_eq!(out.ops.get(&("nftables", "replace_table")), Some(&1));
+    let spec = h.nft.lock().spec.clone().expect("table");
+    let text = spec.to_nft();
+    assert!(
+        text.contains("udp dport 51820 fib daddr type local accept"),
+        "{text}"
+    );
+    assert!(
+        text.contains("iifname \"wireguard.cali\" goto filter-fh-wireguard.cali"),
+        "{text}"
+    );
+    h.nft.take_log();
+
+    // Idempotent.
+    let out = r
+        .reconcile_once(&cluster(&["10.244.3.0/24"], "node1"))
+        .await
+        .expect("reconcile");
+    assert_eq!(out.ops.keys().filter(|(s, _)| *s == "nftables").count(), 0);
+
+    // A network-set change: element ops only.
+    r.reconcile_once(&cluster(&["10.244.2.0/24"], "node1"))
+        .await
+        .expect("reconcile");
+    let log = h.nft.take_log();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert!(
+        log.iter()
+            .all(|l| l.starts_with("delete_elements") || l.starts_with("add_elements")),
+        "{log:?}"
+    );
+
+    // An invalid edit is reported and the last valid version stays in force.
+    let mut bad = cluster(&["10.244.2.0/24"], "node1");
+    bad.policy.insert(
+        Kind::GlobalNetworkPolicy,
+        "deny-list".into(),
+        json!({"metadata": {"name": "deny-list"}, "spec": {"ingress": [{"action": "Reject"}]}}),
+    );
+    r.reconcile_once(&bad).await.expect("reconcile");
+    assert!(h.nft.take_log().is_empty());
+    let errors = &r.status().policy_errors;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("deny-list") && errors[0].contains("spec.ingress[0].action"),
+        "{errors:?}"
+    );
+    assert!(errors[0].contains("last valid version"), "{errors:?}");
+
+    // No host endpoint on this node any more: the table goes.
+    r.reconcile_once(&cluster(&["10.244.2.0/24"], "node2"))
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        h.nft.take_log(),
+        ["delete_table: delete table inet wiremesh"]
+    );
+    assert!(!h.nft.lock().table.present);
+}
+
+#[test]
+fn etcd_policy_keys() {
+    use wiremesh::datastore::etcd::{decode_policy_key, policy_key};
+    let k = policy_key(Kind::NetworkSet, "ns1/blocked");
+    assert_eq!(
+        k,
+        "/calico/resources/v3/projectcalico.org/networksets/ns1/blocked"
+    );
+    assert_eq!(
+        decode_policy_key(&k),
+        Some((Kind::NetworkSet, "ns1/blocked".into()))
+    );
+    assert_eq!(
+        decode_policy_key("/calico/resources/v3/projectcalico.org/globalnetworkpolicies/deny"),
+        Some((Kind::GlobalNetworkPolicy, "deny".into()))
+    );
+    assert_eq!(
+        decode_policy_key("/calico/resources/v3/projectcalico.org/globalnetworkpolicies/a/b"),
+        None
+    );
+    assert_eq!(
+        decode_policy_key("/calico/resources/v3/projectcalico.org/networkpolicies/only-ns"),
+        None
+    );
+    assert_eq!(
+        decode_policy_key("/calico/resources/v3/projectcalico.org/nodes/n1"),
+        None
+    );
+}
