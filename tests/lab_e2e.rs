@@ -3,46 +3,18 @@
 //! a capture on the underlay. Root only; every test runs its own lab and removes it even when it
 //! fails. Traffic stays on the lab's own addresses inside the lab's namespaces.
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-use wiremesh::lab::{self, Expectation, Lab, UpOptions, VerifyExpect, verify};
+use support::lab::{Guard, root_or_skip, start_lab, wait_within};
+use wiremesh::lab::{Expectation, Lab, VerifyExpect, verify};
+
+mod support;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("WIREMESH_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        eprintln!("{test}: SKIPPED (not root and WIREMESH_SKIP_ROOT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{test}: the lab tests need root (network namespaces); WIREMESH_SKIP_ROOT_TESTS=1 skips them"
-    );
-}
-
-/// Removes the lab on drop, so a failing test leaves nothing behind.
-struct Guard(String);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Err(e) = lab::down(&self.0, None) {
-            eprintln!("cleanup of lab {} failed: {e}", self.0);
-        }
-    }
-}
-
 async fn start(tag: &str, encryption: bool) -> (Lab, Guard) {
-    let name = format!("e{tag}{}", std::process::id() % 100_000);
-    let guard = Guard(name.clone());
-    let mut options = UpOptions::new(&name, 3);
-    options.encryption = encryption;
-    options.binary = Some(PathBuf::from(env!("CARGO_BIN_EXE_wiremesh")));
-    let lab = Lab::up(options).await.expect("lab up");
-    (lab, guard)
+    start_lab(&format!("e{tag}"), encryption).await
 }
 
 fn node_cmd(lab: &Lab, node: &str, cmd: &[&str]) -> (bool, String) {
@@ -78,17 +50,6 @@ fn wg_peers(lab: &Lab, node: &str) -> Option<Vec<(String, String, String, u64)>>
 
 async fn wait_for(what: &str, condition: impl AsyncFnMut() -> bool) {
     wait_within(CONVERGE, what, condition).await;
-}
-
-async fn wait_within(limit: Duration, what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if condition().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
 }
 
 /// Every node in `nodes` has exactly `peers` peers, all with a handshake.

@@ -7,42 +7,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wiremesh::lab::{self, Lab, UpOptions};
+use support::lab::{Guard, root_or_skip, wait_within as wait_for};
+use wiremesh::lab::{Lab, UpOptions};
 
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("WIREMESH_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        eprintln!("{test}: SKIPPED (not root and WIREMESH_SKIP_ROOT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{test}: the lab tests need root (network namespaces); WIREMESH_SKIP_ROOT_TESTS=1 skips them"
-    );
-}
-
-/// Removes the lab on drop, so a failing test leaves nothing behind.
-struct Guard(String);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Err(e) = lab::down(&self.0, None) {
-            eprintln!("cleanup of lab {} failed: {e}", self.0);
-        }
-    }
-}
-
-async fn wait_for(limit: Duration, what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if condition().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
-}
+mod support;
 
 /// `wiremesh status --output json` in `node`: (exit code, report).
 fn status_json(lab: &Lab, node: &str, extra: &[&str]) -> (i32, Value) {

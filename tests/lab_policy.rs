@@ -7,53 +7,20 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use wiremesh::lab::{self, Lab, UpOptions};
+use support::lab::{Guard, root_or_skip, start_lab, wait_within};
+use wiremesh::lab::{self, Lab};
+
+mod support;
 use wiremesh::policy::manifest::Manifest;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("WIREMESH_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        eprintln!("{test}: SKIPPED (not root and WIREMESH_SKIP_ROOT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{test}: the lab tests need root (network namespaces); WIREMESH_SKIP_ROOT_TESTS=1 skips them"
-    );
-}
-
-struct Guard(String);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Err(e) = lab::down(&self.0, None) {
-            eprintln!("cleanup of lab {} failed: {e}", self.0);
-        }
-    }
-}
-
 async fn start(tag: &str) -> (Lab, Guard) {
-    let name = format!("p{tag}{}", std::process::id() % 100_000);
-    let guard = Guard(name.clone());
-    let mut options = UpOptions::new(&name, 3);
-    options.encryption = true;
-    options.binary = Some(PathBuf::from(env!("CARGO_BIN_EXE_wiremesh")));
-    let lab = Lab::up(options).await.expect("lab up");
-    (lab, guard)
+    start_lab(&format!("p{tag}"), true).await
 }
 
-async fn wait_for(what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + CONVERGE;
-    while Instant::now() < deadline {
-        if condition().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out after {CONVERGE:?} waiting for {what}");
+async fn wait_for(what: &str, condition: impl AsyncFnMut() -> bool) {
+    wait_within(CONVERGE, what, condition).await;
 }
 
 async fn apply(lab: &Lab, yaml: &str) {

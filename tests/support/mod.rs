@@ -1,6 +1,8 @@
 //! Builders shared by the pure and fake-backed tests.
 #![allow(dead_code)]
 
+pub mod lab;
+
 use std::collections::BTreeMap;
 
 use wiremesh::config::FelixConfigurationSpec;

@@ -1,0 +1,56 @@
+//! What every lab test needs: the root check, a guard that removes the lab even when the test
+//! fails, starting a lab with this crate's binary as the agents, and bounded waiting.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use wiremesh::lab::{self, Lab, UpOptions};
+
+/// True when the test may run: as root, or false (with a printed notice) when not root and
+/// `WIREMESH_SKIP_ROOT_TESTS=1`; otherwise it fails loudly rather than skip silently.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("WIREMESH_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
+        eprintln!("{test}: SKIPPED (not root and WIREMESH_SKIP_ROOT_TESTS=1)");
+        return false;
+    }
+    panic!(
+        "{test}: the lab tests need root (network namespaces); WIREMESH_SKIP_ROOT_TESTS=1 skips them"
+    );
+}
+
+/// Removes the lab on drop, so a failing test leaves nothing behind.
+pub struct Guard(pub String);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Err(e) = lab::down(&self.0, None) {
+            eprintln!("cleanup of lab {} failed: {e}", self.0);
+        }
+    }
+}
+
+/// A 3-node lab named `<prefix><pid>` whose agents run this crate's binary.
+pub async fn start_lab(prefix: &str, encryption: bool) -> (Lab, Guard) {
+    let name = format!("{prefix}{}", std::process::id() % 100_000);
+    let guard = Guard(name.clone());
+    let mut options = UpOptions::new(&name, 3);
+    options.encryption = encryption;
+    options.binary = Some(PathBuf::from(env!("CARGO_BIN_EXE_wiremesh")));
+    let lab = Lab::up(options).await.expect("lab up");
+    (lab, guard)
+}
+
+/// Polls `condition` until it holds; fails the test after `limit`.
+pub async fn wait_within(limit: Duration, what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
