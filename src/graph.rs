@@ -201,6 +201,7 @@ mod tests {
                         node: n.to_string(),
                         public_key: WgKey([2; 32]),
                         endpoint: None,
+                        endpoint_learned: false,
                         allowed_ips: vec![],
                         latest_handshake: None,
                         handshake_age_seconds: if *ok { Some(5) } else { None },

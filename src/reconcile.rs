@@ -184,6 +184,9 @@ pub struct Reconciler<W, L, R> {
     metrics: Arc<Metrics>,
     /// When each peer key was last set by this agent (Unix seconds).
     programmed_at: BTreeMap<WgKey, u64>,
+    /// Each peer's datastore endpoint as of the last successful WireGuard apply, so a roamed
+    /// peer keeps its learned endpoint until the datastore moves it.
+    programmed_endpoints: BTreeMap<(String, WgKey), std::net::SocketAddr>,
     /// Host-endpoint policy in our nftables table; `None` = policy not enforced by this agent.
     filter: Option<Box<dyn FilterDataplane>>,
     /// Last valid version of every policy object, so a bad edit keeps the previous one.
@@ -227,6 +230,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             status,
             metrics,
             programmed_at: BTreeMap::new(),
+            programmed_endpoints: BTreeMap::new(),
             filter: None,
             policy_last_good: Default::default(),
         }
@@ -378,8 +382,24 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         lap(&mut outcome, "routing");
 
         let wg_actual = self.wg.observe(&spec.owned_interfaces).await?;
-        let wg_ops = wg::plan(&spec, &wg_actual);
+        let wg_ops = wg::plan_with(
+            &spec,
+            &wg_actual,
+            Some(wg::Learned {
+                now: SystemTime::now(),
+                programmed: &self.programmed_endpoints,
+            }),
+        );
         self.wg.apply(&wg_ops).await?;
+        self.programmed_endpoints = spec
+            .devices
+            .values()
+            .flat_map(|d| {
+                d.peers
+                    .iter()
+                    .map(|(key, peer)| ((d.name.clone(), *key), peer.endpoint))
+            })
+            .collect();
         apply_logged(&mut outcome, "wireguard", &wg_ops, |op| op.kind());
         let now = unix_now();
         for op in &wg_ops {

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane::Backend;
-use crate::dataplane::wg::DeviceState;
+use crate::dataplane::wg::{DeviceState, LIVE_SESSION};
 use crate::model::{Family, NodeResource, WgKey};
 use crate::reconcile::{AgentStatus, unix_now};
 
@@ -122,6 +122,10 @@ pub struct PeerReport {
     pub public_key: WgKey,
     /// As programmed on the device (`ip:port`), `null` when the peer is missing or has none.
     pub endpoint: Option<String>,
+    /// The endpoint differs from the published one because WireGuard learned it from the
+    /// peer's packets (roaming, NAT) and the session is live; not a disagreement.
+    #[serde(default)]
+    pub endpoint_learned: bool,
     pub allowed_ips: Vec<IpNet>,
     /// Unix time of the latest handshake.
     pub latest_handshake: Option<u64>,
@@ -250,8 +254,17 @@ pub fn build(
                     d.interface, p.public_key
                 ));
             }
+            let mut endpoint_learned = false;
             if let Some(lp) = live_peer {
-                if lp.endpoint != Some(p.spec.endpoint) {
+                let live_session = lp.last_handshake.is_some_and(|at| {
+                    at.duration_since(UNIX_EPOCH)
+                        .is_ok_and(|t| now.saturating_sub(t.as_secs()) < LIVE_SESSION.as_secs())
+                });
+                if lp.endpoint != Some(p.spec.endpoint) && live_session {
+                    // WireGuard learned it from the peer's packets and the agent keeps it
+                    // while the session is live (see docs/architecture.md).
+                    endpoint_learned = true;
+                } else if lp.endpoint != Some(p.spec.endpoint) {
                     peer_problems.push(format!(
                         "endpoint on the device is {}, {} publishes {}",
                         lp.endpoint
@@ -328,6 +341,7 @@ pub fn build(
                 node: p.spec.node.clone(),
                 public_key: p.public_key,
                 endpoint: live_peer.and_then(|lp| lp.endpoint).map(|e| e.to_string()),
+                endpoint_learned,
                 allowed_ips: live_peer
                     .map(|lp| lp.allowed_ips.iter().copied().collect())
                     .unwrap_or_default(),

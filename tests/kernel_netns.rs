@@ -243,15 +243,7 @@ fn userspace_device_lifecycle() {
         address: None,
         peers: [(k2, p2b.clone()), (k3, p3.clone())].into(),
     };
-    let spec = DataplaneSpec {
-        devices: [(Family::V4, device)].into(),
-        owned_interfaces: names.clone(),
-        routing_table: 1,
-        routes: BTreeSet::new(),
-        rules: BTreeSet::new(),
-        publish: PublishedWireguard::default(),
-        skipped: BTreeSet::new(),
-    };
+    let spec = wireguard_only(device, &names);
     let (planned, after) = {
         let (names, spec) = (names.clone(), spec.clone());
         ns.enter(move || async move {
@@ -360,6 +352,19 @@ fn userspace_stale_socket_is_absent_device() {
 
 // ---------------------------------------------------------------------------------------------
 // Routes and rules
+
+/// A spec with one v4 device and nothing else (the WireGuard subsystem's view).
+fn wireguard_only(device: DeviceSpec, names: &BTreeSet<String>) -> DataplaneSpec {
+    DataplaneSpec {
+        devices: [(Family::V4, device)].into(),
+        owned_interfaces: names.clone(),
+        routing_table: 1,
+        routes: BTreeSet::new(),
+        rules: BTreeSet::new(),
+        publish: PublishedWireguard::default(),
+        skipped: BTreeSet::new(),
+    }
+}
 
 fn dev_route(table: u32, dest: &str, dev: &str) -> RouteSpec {
     RouteSpec {
@@ -808,24 +813,21 @@ fn program(node: &Node, peer_key: WgKey, peer_underlay: &str, peer_tunnel: &str)
     });
 }
 
-#[test]
-fn two_nodes_ping_through_tunnel() {
-    if !root_or_skip("two_nodes_ping_through_tunnel") {
-        return;
-    }
+/// Two namespaces joined by one veth (`eth0`, 172.31.0.1 and .2/24), each with a `wg0`
+/// (10.99.0.1 and .2) peered with the other through our code.
+fn two_nodes(a_name: &str, b_name: &str) -> (Node, Node) {
     let a = Node {
-        ns: Ns::new("na"),
+        ns: Ns::new(a_name),
         key: PrivateKey::generate(),
         underlay: "172.31.0.1",
         tunnel: "10.99.0.1",
     };
     let b = Node {
-        ns: Ns::new("nb"),
+        ns: Ns::new(b_name),
         key: PrivateKey::generate(),
         underlay: "172.31.0.2",
         tunnel: "10.99.0.2",
     };
-    // Underlay: one veth between the two namespaces.
     run_ok(
         "ip",
         &[
@@ -849,6 +851,15 @@ fn two_nodes_ping_through_tunnel() {
     }
     program(&a, b.key.public_key(), b.underlay, b.tunnel);
     program(&b, a.key.public_key(), a.underlay, a.tunnel);
+    (a, b)
+}
+
+#[test]
+fn two_nodes_ping_through_tunnel() {
+    if !root_or_skip("two_nodes_ping_through_tunnel") {
+        return;
+    }
+    let (a, b) = two_nodes("na", "nb");
 
     if let Err(e) = a.ns.exec(&["ping", "-c", "2", "-W", "2", b.tunnel]) {
         panic!("ping a -> b over wg0: {e}");
@@ -867,4 +878,82 @@ fn two_nodes_ping_through_tunnel() {
     let pb = &p[&b_key];
     assert!(pb.last_handshake.is_some(), "handshake recorded");
     assert!(pb.rx_bytes > 0 && pb.tx_bytes > 0, "{pb:?}");
+}
+
+/// A peer that answers from another address roams (WireGuard learns the new endpoint); the
+/// plan keeps that live endpoint instead of resetting it to the datastore's, and a stale
+/// session gets the datastore's endpoint back.
+#[test]
+fn roamed_peer_keeps_its_learned_endpoint() {
+    if !root_or_skip("roamed_peer_keeps_its_learned_endpoint") {
+        return;
+    }
+    let (a, b) = two_nodes("ra", "rb");
+    // B now sends from a second address: to A it has moved, as behind a NAT rebinding.
+    b.ns.ip(&["addr", "add", "172.31.0.3/24", "dev", "eth0"]);
+    b.ns.ip(&[
+        "route",
+        "replace",
+        "172.31.0.0/24",
+        "dev",
+        "eth0",
+        "src",
+        "172.31.0.3",
+    ]);
+    if let Err(e) = b.ns.exec(&["ping", "-c", "2", "-W", "2", a.tunnel]) {
+        panic!("ping b -> a over wg0: {e}");
+    }
+
+    let b_key = b.key.public_key();
+    let a_key = a.key.clone();
+    let (kept, stale) = a.ns.enter(move || async move {
+        let mut wg = UserspaceWireguard::new(netlink_handle().expect("netlink"));
+        let names: BTreeSet<String> = ["wg0".to_string()].into();
+        let actual = wg.observe(&names).await.expect("observe");
+        let have = &actual["wg0"].peers[&b_key];
+        assert_eq!(
+            have.endpoint,
+            Some("172.31.0.3:51820".parse().expect("addr")),
+            "wireguard-go learned B's new address: {have:?}"
+        );
+        let datastore: std::net::SocketAddr = "172.31.0.2:51820".parse().expect("addr");
+        let device = DeviceSpec {
+            family: Family::V4,
+            name: "wg0".into(),
+            private_key: a_key,
+            listen_port: 51820,
+            fwmark: DEFAULT_FWMARK,
+            mtu: 1420,
+            address: None,
+            peers: [(b_key, peer("b", "172.31.0.2:51820", &["10.99.0.2/32"], 0))].into(),
+        };
+        let spec = wireguard_only(device, &names);
+        let programmed: BTreeMap<(String, WgKey), std::net::SocketAddr> =
+            [(("wg0".to_string(), b_key), datastore)].into();
+        let now = std::time::SystemTime::now();
+        let kept = wg::plan_with(
+            &spec,
+            &actual,
+            Some(wg::Learned {
+                now,
+                programmed: &programmed,
+            }),
+        );
+        let later = now + wg::LIVE_SESSION + std::time::Duration::from_secs(1);
+        let stale = wg::plan_with(
+            &spec,
+            &actual,
+            Some(wg::Learned {
+                now: later,
+                programmed: &programmed,
+            }),
+        );
+        (kept, stale)
+    });
+    assert!(kept.is_empty(), "a live learned endpoint is kept: {kept:?}");
+    assert!(
+        matches!(&stale[..], [WgOp::SetPeer { peer, .. }]
+            if peer.endpoint == "172.31.0.2:51820".parse().expect("addr")),
+        "a stale session gets the datastore endpoint back: {stale:?}"
+    );
 }

@@ -3,7 +3,8 @@
 
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime};
 
 use proptest::prelude::*;
 use support::{inputs, key, node};
@@ -11,8 +12,8 @@ use wiremesh::dataplane::fake::FakeKernel;
 use wiremesh::dataplane::link::{self, LinkDataplane as _};
 use wiremesh::dataplane::route::{self, RoutingDataplane as _};
 use wiremesh::dataplane::wg::{self, WgOp, WireguardDataplane as _};
-use wiremesh::mesh::{DataplaneSpec, desired};
-use wiremesh::model::NodeResource;
+use wiremesh::mesh::{DataplaneSpec, PeerSpec, desired};
+use wiremesh::model::{NodeResource, WgKey};
 
 /// Plans and applies every subsystem in the reconcile order; returns the op descriptions.
 fn converge(kernel: &FakeKernel, spec: &DataplaneSpec) -> Vec<String> {
@@ -263,6 +264,138 @@ fn plan_never_replaces_all_peers() {
     assert!(
         ops.iter()
             .all(|o| !matches!(o, WgOp::RemovePeer { .. } | WgOp::SetPeer { .. }))
+    );
+}
+
+/// The observed devices of a converged `spec`, with node 2's peer roamed to `roamed` and its
+/// last handshake `age` ago.
+fn roamed_state(
+    spec: &DataplaneSpec,
+    roamed: std::net::SocketAddr,
+    age: Duration,
+    now: SystemTime,
+) -> (BTreeMap<String, wg::DeviceState>, WgKey) {
+    let kernel = FakeKernel::new();
+    converge(&kernel, spec);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let mut actual = rt
+        .block_on(kernel.wireguard().observe(&spec.owned_interfaces))
+        .expect("observe");
+    let peer_key = key(2).public_key();
+    let state = actual.values_mut().next().expect("one device");
+    let peer = state.peers.get_mut(&peer_key).expect("node 2 is a peer");
+    peer.endpoint = Some(roamed);
+    peer.last_handshake = Some(now - age);
+    (actual, peer_key)
+}
+
+fn learned(
+    now: SystemTime,
+    programmed: &BTreeMap<(String, WgKey), std::net::SocketAddr>,
+) -> Option<wg::Learned<'_>> {
+    Some(wg::Learned { now, programmed })
+}
+
+fn peer_of<'a>(spec: &'a mut DataplaneSpec, key: &WgKey) -> &'a mut PeerSpec {
+    spec.devices
+        .values_mut()
+        .next()
+        .and_then(|d| d.peers.get_mut(key))
+        .expect("peer")
+}
+
+fn programmed(spec: &DataplaneSpec) -> BTreeMap<(String, WgKey), std::net::SocketAddr> {
+    spec.devices
+        .values()
+        .flat_map(|d| {
+            d.peers
+                .iter()
+                .map(|(k, p)| ((d.name.clone(), *k), p.endpoint))
+        })
+        .collect()
+}
+
+#[test]
+fn learned_endpoint_is_kept_while_the_session_is_live() {
+    let now = SystemTime::now();
+    let spec = desired(&inputs(1, [node(1), node(2), node(3)]));
+    let roamed: std::net::SocketAddr = "192.0.2.77:40000".parse().expect("addr");
+    let (actual, peer_key) = roamed_state(&spec, roamed, Duration::from_secs(30), now);
+    let before = programmed(&spec);
+    assert!(
+        wg::plan_with(&spec, &actual, learned(now, &before)).is_empty(),
+        "a live roamed session must not be reset to the datastore endpoint"
+    );
+    // Without memory (after a restart) a live session is kept as well.
+    let empty = BTreeMap::new();
+    assert!(wg::plan_with(&spec, &actual, learned(now, &empty)).is_empty());
+    // Plain plan() always sets the datastore's endpoint.
+    let ops = wg::plan(&spec, &actual);
+    assert!(
+        matches!(&ops[..], [WgOp::SetPeer { public_key, peer, .. }]
+            if *public_key == peer_key && peer.endpoint != roamed),
+        "{ops:?}"
+    );
+}
+
+#[test]
+fn learned_endpoint_is_reset_when_the_session_is_stale() {
+    let now = SystemTime::now();
+    let spec = desired(&inputs(1, [node(1), node(2)]));
+    let roamed: std::net::SocketAddr = "192.0.2.77:40000".parse().expect("addr");
+    let (actual, peer_key) = roamed_state(
+        &spec,
+        roamed,
+        wg::LIVE_SESSION + Duration::from_secs(1),
+        now,
+    );
+    let before = programmed(&spec);
+    let ops = wg::plan_with(&spec, &actual, learned(now, &before));
+    let want = spec.devices.values().next().expect("device").peers[&peer_key].endpoint;
+    assert!(
+        matches!(&ops[..], [WgOp::SetPeer { peer, .. }] if peer.endpoint == want),
+        "{ops:?}"
+    );
+}
+
+#[test]
+fn datastore_move_overrides_a_learned_endpoint_at_once() {
+    let now = SystemTime::now();
+    let spec = desired(&inputs(1, [node(1), node(2)]));
+    let roamed: std::net::SocketAddr = "192.0.2.77:40000".parse().expect("addr");
+    let (actual, peer_key) = roamed_state(&spec, roamed, Duration::from_secs(5), now);
+    let before = programmed(&spec);
+    // Node 2 now listens on another port: the datastore moved it.
+    let mut moved = spec.clone();
+    peer_of(&mut moved, &peer_key).endpoint.set_port(51999);
+    let ops = wg::plan_with(&moved, &actual, learned(now, &before));
+    assert!(
+        matches!(&ops[..], [WgOp::SetPeer { peer, .. }] if peer.endpoint.port() == 51999),
+        "{ops:?}"
+    );
+}
+
+#[test]
+fn allowed_ip_change_keeps_the_learned_endpoint() {
+    let now = SystemTime::now();
+    let spec = desired(&inputs(1, [node(1), node(2)]));
+    let roamed: std::net::SocketAddr = "192.0.2.77:40000".parse().expect("addr");
+    let (actual, peer_key) = roamed_state(&spec, roamed, Duration::from_secs(5), now);
+    let before = programmed(&spec);
+    let mut grown = spec.clone();
+    let before_len = spec.devices.values().next().expect("device").peers[&peer_key]
+        .allowed_ips
+        .len();
+    peer_of(&mut grown, &peer_key)
+        .allowed_ips
+        .insert("10.250.0.0/24".parse().expect("net"));
+    let ops = wg::plan_with(&grown, &actual, learned(now, &before));
+    assert!(
+        matches!(&ops[..], [WgOp::SetPeer { peer, .. }]
+            if peer.endpoint == roamed && peer.allowed_ips.len() == before_len + 1),
+        "{ops:?}"
     );
 }
 

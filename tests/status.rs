@@ -269,6 +269,7 @@ fn json_schema_is_stable() {
         "node",
         "publicKey",
         "endpoint",
+        "endpointLearned",
         "allowedIps",
         "latestHandshake",
         "handshakeAgeSeconds",
@@ -326,4 +327,33 @@ fn cluster_view_flags_collisions_malformed_and_missing_keys() {
     );
     let text = status::render_cluster_text(&r);
     assert!(text.lines().count() >= 6, "{text}");
+}
+
+#[test]
+fn a_learned_endpoint_agrees_while_live_and_disagrees_when_stale() {
+    let a = agent();
+    let roamed = |age: u64| {
+        let mut p = live_peer(2, Some(age), 1);
+        p.endpoint = Some("192.0.2.9:40000".parse().expect("addr"));
+        p
+    };
+    let l = live(vec![(2, roamed(30)), (3, live_peer(3, Some(10), 1))]);
+    let r = status::build("node1", Some(&a), Ok(&l), None, NOW);
+    let p = &r.devices[0].peers[0];
+    assert_eq!(p.node, "node2");
+    assert!(p.agrees && p.endpoint_learned, "{p:?}");
+    assert_eq!(p.endpoint.as_deref(), Some("192.0.2.9:40000"));
+    assert_eq!(r.verdict.level, Level::Ok, "{}", r.verdict);
+
+    let l = live(vec![(2, roamed(600)), (3, live_peer(3, Some(10), 1))]);
+    let r = status::build("node1", Some(&a), Ok(&l), None, NOW);
+    let p = &r.devices[0].peers[0];
+    assert!(!p.agrees && !p.endpoint_learned, "{p:?}");
+    assert!(
+        p.problems
+            .iter()
+            .any(|m| m.contains("endpoint on the device is 192.0.2.9:40000")),
+        "{:?}",
+        p.problems
+    );
 }

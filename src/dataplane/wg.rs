@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use ipnet::IpNet;
@@ -128,15 +128,67 @@ pub trait WireguardDataplane: Send {
     async fn apply(&mut self, ops: &[WgOp]) -> Result<(), DataplaneError>;
 }
 
+/// How long after a handshake a session counts as live: WireGuard rekeys every 120 s while
+/// traffic flows and rejects a session after 180 s (`REJECT_AFTER_TIME`).
+pub const LIVE_SESSION: Duration = Duration::from_secs(180);
+
+/// What `plan` needs to keep endpoints WireGuard learned by roaming (a peer behind NAT, or one
+/// that answered from another address): the time, and the datastore endpoint of each peer as
+/// of our last successful apply.
+#[derive(Debug, Clone, Copy)]
+pub struct Learned<'a> {
+    pub now: SystemTime,
+    /// (device, peer) -> the endpoint the datastore gave when we last applied.
+    pub programmed: &'a BTreeMap<(String, WgKey), SocketAddr>,
+}
+
+impl Learned<'_> {
+    /// The endpoint to keep instead of `want.endpoint`, if any: the device's own endpoint
+    /// differs, its session is live (so that address demonstrably works), and the datastore
+    /// has not moved the peer since we last programmed it (a moved peer, e.g. a new port,
+    /// propagates at once). After a restart nothing was programmed yet; a live session is
+    /// kept then too, as it works.
+    fn keep(
+        &self,
+        device: &str,
+        key: &WgKey,
+        want: &PeerSpec,
+        have: &PeerState,
+    ) -> Option<SocketAddr> {
+        let learned = have.endpoint.filter(|e| *e != want.endpoint)?;
+        let live = have.last_handshake.is_some_and(|at| {
+            self.now
+                .duration_since(at)
+                .is_ok_and(|age| age < LIVE_SESSION)
+        });
+        let moved = self
+            .programmed
+            .get(&(device.to_string(), *key))
+            .is_some_and(|before| *before != want.endpoint);
+        (live && !moved).then_some(learned)
+    }
+}
+
 fn peer_matches(want: &PeerSpec, have: &PeerState) -> bool {
     have.endpoint == Some(want.endpoint)
         && have.allowed_ips == want.allowed_ips
         && have.keepalive == want.keepalive
 }
 
-/// Minimal operations taking `actual` to `desired`. Devices we own but no longer want are
-/// deleted; existing peers are updated in place, never replaced wholesale.
+/// Minimal operations taking `actual` to `desired`, always setting the datastore's endpoint.
+/// Devices we own but no longer want are deleted; existing peers are updated in place, never
+/// replaced wholesale.
 pub fn plan(desired: &DataplaneSpec, actual: &BTreeMap<String, DeviceState>) -> Vec<WgOp> {
+    plan_with(desired, actual, None)
+}
+
+/// [`plan`], keeping endpoints WireGuard learned while their session is live (see
+/// [`Learned::keep`]) when `learned` is given.
+pub fn plan_with(
+    desired: &DataplaneSpec,
+    actual: &BTreeMap<String, DeviceState>,
+    learned: Option<Learned<'_>>,
+) -> Vec<WgOp> {
     let mut ops = Vec::new();
     let wanted: BTreeSet<&str> = desired.devices.values().map(|d| d.name.as_str()).collect();
     for name in actual.keys() {
@@ -180,10 +232,18 @@ pub fn plan(desired: &DataplaneSpec, actual: &BTreeMap<String, DeviceState>) -> 
             }
         }
         for (key, want) in &device.peers {
-            if have_peers
-                .get(key)
-                .is_none_or(|have| !peer_matches(want, have))
-            {
+            let have = have_peers.get(key);
+            let kept = have
+                .zip(learned)
+                .and_then(|(have, learned)| learned.keep(name, key, want, have));
+            let want = match kept {
+                Some(endpoint) => &PeerSpec {
+                    endpoint,
+                    ..want.clone()
+                },
+                None => want,
+            };
+            if have.is_none_or(|have| !peer_matches(want, have)) {
                 ops.push(WgOp::SetPeer {
                     name: name.clone(),
                     public_key: *key,
