@@ -27,8 +27,11 @@ use serde_json::{Value, json};
 use wiremesh::datastore::kube::{
     ANNOTATION_INTERFACE_V4, ANNOTATION_PUBLIC_KEY, felix_configuration_resource,
 };
-use wiremesh::lab::{self, Lab, UpOptions, VerifyExpect, k8s, verify};
+use wiremesh::lab::{Lab, UpOptions, VerifyExpect, k8s, verify};
 use wiremesh::model::WgKey;
+
+mod support;
+use support::apiserver::ApiServer;
 
 const ENV: &str = "WIREMESH_E2E_KUBECONFIG";
 const MANAGER: &str = "wiremesh-e2e";
@@ -37,42 +40,6 @@ const SERVICE_ACCOUNT: &str = "system:serviceaccount:wiremesh:wiremesh";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Removes the lab and its Node objects, also when the test fails.
-struct Cleanup {
-    lab: String,
-    kubeconfig: PathBuf,
-    nodes: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Err(e) = lab::down(&self.lab, None) {
-            eprintln!("cleanup of lab {} failed: {e}", self.lab);
-        }
-        // Drop runs inside the test's runtime: delete the Nodes from a thread of our own.
-        let (kubeconfig, nodes) = (self.kubeconfig.clone(), self.nodes.clone());
-        let deleted = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            runtime.block_on(async {
-                let client = k8s::client(&kubeconfig).await.map_err(|e| e.to_string())?;
-                for node in nodes {
-                    k8s::delete_node(&client, &node)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok::<_, String>(())
-            })
-        })
-        .join();
-        if !matches!(deleted, Ok(Ok(()))) {
-            eprintln!("deleting the lab's Node objects failed: {deleted:?}");
-        }
-    }
 }
 
 async fn wait_within(what: &str, mut condition: impl AsyncFnMut() -> bool) {
@@ -277,14 +244,99 @@ async fn kubernetes_end_to_end() {
     apply_crds(&client).await;
     apply_rbac(&client).await;
     check_rbac(&client).await;
-
     let name = format!("ke{}", std::process::id() % 100_000);
+    mesh_on_and_off(&client, &kubeconfig, &name).await;
+}
+
+/// The lab's part of the suite, against the in-memory API stand-in (tests/support/apiserver.rs)
+/// so the Kubernetes datastore, the relays and `lab up/down --kubeconfig` run in CI, where no
+/// cluster exists. The CRD and RBAC steps need a real API server and are not part of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_lab_against_the_api_stand_in() {
+    if !support::lab::root_or_skip("kubernetes_lab_against_the_api_stand_in") {
+        return;
+    }
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig()).expect("write kubeconfig");
+    let client = k8s::client(&kubeconfig).await.expect("connect");
+    // A Node the lab did not create: never touched, and never a lab node's name.
+    let bystander: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": "bystander", "annotations": { "keep": "me" } },
+    }))
+    .expect("node");
+    let api: Api<Node> = Api::all(client.clone());
+    api.create(&PostParams::default(), &bystander)
+        .await
+        .expect("create bystander");
+    let name = format!("ks{}", std::process::id() % 100_000);
+    mesh_on_and_off(&client, &kubeconfig, &name).await;
+
+    let left: Vec<String> = api
+        .list(&Default::default())
+        .await
+        .expect("list nodes")
+        .items
+        .iter()
+        .map(|n| n.name_any())
+        .collect();
+    assert_eq!(
+        left,
+        ["bystander"],
+        "lab down deletes its Nodes and nothing else"
+    );
+    let kept = api.get("bystander").await.expect("bystander");
+    assert_eq!(
+        kept.annotations().get("keep").map(String::as_str),
+        Some("me")
+    );
+    assert_eq!(kept.annotations().len(), 1, "{:?}", kept.annotations());
+    // The agents watched through the relays, and published with merge patches only.
+    let requests = server.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/nodes?") && r.contains("watch=true")),
+        "{requests:?}"
+    );
+    assert!(
+        !requests.iter().any(|r| r.starts_with("PUT ")),
+        "no full updates: {requests:?}"
+    );
+    // A Node of another owner with a lab node's name stops `lab up` with a clear error.
+    let squatter: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": { "name": "node1" },
+    }))
+    .expect("node");
+    api.create(&PostParams::default(), &squatter)
+        .await
+        .expect("create node1");
+    let mut options = UpOptions::new(&name, 1);
+    options.kubeconfig = Some(kubeconfig.clone());
+    options.binary = Some(PathBuf::from(env!("CARGO_BIN_EXE_wiremesh")));
+    let _guard = support::lab::Guard(name.clone());
+    let error = Lab::up(options).await.err().expect("lab up must refuse");
+    assert!(
+        error.to_string().contains("not created by lab")
+            || format!("{error:?}").contains("not created by lab"),
+        "{error:?}"
+    );
+    assert!(
+        api.get_opt("node1").await.expect("get").is_some(),
+        "node1 left alone"
+    );
+}
+
+/// Brings up a 3-node lab against `kubeconfig`'s API server with encryption off, turns it on
+/// and off with the FelixConfiguration patch, and checks annotations, `wg show` and traffic.
+async fn mesh_on_and_off(client: &Client, kubeconfig: &Path, name: &str) {
+    let kubeconfig = kubeconfig.to_path_buf();
+    let name = name.to_string();
     let nodes: Vec<String> = (1..=3).map(|i| format!("node{i}")).collect();
-    let _cleanup = Cleanup {
-        lab: name.clone(),
-        kubeconfig: kubeconfig.clone(),
-        nodes: nodes.clone(),
-    };
+    // `lab down` (also when the test fails) removes the lab and the Nodes it created.
+    let _guard = support::lab::Guard(name.clone());
     let mut options = UpOptions::new(&name, 3);
     options.encryption = false;
     options.kubeconfig = Some(kubeconfig.clone());

@@ -124,10 +124,7 @@ pub fn node_object(node: &NodeState, lab: &str) -> Value {
         "kind": "Node",
         "metadata": {
             "name": node.name,
-            "labels": {
-                "kubernetes.io/hostname": node.name,
-                "wiremesh.io/lab": lab,
-            },
+            "labels": super::node_labels(node, lab),
             "annotations": {
                 ANNOTATION_IPV4_ADDRESS: format!("{}/24", node.underlay_ip),
             },
@@ -147,11 +144,28 @@ pub fn node_object(node: &NodeState, lab: &str) -> Value {
     })
 }
 
-/// (Re)creates the Node object of `node` (a leftover of an earlier run is replaced).
+/// The label that marks a Node object as created by lab `<value>`; `lab down` deletes exactly
+/// the Nodes carrying it with the lab's name.
+pub const LAB_LABEL: &str = "wiremesh.io/lab";
+
+/// (Re)creates the Node object of `node`. A leftover of an earlier run of this lab is replaced;
+/// a Node of the same name that this lab did not create is never touched: that is an error.
 pub async fn register_node(client: &Client, node: &NodeState, lab: &str) -> Result<(), LabError> {
     let api: Api<Node> = Api::all(client.clone());
     let step = format!("registering Node {}", node.name);
-    delete_node(client, &node.name).await?;
+    if let Some(existing) = api.get_opt(&node.name).await.map_err(kube_error(&step))? {
+        if existing.labels().get(LAB_LABEL).map(String::as_str) != Some(lab) {
+            return Err(LabError::Kube {
+                step,
+                source: format!(
+                    "a Node named {} already exists and was not created by lab {lab} (no label {LAB_LABEL}={lab}); the lab does not touch it. Use a cluster without such a Node",
+                    node.name
+                )
+                .into(),
+            });
+        }
+        delete_node(client, &node.name).await?;
+    }
     let object: Node =
         serde_json::from_value(node_object(node, lab)).map_err(|e| LabError::Kube {
             step: step.clone(),
@@ -176,6 +190,48 @@ pub async fn delete_node(client: &Client, name: &str) -> Result<(), LabError> {
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(e) => Err(kube_error(&format!("deleting Node {name}"))(e)),
     }
+}
+
+/// Deletes every Node object labelled as created by lab `lab`, and nothing else; returns the
+/// names deleted.
+pub async fn delete_lab_nodes(client: &Client, lab: &str) -> Result<Vec<String>, LabError> {
+    let api: Api<Node> = Api::all(client.clone());
+    let step = format!("listing the Node objects of lab {lab}");
+    let params = ListParams::default().labels(&format!("{LAB_LABEL}={lab}"));
+    let nodes = api.list(&params).await.map_err(kube_error(&step))?;
+    let mut deleted = Vec::new();
+    for node in nodes.items {
+        let name = node.name_any();
+        delete_node(client, &name).await?;
+        deleted.push(name);
+    }
+    Ok(deleted)
+}
+
+/// [`delete_lab_nodes`] from synchronous code (such as `lab down`, which may itself run inside
+/// a runtime): on a thread with a runtime of its own.
+pub fn delete_lab_nodes_blocking(kubeconfig: &Path, lab: &str) -> Result<Vec<String>, LabError> {
+    let (kubeconfig, lab) = (kubeconfig.to_path_buf(), lab.to_string());
+    thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| LabError::Kube {
+                step: "starting a runtime to delete the lab's Node objects".into(),
+                source: Box::new(e),
+            })?;
+        runtime.block_on(async {
+            let client = client(&kubeconfig).await?;
+            delete_lab_nodes(&client, &lab).await
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(LabError::Kube {
+            step: "deleting the lab's Node objects".into(),
+            source: "the thread panicked".into(),
+        })
+    })
 }
 
 /// `host:port` of a server URL (`https://host[:port][/path]`).

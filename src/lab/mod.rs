@@ -210,6 +210,17 @@ impl Target {
     }
 }
 
+/// The labels of a lab node's object in the datastore (both datastores). The last two are
+/// HostEndpoint-friendly (docs/policy.md): copy them onto a node's HEPs.
+pub fn node_labels(node: &NodeState, lab: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("kubernetes.io/hostname".to_string(), node.name.clone()),
+        (k8s::LAB_LABEL.to_string(), lab.to_string()),
+        ("wiremesh.io/node".to_string(), node.name.clone()),
+        ("wiremesh.io/node-index".to_string(), node.index.to_string()),
+    ])
+}
+
 pub fn validate_name(name: &str) -> Result<(), LabError> {
     let bad = |reason: &str| LabError::InvalidName {
         name: name.to_string(),
@@ -562,13 +573,7 @@ impl Lab {
             name: node.name.clone(),
             ipv4_address: Some(format!("{}/24", node.underlay_ip)),
             ipv6_address: None,
-            labels: BTreeMap::from([
-                ("kubernetes.io/hostname".to_string(), node.name.clone()),
-                ("wiremesh.io/lab".to_string(), self.state.name.clone()),
-                // HostEndpoint-friendly labels (docs/policy.md): copy them onto a node's HEPs.
-                ("wiremesh.io/node".to_string(), node.name.clone()),
-                ("wiremesh.io/node-index".to_string(), index.to_string()),
-            ]),
+            labels: node_labels(&node, &self.state.name),
         };
         let cidr = node.pod_cidr.into();
         if let Some(kubeconfig) = self.state.kubeconfig.clone() {
@@ -1031,8 +1036,10 @@ pub fn down(name: &str, state_dir: Option<&Path>) -> Result<(), LabError> {
     validate_name(name)?;
     let dir = state_dir.map_or_else(|| default_state_dir(name), Path::to_path_buf);
     let mut relays = Vec::new();
+    let mut kubeconfig = None;
     let mut namespaces = match Lab::load_from(name, &dir) {
         Ok(lab) => {
+            kubeconfig = lab.state.kubeconfig.clone();
             relays = lab
                 .state
                 .nodes
@@ -1057,6 +1064,13 @@ pub fn down(name: &str, state_dir: Option<&Path>) -> Result<(), LabError> {
     // Every process first (an agent may still be reconfiguring its node), then the namespaces;
     // the hub goes last so etcd outlives the agents.
     let mut problems = Vec::new();
+    if let Some(kubeconfig) = &kubeconfig {
+        // Only the Node objects this lab created (labelled with its name).
+        match k8s::delete_lab_nodes_blocking(kubeconfig, name) {
+            Ok(deleted) => info!(lab = name, nodes = ?deleted, "deleted the lab's Node objects"),
+            Err(e) => problems.push(format!("Node objects of the lab: {e}")),
+        }
+    }
     if !relays.is_empty() {
         // The API-server relays of a Kubernetes lab live in the host's namespace.
         let left = sys::terminate(&relays, STOP_GRACE, || {

@@ -1,6 +1,7 @@
 //! Builders shared by the pure and fake-backed tests.
 #![allow(dead_code)]
 
+pub mod apiserver;
 pub mod lab;
 
 use std::collections::BTreeMap;
