@@ -317,7 +317,7 @@ async fn kubernetes_lab_against_the_api_stand_in() {
     options.kubeconfig = Some(kubeconfig.clone());
     options.binary = Some(PathBuf::from(env!("CARGO_BIN_EXE_wiremesh")));
     let _guard = support::lab::Guard(name.clone());
-    let error = Lab::up(options).await.err().expect("lab up must refuse");
+    let error = Lab::up(options).await.expect_err("lab up must refuse");
     assert!(
         error.to_string().contains("not created by lab")
             || format!("{error:?}").contains("not created by lab"),
@@ -349,13 +349,13 @@ async fn mesh_on_and_off(client: &Client, kubeconfig: &Path, name: &str) {
         .expect("verify");
     assert!(verify::summary(&results).1, "clear traffic: {results:?}");
 
-    set_wireguard(&client, true).await;
+    set_wireguard(client, true).await;
     wait_within(
         "every node to publish its key and tunnel address",
         async || {
             let mut all = true;
             for node in &nodes {
-                let a = annotations(&client, node).await;
+                let a = annotations(client, node).await;
                 all &= a
                     .get(ANNOTATION_PUBLIC_KEY)
                     .is_some_and(|k| k.parse::<WgKey>().is_ok())
@@ -367,7 +367,7 @@ async fn mesh_on_and_off(client: &Client, kubeconfig: &Path, name: &str) {
     .await;
     let mut keys = std::collections::BTreeSet::new();
     for node in &nodes {
-        keys.insert(annotations(&client, node).await[ANNOTATION_PUBLIC_KEY].clone());
+        keys.insert(annotations(client, node).await[ANNOTATION_PUBLIC_KEY].clone());
     }
     assert_eq!(keys.len(), 3, "three distinct keys: {keys:?}");
 
@@ -387,7 +387,7 @@ async fn mesh_on_and_off(client: &Client, kubeconfig: &Path, name: &str) {
     .await;
     for node in &nodes {
         let peers = wg_peers(&lab, node).expect("wg show");
-        let own = annotations(&client, node).await[ANNOTATION_PUBLIC_KEY].clone();
+        let own = annotations(client, node).await[ANNOTATION_PUBLIC_KEY].clone();
         for (key, _) in peers {
             assert!(
                 keys.contains(&key) && key != own,
@@ -397,11 +397,11 @@ async fn mesh_on_and_off(client: &Client, kubeconfig: &Path, name: &str) {
     }
 
     // Off again: annotations and devices go, traffic in clear.
-    set_wireguard(&client, false).await;
+    set_wireguard(client, false).await;
     wait_within("annotations and devices to be removed", async || {
         let mut clean = true;
         for node in &nodes {
-            let a = annotations(&client, node).await;
+            let a = annotations(client, node).await;
             clean &= !a.contains_key(ANNOTATION_PUBLIC_KEY)
                 && !a.contains_key(ANNOTATION_INTERFACE_V4)
                 && wg_peers(&lab, node).is_none();

@@ -471,10 +471,10 @@ impl ApiServer {
             "name",
             "namespace",
         ] {
-            if let Some(value) = current.pointer(&format!("/metadata/{field}")) {
-                if let Some(metadata) = updated.get_mut("metadata").and_then(Value::as_object_mut) {
-                    metadata.insert(field.into(), value.clone());
-                }
+            if let Some(value) = current.pointer(&format!("/metadata/{field}"))
+                && let Some(metadata) = updated.get_mut("metadata").and_then(Value::as_object_mut)
+            {
+                metadata.insert(field.into(), value.clone());
             }
         }
         if updated == current {
@@ -579,10 +579,14 @@ impl Target {
     }
 }
 
+/// One `labelSelector` term: the label, `Some((equal, value))` for `=`/`!=`, else whether it
+/// must be present.
+type LabelTerm = (String, Option<(bool, String)>, bool);
+
 /// `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`, comma = and) and `fieldSelector`
 /// (`metadata.name`, `metadata.namespace` with `=`, `==`, `!=`).
 struct Filter {
-    labels: Vec<(String, Option<(bool, String)>, bool)>,
+    labels: Vec<LabelTerm>,
     fields: Vec<(String, bool, String)>,
 }
 
