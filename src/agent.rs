@@ -160,9 +160,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     crate::admin::serve(&admin_addrs, Arc::clone(&metrics)).await?;
     let datastore: Arc<dyn Datastore> = match args.datastore {
         DatastoreKind::Etcd => Arc::new(EtcdDatastore::connect(args.etcd_endpoints.clone()).await?),
-        DatastoreKind::Kubernetes => {
-            Arc::new(KubeDatastore::connect(args.kubeconfig.as_deref()).await?)
-        }
+        // Policy CRDs are watched (and so must be installed and readable) only with host policy.
+        DatastoreKind::Kubernetes => Arc::new(
+            KubeDatastore::connect(args.kubeconfig.as_deref())
+                .await?
+                .with_policy(args.host_policy),
+        ),
     };
     let handle = kernel::netlink_handle()?;
     let userspace = UserspaceConfig {

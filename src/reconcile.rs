@@ -525,6 +525,16 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             {
                 warn!(error = %e, "invalid policy object");
             }
+            // Reported once when it appears (like the other problems), as an Event on the object.
+            let problems: Vec<ObjectProblem> = resources
+                .errors
+                .iter()
+                .filter(|e| !self.status.policy_errors.contains(&e.to_string()))
+                .map(policy_problem)
+                .collect();
+            if !problems.is_empty() {
+                self.datastore.report(&problems).await;
+            }
             self.status.policy_errors = errors;
         }
         let Some(filter) = self.filter.as_mut() else {
@@ -763,6 +773,24 @@ fn config_problem(error: &ConfigFieldError) -> ObjectProblem {
     ObjectProblem {
         object: ProblemObject::FelixConfiguration(error.object.clone()),
         reason: "InvalidFelixConfiguration".to_string(),
+        message: error.to_string(),
+    }
+}
+
+/// The problem to report for a policy object that failed validation: `Invalid<Kind>` on it.
+fn policy_problem(error: &crate::policy::ValidationError) -> ObjectProblem {
+    // Validation names namespaced objects `namespace/name`.
+    let (namespace, name) = match error.name.split_once('/') {
+        Some((ns, name)) if error.kind.namespaced() => (Some(ns.to_string()), name.to_string()),
+        _ => (None, error.name.clone()),
+    };
+    ObjectProblem {
+        object: ProblemObject::Policy {
+            kind: error.kind,
+            namespace,
+            name,
+        },
+        reason: format!("Invalid{}", error.kind),
         message: error.to_string(),
     }
 }

@@ -1,6 +1,10 @@
 //! The Kubernetes adapter at the request level: kube's client over tower-test's mock transport,
 //! with a scripted API server. Checks the exact requests sent (publish = one JSON merge patch of
 //! the annotations) and how list/watch answers (410 Gone, 404 for a missing CRD, 403) are handled.
+//! The policy kinds are compared with what the etcd adapter keeps for the same objects (a private
+//! etcd, as in tests/etcd.rs).
+
+mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,12 +16,15 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tower_test::mock::{Handle, SendResponse};
 
+use common::TestEtcd;
+use wiremesh::datastore::etcd::{EtcdDatastore, EtcdWriter, policy_key};
 use wiremesh::datastore::kube::{
     ANNOTATION_INTERFACE_V4, ANNOTATION_INTERFACE_V6, ANNOTATION_PUBLIC_KEY,
     ANNOTATION_PUBLIC_KEY_V6, KubeDatastore,
 };
 use wiremesh::datastore::{Datastore, DatastoreError};
 use wiremesh::model::{ClusterSnapshot, PublishedWireguard, WgKey};
+use wiremesh::policy::{Kind, PolicyResources, RawPolicyResources};
 
 /// One request as the server saw it.
 #[derive(Debug, Clone)]
@@ -575,5 +582,483 @@ async fn problems_become_warning_events_on_the_object() {
         event["note"]
             .as_str()
             .is_some_and(|n| n.contains("malformed WireGuard public key"))
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host-endpoint policy kinds
+// ---------------------------------------------------------------------------------------------
+
+const CALICO: &str = "/apis/projectcalico.org/v3/";
+
+/// The policy kind a request path lists or watches (all namespaces), if any.
+fn policy_kind(path: &str) -> Option<Kind> {
+    Kind::from_plural(path.strip_prefix(CALICO)?)
+}
+
+/// One object of every policy kind, as its author wrote it (and as `calicoctl` stores it in etcd).
+fn authored() -> Vec<(Kind, &'static str, Value)> {
+    let object = |kind: Kind, metadata: Value, spec: Value| {
+        json!({ "apiVersion": "projectcalico.org/v3", "kind": kind.to_string(),
+                "metadata": metadata, "spec": spec })
+    };
+    vec![
+        (
+            Kind::GlobalNetworkPolicy,
+            "deny-blocked",
+            object(
+                Kind::GlobalNetworkPolicy,
+                json!({ "name": "deny-blocked" }),
+                json!({ "tier": "security", "order": 10, "selector": "host-endpoint == 'true'",
+                        "ingress": [{ "action": "Deny", "source": { "selector": "list == 'deny'" } },
+                                    { "action": "Pass" }] }),
+            ),
+        ),
+        (
+            Kind::NetworkPolicy,
+            "ns1/allow-dns",
+            object(
+                Kind::NetworkPolicy,
+                json!({ "name": "allow-dns", "namespace": "ns1" }),
+                json!({ "selector": "all()",
+                        "egress": [{ "action": "Allow", "protocol": "UDP",
+                                     "destination": { "ports": [53] } }] }),
+            ),
+        ),
+        (
+            Kind::Tier,
+            "security",
+            object(
+                Kind::Tier,
+                json!({ "name": "security" }),
+                json!({ "order": 100, "defaultAction": "Pass" }),
+            ),
+        ),
+        (
+            Kind::HostEndpoint,
+            "node1-eth0",
+            object(
+                Kind::HostEndpoint,
+                json!({ "name": "node1-eth0", "labels": { "host-endpoint": "true" } }),
+                json!({ "node": "node1", "interfaceName": "eth0", "expectedIPs": ["192.0.2.1"] }),
+            ),
+        ),
+        (
+            Kind::GlobalNetworkSet,
+            "blocked",
+            object(
+                Kind::GlobalNetworkSet,
+                json!({ "name": "blocked", "labels": { "list": "deny" } }),
+                json!({ "nets": ["198.51.100.0/24"] }),
+            ),
+        ),
+        (
+            Kind::NetworkSet,
+            "ns1/dns-servers",
+            object(
+                Kind::NetworkSet,
+                json!({ "name": "dns-servers", "namespace": "ns1", "labels": { "role": "dns" } }),
+                json!({ "nets": ["192.0.2.53/32"] }),
+            ),
+        ),
+    ]
+}
+
+/// `object` as the API server serves it: with its bookkeeping added.
+fn served(object: &Value, rv: &str) -> Value {
+    let mut object = object.clone();
+    let applied = object.to_string();
+    if let Some(meta) = object["metadata"].as_object_mut() {
+        meta.insert("uid".into(), json!("6f1c2a9e-0000-4000-8000-00000000beef"));
+        meta.insert("resourceVersion".into(), json!(rv));
+        meta.insert("generation".into(), json!(1));
+        meta.insert("creationTimestamp".into(), json!("2025-01-01T00:00:00Z"));
+        meta.insert(
+            "managedFields".into(),
+            json!([{ "manager": "kubectl-client-side-apply", "operation": "Update",
+                     "apiVersion": "projectcalico.org/v3", "fieldsType": "FieldsV1",
+                     "fieldsV1": { "f:spec": {} } }]),
+        );
+        let annotations = meta
+            .entry("annotations")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .map(|a| {
+                a.insert(
+                    "kubectl.kubernetes.io/last-applied-configuration".into(),
+                    json!(applied),
+                )
+            });
+        assert!(annotations.is_some());
+    }
+    object
+}
+
+/// The answers every run needs: nodes, FelixConfigurations (default exists), empty lists of
+/// policy kinds not otherwise scripted, and watches left open.
+fn base_answer(req: &Seen) -> Option<Response<Body>> {
+    match (req.path.as_str(), req.is_watch()) {
+        (NODES, false) => ok(&list("NodeList", "v1", "1", vec![])),
+        (FELIX, false) if req.method == "POST" => respond(
+            StatusCode::CONFLICT,
+            &status(
+                409,
+                "AlreadyExists",
+                "felixconfigurations \"default\" already exists",
+            ),
+        ),
+        (FELIX, false) => ok(&list(
+            "FelixConfigurationList",
+            "projectcalico.org/v3",
+            "1",
+            vec![felix_default(false)],
+        )),
+        (path, false) => {
+            let kind = policy_kind(path)?;
+            ok(&list(
+                &format!("{kind}List"),
+                "projectcalico.org/v3",
+                "1",
+                vec![],
+            ))
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn policy_kinds_land_in_the_snapshot_as_the_etcd_adapter_keeps_them() {
+    let objects = authored();
+    let lists = objects.clone();
+    let (client, server) = Server::start(Box::new(move |req| {
+        match (req.path.as_str(), req.is_watch()) {
+            (path, false) if policy_kind(path).is_some() => {
+                let kind = policy_kind(path)?;
+                let items = lists
+                    .iter()
+                    .filter(|(k, _, _)| *k == kind)
+                    .map(|(_, _, object)| served(object, "7"))
+                    .collect();
+                ok(&list(
+                    &format!("{kind}List"),
+                    "projectcalico.org/v3",
+                    "8",
+                    items,
+                ))
+            }
+            _ => base_answer(req),
+        }
+    }));
+    let datastore = KubeDatastore::from_client(client).with_policy(true);
+    let (tx, mut rx) = watch::channel(ClusterSnapshot::default());
+    let task = tokio::spawn(async move { datastore.run(tx).await });
+    let kube = wait_for(&mut rx, |s| s.synced).await;
+    task.abort();
+
+    // Every kind listed, across all namespaces (no namespace in the path).
+    let seen = server.seen();
+    for kind in Kind::ALL {
+        let path = format!("{CALICO}{}", kind.plural());
+        assert!(
+            seen.iter().any(|r| r.path == path && !r.is_watch()),
+            "{kind} listed at {path}: {seen:#?}"
+        );
+    }
+    // Exactly the authored objects, keyed as in Calico's etcd keys.
+    let mut want = RawPolicyResources::default();
+    for (kind, key, object) in &objects {
+        want.insert(*kind, key.to_string(), object.clone());
+    }
+    assert_eq!(kube.policy, want);
+    assert_eq!(
+        kube.policy.objects[&Kind::NetworkPolicy]
+            .keys()
+            .collect::<Vec<_>>(),
+        vec!["ns1/allow-dns"]
+    );
+
+    // The etcd adapter, given the same objects under Calico's keys, keeps the same.
+    let etcd = TestEtcd::start().await;
+    let mut writer = EtcdWriter::connect(std::slice::from_ref(&etcd.endpoint))
+        .await
+        .expect("etcd writer");
+    for (kind, key, object) in &objects {
+        writer
+            .put_raw(&policy_key(*kind, key), object.to_string())
+            .await
+            .expect("put");
+    }
+    let store = EtcdDatastore::connect(vec![etcd.endpoint.clone()])
+        .await
+        .expect("etcd datastore");
+    let (tx, mut rx) = watch::channel(ClusterSnapshot::default());
+    let task = tokio::spawn(async move { store.run(tx).await });
+    let from_etcd = wait_for(&mut rx, |s| s.synced).await;
+    task.abort();
+    assert_eq!(kube.policy, from_etcd.policy);
+
+    // Hence validation is identical too, and these objects are valid.
+    let validated = PolicyResources::from_raw(&kube.policy);
+    assert_eq!(validated.errors, vec![]);
+    assert_eq!(validated, PolicyResources::from_raw(&from_etcd.policy));
+    assert_eq!(validated.policies.len(), 2);
+    assert_eq!(validated.host_endpoints.len(), 1);
+    assert_eq!(validated.network_sets.len(), 2);
+}
+
+#[tokio::test]
+async fn global_network_set_watch_events_update_the_snapshot() {
+    let set = |name: &str, rv: &str, nets: &[&str]| {
+        served(
+            &json!({ "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+                     "metadata": { "name": name, "labels": { "list": "deny" } },
+                     "spec": { "nets": nets } }),
+            rv,
+        )
+    };
+    let gns = format!("{CALICO}globalnetworksets");
+    let path = gns.clone();
+    let mut watches = 0;
+    let (client, server) = Server::start(Box::new(move |req| {
+        if req.path != path {
+            return base_answer(req);
+        }
+        if !req.is_watch() {
+            return ok(&list(
+                "GlobalNetworkSetList",
+                "projectcalico.org/v3",
+                "10",
+                vec![
+                    set("a", "9", &["10.0.0.0/8"]),
+                    set("c", "9", &["192.0.2.0/24"]),
+                ],
+            ));
+        }
+        watches += 1;
+        if watches > 1 {
+            return None;
+        }
+        watch_events(&[
+            json!({ "type": "MODIFIED", "object": set("a", "11", &["10.1.0.0/16", "10.2.0.0/16"]) }),
+            json!({ "type": "DELETED", "object": set("c", "12", &["192.0.2.0/24"]) }),
+        ])
+    }));
+    let datastore = KubeDatastore::from_client(client).with_policy(true);
+    let (tx, mut rx) = watch::channel(ClusterSnapshot::default());
+    let task = tokio::spawn(async move { datastore.run(tx).await });
+    let want = json!({
+        "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+        "metadata": { "name": "a", "labels": { "list": "deny" } },
+        "spec": { "nets": ["10.1.0.0/16", "10.2.0.0/16"] }
+    });
+    let last = wait_for(&mut rx, |s| {
+        s.policy
+            .objects
+            .get(&Kind::GlobalNetworkSet)
+            .is_some_and(|m| m.len() == 1 && m.get("a") == Some(&want))
+    })
+    .await;
+    task.abort();
+    assert!(last.synced);
+    assert_eq!(
+        last.policy.objects.keys().collect::<Vec<_>>(),
+        vec![&Kind::GlobalNetworkSet]
+    );
+    let seen = server.seen();
+    assert!(
+        seen.iter()
+            .any(|r| r.path == gns && r.is_watch() && r.query.contains("resourceVersion=10")),
+        "the watch starts at the list's version: {seen:#?}"
+    );
+}
+
+#[tokio::test]
+async fn missing_policy_crd_is_a_clear_error_naming_it() {
+    let (client, _server) = Server::start(Box::new(|req| {
+        if req.path == format!("{CALICO}globalnetworksets") && !req.is_watch() {
+            return Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .header(http::header::CONTENT_TYPE, "text/plain")
+                .body(Body::from(b"404 page not found\n".to_vec()))
+                .ok();
+        }
+        base_answer(req)
+    }));
+    let datastore = KubeDatastore::from_client(client).with_policy(true);
+    let (tx, rx) = watch::channel(ClusterSnapshot::default());
+    let error = tokio::time::timeout(Duration::from_secs(10), datastore.run(tx))
+        .await
+        .expect("run must fail, not hang, when a policy CRD is missing")
+        .expect_err("a missing policy CRD is fatal");
+    assert!(
+        matches!(&error, DatastoreError::MissingCrd { crd } if crd == "globalnetworksets.projectcalico.org"),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        "the CustomResourceDefinition globalnetworksets.projectcalico.org is not installed; apply the CRDs first (kubectl apply -f crds/)"
+    );
+    assert!(!error.is_transient());
+    assert!(!rx.borrow().synced);
+}
+
+#[tokio::test]
+async fn policy_rbac_denial_names_verb_and_resource() {
+    let (client, _server) = Server::start(Box::new(|req| {
+        if req.path == format!("{CALICO}hostendpoints") && !req.is_watch() {
+            return respond(
+                StatusCode::FORBIDDEN,
+                &status(
+                    403,
+                    "Forbidden",
+                    "hostendpoints.projectcalico.org is forbidden: User \"system:serviceaccount:wiremesh:wiremesh\" cannot list resource \"hostendpoints\"",
+                ),
+            );
+        }
+        base_answer(req)
+    }));
+    let datastore = KubeDatastore::from_client(client).with_policy(true);
+    let (tx, _rx) = watch::channel(ClusterSnapshot::default());
+    let error = tokio::time::timeout(Duration::from_secs(10), datastore.run(tx))
+        .await
+        .expect("run must fail, not hang, on 403")
+        .expect_err("403 is fatal");
+    assert!(
+        matches!(&error, DatastoreError::Forbidden { verb, resource, .. }
+            if verb == "list" && resource == "hostendpoints.projectcalico.org"),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .starts_with("not allowed to list hostendpoints.projectcalico.org ("),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn without_host_policy_no_policy_kind_is_requested() {
+    // Policy objects are there to be found: if they were asked for, the snapshot would show them.
+    let objects = authored();
+    let (client, server) = Server::start(Box::new(move |req| {
+        match (policy_kind(&req.path), req.is_watch()) {
+            (Some(kind), false) => {
+                let items = objects
+                    .iter()
+                    .filter(|(k, _, _)| *k == kind)
+                    .map(|(_, _, object)| served(object, "3"))
+                    .collect();
+                ok(&list(
+                    &format!("{kind}List"),
+                    "projectcalico.org/v3",
+                    "4",
+                    items,
+                ))
+            }
+            _ => base_answer(req),
+        }
+    }));
+    let datastore = KubeDatastore::from_client(client).with_policy(false);
+    let (tx, mut rx) = watch::channel(ClusterSnapshot::default());
+    let task = tokio::spawn(async move { datastore.run(tx).await });
+    let synced = wait_for(&mut rx, |s| s.synced).await;
+    // Every stream has been polled by now (they start together); give stragglers a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    task.abort();
+    assert_eq!(synced.policy, RawPolicyResources::default());
+    let seen = server.seen();
+    let paths: Vec<&str> = seen.iter().map(|r| r.path.as_str()).collect();
+    assert!(paths.iter().all(|p| policy_kind(p).is_none()), "{paths:#?}");
+    // The requests that were made: node and FelixConfiguration list/watch and the create.
+    assert!(
+        paths.iter().all(|p| *p == NODES || *p == FELIX),
+        "{paths:#?}"
+    );
+    assert!(
+        seen.iter().any(|r| r.path == NODES && r.is_watch()),
+        "{seen:#?}"
+    );
+}
+
+#[tokio::test]
+async fn policy_problems_become_events_on_the_object_in_its_namespace() {
+    use wiremesh::datastore::{ObjectProblem, ProblemObject};
+    let objects = authored();
+    let (client, server) = Server::start(Box::new(move |req| {
+        if req.method == "POST" && req.path.starts_with("/apis/events.k8s.io/") {
+            let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+            return respond(StatusCode::CREATED, &body);
+        }
+        match (policy_kind(&req.path), req.is_watch()) {
+            (Some(Kind::NetworkPolicy), false) => {
+                let items = objects
+                    .iter()
+                    .filter(|(k, _, _)| *k == Kind::NetworkPolicy)
+                    .map(|(_, _, object)| served(object, "3"))
+                    .collect();
+                ok(&list(
+                    "NetworkPolicyList",
+                    "projectcalico.org/v3",
+                    "4",
+                    items,
+                ))
+            }
+            _ => base_answer(req),
+        }
+    }));
+    let datastore = Arc::new(KubeDatastore::from_client(client).with_policy(true));
+    let (tx, mut rx) = watch::channel(ClusterSnapshot::default());
+    let task = {
+        let datastore = Arc::clone(&datastore);
+        tokio::spawn(async move { datastore.run(tx).await })
+    };
+    wait_for(&mut rx, |s| s.synced).await;
+    let problem = |name: &str| ObjectProblem {
+        object: ProblemObject::Policy {
+            kind: Kind::NetworkPolicy,
+            namespace: Some("ns1".into()),
+            name: name.into(),
+        },
+        reason: "InvalidNetworkPolicy".into(),
+        message: format!("NetworkPolicy \"ns1/{name}\": spec.egress[0].action: unknown"),
+    };
+    // One watched object (its UID is known) and one the adapter never saw.
+    datastore
+        .report(&[problem("allow-dns"), problem("gone")])
+        .await;
+    let mut posts = Vec::new();
+    for _ in 0..100 {
+        posts = server
+            .seen()
+            .into_iter()
+            .filter(|r| r.method == "POST" && r.path.starts_with("/apis/events.k8s.io/"))
+            .collect();
+        if posts.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    assert_eq!(posts.len(), 2, "{:#?}", server.seen());
+    let events: Vec<Value> = posts
+        .iter()
+        .map(|p| serde_json::from_slice(&p.body).expect("JSON"))
+        .collect();
+    assert_eq!(
+        posts[0].path,
+        "/apis/events.k8s.io/v1/namespaces/ns1/events"
+    );
+    assert_eq!(events[0]["type"], "Warning");
+    assert_eq!(events[0]["reason"], "InvalidNetworkPolicy");
+    assert_eq!(
+        events[0]["regarding"],
+        json!({ "apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+                "namespace": "ns1", "name": "allow-dns",
+                "uid": "6f1c2a9e-0000-4000-8000-00000000beef" })
+    );
+    assert_eq!(
+        events[1]["regarding"],
+        json!({ "apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+                "namespace": "ns1", "name": "gone" })
     );
 }

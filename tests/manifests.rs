@@ -462,3 +462,51 @@ async fn helm_chart_can_create_the_default_felix_configuration() {
     let files = render_chart(&chart_values(), off.path());
     assert!(!files.iter().any(|p| p.ends_with("felixconfiguration.yaml")));
 }
+
+/// The ClusterRole's rules in a (multi-document) YAML file.
+fn cluster_role_rules(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).expect("RBAC manifest");
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let value: Value = serde::Deserialize::deserialize(doc).expect("YAML");
+        if value["kind"] == "ClusterRole" {
+            return value["rules"].clone();
+        }
+    }
+    panic!("no ClusterRole in {}", path.display())
+}
+
+#[test]
+fn rbac_grants_exactly_what_the_agent_reads_and_writes() {
+    use wiremesh::policy::Kind;
+    let plain = cluster_role_rules(&root().join("deploy/rbac.yaml"));
+    // The six policy kinds the Kubernetes adapter watches: read-only, nothing else.
+    let policy: Vec<&str> = Kind::ALL.iter().map(|k| k.plural()).collect();
+    assert_eq!(
+        plain,
+        json!([
+            { "apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"] },
+            { "apiGroups": ["projectcalico.org"], "resources": ["felixconfigurations"],
+              "verbs": ["get", "list", "watch", "create"] },
+            { "apiGroups": ["projectcalico.org"],
+              "resources": ["hostendpoints", "globalnetworkpolicies", "networkpolicies", "tiers",
+                            "globalnetworksets", "networksets"],
+              "verbs": ["get", "list", "watch"] },
+            { "apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"] }
+        ])
+    );
+    let mut granted: Vec<&str> = plain[2]["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    granted.sort_unstable();
+    let mut watched = policy.clone();
+    watched.sort_unstable();
+    assert_eq!(granted, watched);
+
+    // The chart grants the same.
+    let dir = tempfile::tempdir().expect("temp dir");
+    render_chart(&chart_values(), dir.path());
+    assert_eq!(cluster_role_rules(&dir.path().join("rbac.yaml")), plain);
+}

@@ -145,6 +145,62 @@ async fn policy_is_programmed_updated_by_elements_and_removed() {
     assert!(!h.nft.lock().table.present);
 }
 
+#[tokio::test]
+async fn invalid_policy_objects_are_reported_once_on_the_object() {
+    use wiremesh::datastore::{ObjectProblem, ProblemObject};
+    let mut bad = cluster(&["10.244.3.0/24"], "node1");
+    bad.policy.insert(
+        Kind::NetworkPolicy,
+        "ns1/allow-dns".into(),
+        json!({"metadata": {"name": "allow-dns", "namespace": "ns1"},
+               "spec": {"egress": [{"action": "Reject"}]}}),
+    );
+    bad.policy.insert(
+        Kind::GlobalNetworkSet,
+        "bad-set".into(),
+        json!({"metadata": {"name": "bad-set"}, "spec": {"nets": ["not-a-cidr"]}}),
+    );
+    let h = H::new(bad.clone());
+    let mut r = h.reconciler();
+    r.reconcile_once(&bad).await.expect("reconcile");
+    let reported = h.store.reported();
+    let objects: Vec<(&ProblemObject, &str)> = reported
+        .iter()
+        .map(|p| (&p.object, p.reason.as_str()))
+        .collect();
+    assert_eq!(
+        objects,
+        vec![
+            (
+                &ProblemObject::Policy {
+                    kind: Kind::NetworkPolicy,
+                    namespace: Some("ns1".into()),
+                    name: "allow-dns".into(),
+                },
+                "InvalidNetworkPolicy"
+            ),
+            (
+                &ProblemObject::Policy {
+                    kind: Kind::GlobalNetworkSet,
+                    namespace: None,
+                    name: "bad-set".into(),
+                },
+                "InvalidGlobalNetworkSet"
+            ),
+        ],
+        "{reported:#?}"
+    );
+    let message = |p: &ObjectProblem| p.message.clone();
+    assert!(
+        message(&reported[0])
+            .starts_with("NetworkPolicy \"ns1/allow-dns\": spec.egress[0].action: "),
+        "{reported:#?}"
+    );
+    // Unchanged problems are not reported again.
+    r.reconcile_once(&bad).await.expect("reconcile");
+    assert_eq!(h.store.reported().len(), 2);
+}
+
 #[test]
 fn etcd_policy_keys() {
     use wiremesh::datastore::etcd::{decode_policy_key, policy_key};

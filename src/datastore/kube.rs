@@ -5,11 +5,15 @@
 //! | node | core/v1 `Node`: pod CIDRs from `spec.podCIDRs` (else `spec.podCIDR`); underlay from the `projectcalico.org/IPv4Address` / `IPv6Address` annotation (prefix dropped), else the `InternalIP` of that family |
 //! | WireGuard fields | `Node.metadata.annotations`: [`ANNOTATION_PUBLIC_KEY`], [`ANNOTATION_PUBLIC_KEY_V6`], [`ANNOTATION_INTERFACE_V4`], [`ANNOTATION_INTERFACE_V6`] |
 //! | settings | `felixconfigurations.projectcalico.org/v3` (cluster-scoped; `default`, `node.<name>`) |
+//! | host-endpoint policy (with [`KubeDatastore::with_policy`]) | the six `projectcalico.org/v3` kinds of [`Kind::ALL`], namespaced ones in every namespace |
 //!
-//! Both kinds are list-watched with kube-runtime's `watcher`. Its `Init` / `InitApply` /
+//! Every kind is list-watched with kube-runtime's `watcher`. Its `Init` / `InitApply` /
 //! `InitDone` events are buffered, and the cache of that kind is replaced in one step at
 //! `InitDone`, so a re-list (after a 410 Gone or any desync) never shows a partial cache. The
-//! snapshot is sent only once both kinds have been listed (`synced`), and only when it changed.
+//! snapshot is sent only once every kind has been listed (`synced`), and only when it changed.
+//!
+//! Policy objects are kept as the raw JSON the etcd adapter keeps (see [`policy_entry`]), so the
+//! reconciler validates and renders them identically on both datastores.
 //!
 //! FelixConfigurations are read as untyped objects: one object whose spec does not decode is kept
 //! with its error (and reported) instead of failing the whole list.
@@ -24,6 +28,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use futures::StreamExt as _;
@@ -42,6 +47,7 @@ use tracing::{debug, info, warn};
 use super::{Datastore, DatastoreError, ObjectProblem, ProblemObject, SnapshotSender};
 use crate::config::FelixConfigurationSpec;
 use crate::model::{ClusterSnapshot, Family, NodeResource, PublishedWireguard};
+use crate::policy::{Kind, RawPolicyResources};
 
 pub const ANNOTATION_PUBLIC_KEY: &str = "projectcalico.org/WireguardPublicKey";
 pub const ANNOTATION_PUBLIC_KEY_V6: &str = "projectcalico.org/WireguardPublicKeyV6";
@@ -54,12 +60,29 @@ pub const ANNOTATION_IPV6_ADDRESS: &str = "projectcalico.org/IPv6Address";
 /// The CRD the agent needs besides core Nodes.
 pub const FELIX_CONFIGURATION_CRD: &str = "felixconfigurations.projectcalico.org";
 
+const CALICO_GROUP: &str = "projectcalico.org";
+const CALICO_VERSION: &str = "v3";
+
 /// The `projectcalico.org/v3` FelixConfiguration resource, for untyped access.
 pub fn felix_configuration_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("projectcalico.org", "v3", "FelixConfiguration"),
+        &GroupVersionKind::gvk(CALICO_GROUP, CALICO_VERSION, "FelixConfiguration"),
         "felixconfigurations",
     )
+}
+
+/// A policy kind's `projectcalico.org/v3` resource, for untyped access (the same kind and plural
+/// as the CRD generated from `crate::api`; a test checks they agree).
+pub fn policy_resource(kind: Kind) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(CALICO_GROUP, CALICO_VERSION, &kind.to_string()),
+        kind.plural(),
+    )
+}
+
+/// The CRD behind a policy kind, e.g. `globalnetworksets.projectcalico.org`.
+pub fn policy_crd(kind: Kind) -> String {
+    format!("{}.{CALICO_GROUP}", kind.plural())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -139,6 +162,86 @@ pub fn decode_felix_configuration(
         Some(spec) => serde_json::from_value(spec.clone())
             .map_err(|e| format!("FelixConfiguration spec does not decode: {e}")),
     }
+}
+
+/// kubectl's copy of the applied manifest: server-side bookkeeping, not part of the object.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// A policy object as the snapshot keeps it: its key (`name`, or `namespace/name` for namespaced
+/// kinds, as in Calico's etcd keys) and its JSON as written by its author, i.e. what the etcd
+/// adapter reads from the key's value: `apiVersion`, `kind`, `metadata` with `name`,
+/// `namespace`, `labels` and `annotations`, and `spec`. Server bookkeeping (`uid`,
+/// `resourceVersion`, `generation`, `creationTimestamp`, `managedFields`, kubectl's last-applied
+/// copy) is left out: validation ignores it, and it would make both datastores differ.
+pub fn policy_entry(kind: Kind, object: &DynamicObject) -> (String, Value) {
+    let meta = &object.metadata;
+    let name = meta.name.clone().unwrap_or_default();
+    // Listed across all namespaces, a namespaced object always has one; `default` as kubectl.
+    let namespace = kind
+        .namespaced()
+        .then(|| meta.namespace.clone().unwrap_or_else(|| "default".into()));
+    let key = match &namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.clone(),
+    };
+    let mut metadata = Map::new();
+    metadata.insert("name".into(), Value::String(name));
+    if let Some(ns) = namespace {
+        metadata.insert("namespace".into(), Value::String(ns));
+    }
+    if let Some(labels) = meta.labels.as_ref().filter(|l| !l.is_empty()) {
+        metadata.insert("labels".into(), string_map(labels.iter()));
+    }
+    if let Some(annotations) = meta.annotations.as_ref() {
+        let kept: Vec<_> = annotations
+            .iter()
+            .filter(|(k, _)| k.as_str() != LAST_APPLIED_ANNOTATION)
+            .collect();
+        if !kept.is_empty() {
+            metadata.insert("annotations".into(), string_map(kept.into_iter()));
+        }
+    }
+    let mut value = Map::new();
+    value.insert(
+        "apiVersion".into(),
+        Value::String(format!("{CALICO_GROUP}/{CALICO_VERSION}")),
+    );
+    value.insert("kind".into(), Value::String(kind.to_string()));
+    value.insert("metadata".into(), Value::Object(metadata));
+    if let Some(spec) = object.data.get("spec") {
+        value.insert("spec".into(), spec.clone());
+    }
+    (key, Value::Object(value))
+}
+
+/// A watched policy object: the raw JSON for the snapshot, and its UID so that Events about it
+/// match it (`kubectl describe` selects Events by the object's UID).
+#[derive(Debug, Clone, PartialEq)]
+struct PolicyObject {
+    value: Value,
+    uid: Option<String>,
+}
+
+fn policy_cache_entry(kind: Kind, object: &DynamicObject) -> (String, PolicyObject) {
+    let (key, value) = policy_entry(kind, object);
+    let uid = object.metadata.uid.clone();
+    (key, PolicyObject { value, uid })
+}
+
+/// The key of a policy problem's object, as [`policy_entry`] makes it.
+fn policy_key(kind: Kind, namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) if kind.namespaced() => format!("{ns}/{name}"),
+        _ => name.to_string(),
+    }
+}
+
+fn string_map<'a>(entries: impl Iterator<Item = (&'a String, &'a String)>) -> Value {
+    Value::Object(
+        entries
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect(),
+    )
 }
 
 /// The merge patch that makes `annotations` carry `published`: only the differing keys, a
@@ -246,20 +349,54 @@ impl<V: PartialEq> Cache<V> {
 struct State {
     nodes: Cache<NodeResource>,
     felix: Cache<Result<FelixConfigurationSpec, String>>,
+    /// One cache per watched policy kind; none when policy is not watched.
+    policy: BTreeMap<Kind, Cache<PolicyObject>>,
 }
 
 impl State {
-    /// The snapshot, once both kinds have been listed.
+    fn new(policy_kinds: &[Kind]) -> State {
+        State {
+            policy: policy_kinds
+                .iter()
+                .map(|kind| (*kind, Cache::default()))
+                .collect(),
+            ..State::default()
+        }
+    }
+
+    /// The snapshot, once every watched kind has been listed.
     fn snapshot(&self) -> Option<ClusterSnapshot> {
+        let mut policy = RawPolicyResources::default();
+        for (kind, cache) in &self.policy {
+            // Kinds without objects are left out, as the etcd adapter's list leaves them.
+            for (key, object) in cache.current.as_ref()? {
+                policy.insert(*kind, key.clone(), object.value.clone());
+            }
+        }
         Some(ClusterSnapshot {
             nodes: self.nodes.current.clone()?,
             felix_configurations: self.felix.current.clone()?,
-            // Policy resources are not watched on Kubernetes yet (etcd only).
-            policy: Default::default(),
+            policy,
             synced: true,
         })
     }
+
+    /// The UID of every listed policy object, by kind and key.
+    fn policy_uids(&self) -> PolicyUids {
+        self.policy
+            .iter()
+            .flat_map(|(kind, cache)| {
+                cache
+                    .current
+                    .iter()
+                    .flatten()
+                    .filter_map(|(key, object)| Some(((*kind, key.clone()), object.uid.clone()?)))
+            })
+            .collect()
+    }
 }
+
+type PolicyUids = BTreeMap<(Kind, String), String>;
 
 fn node_entry(node: &Node) -> (String, NodeResource) {
     let decoded = decode_node(node);
@@ -362,6 +499,10 @@ fn fatal_watch_error(
 pub struct KubeDatastore {
     client: Client,
     recorder: Recorder,
+    /// Also list-watch the policy kinds (the agent's `--host-policy`).
+    watch_policy: bool,
+    /// Written by `run`, read by `report`.
+    policy_uids: Arc<Mutex<PolicyUids>>,
 }
 
 /// The Events' reporting controller.
@@ -379,8 +520,20 @@ pub fn event_reference(object: &ProblemObject) -> ObjectReference {
             ..ObjectReference::default()
         },
         ProblemObject::FelixConfiguration(name) => ObjectReference {
-            api_version: Some("projectcalico.org/v3".into()),
+            api_version: Some(format!("{CALICO_GROUP}/{CALICO_VERSION}")),
             kind: Some("FelixConfiguration".into()),
+            name: Some(name.clone()),
+            ..ObjectReference::default()
+        },
+        ProblemObject::Policy {
+            kind,
+            namespace,
+            name,
+        } => ObjectReference {
+            api_version: Some(format!("{CALICO_GROUP}/{CALICO_VERSION}")),
+            kind: Some(kind.to_string()),
+            // The Event lands in the object's namespace (cluster-scoped: `default`).
+            namespace: namespace.clone(),
             name: Some(name.clone()),
             ..ObjectReference::default()
         },
@@ -422,10 +575,44 @@ impl KubeDatastore {
         Ok(Self::from_client(client))
     }
 
-    /// An adapter over an existing client (tests use kube's mock transport).
+    /// An adapter over an existing client (tests use kube's mock transport). It watches Nodes
+    /// and FelixConfigurations; see [`KubeDatastore::with_policy`] for the policy kinds.
     pub fn from_client(client: Client) -> Self {
         let recorder = Recorder::new(client.clone(), Reporter::from(EVENT_CONTROLLER));
-        KubeDatastore { client, recorder }
+        KubeDatastore {
+            client,
+            recorder,
+            watch_policy: false,
+            policy_uids: Arc::default(),
+        }
+    }
+
+    /// Whether to list-watch the six policy kinds too. Off, the agent needs neither their CRDs
+    /// nor RBAC on them, and the snapshot's policy stays empty.
+    pub fn with_policy(mut self, watch_policy: bool) -> Self {
+        self.watch_policy = watch_policy;
+        self
+    }
+
+    /// The policy kinds this adapter watches.
+    fn policy_kinds(&self) -> &'static [Kind] {
+        if self.watch_policy { &Kind::ALL } else { &[] }
+    }
+
+    /// [`event_reference`], with the UID of a watched policy object when known.
+    fn reference(&self, object: &ProblemObject) -> ObjectReference {
+        let mut reference = event_reference(object);
+        if let ProblemObject::Policy {
+            kind,
+            namespace,
+            name,
+        } = object
+            && let Ok(uids) = self.policy_uids.lock()
+        {
+            let key = policy_key(*kind, namespace.as_deref(), name);
+            reference.uid = uids.get(&(*kind, key)).cloned();
+        }
+        reference
     }
 
     pub fn client(&self) -> &Client {
@@ -470,6 +657,7 @@ impl KubeDatastore {
 enum Item {
     Node(Box<Result<Event<Node>, watcher::Error>>),
     Felix(Box<Result<Event<DynamicObject>, watcher::Error>>),
+    Policy(Kind, Box<Result<Event<DynamicObject>, watcher::Error>>),
 }
 
 #[async_trait]
@@ -493,8 +681,20 @@ impl Datastore for KubeDatastore {
             .default_backoff()
             .map(|item| Item::Felix(Box::new(item)))
             .boxed();
-        let mut events = futures::stream::select(nodes, felix);
-        let mut state = State::default();
+        let mut streams = vec![nodes, felix];
+        // Namespaced kinds are watched across all namespaces.
+        for &kind in self.policy_kinds() {
+            let api: Api<DynamicObject> =
+                Api::all_with(self.client.clone(), &policy_resource(kind));
+            streams.push(
+                watcher::watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .map(move |item| Item::Policy(kind, Box::new(item)))
+                    .boxed(),
+            );
+        }
+        let mut events = futures::stream::select_all(streams);
+        let mut state = State::new(self.policy_kinds());
         while let Some(item) = events.next().await {
             let changed = match item {
                 Item::Node(item) => match *item {
@@ -521,6 +721,20 @@ impl Datastore for KubeDatastore {
                         false
                     }
                 },
+                Item::Policy(kind, item) => match *item {
+                    Ok(event) => state
+                        .policy
+                        .get_mut(&kind)
+                        .is_some_and(|c| c.apply(event, |o| policy_cache_entry(kind, o))),
+                    Err(error) => {
+                        let crd = policy_crd(kind);
+                        if let Some(fatal) = fatal_watch_error(&error, &crd, Some(&crd)) {
+                            return Err(fatal);
+                        }
+                        warn!(error = %error, %kind, "watching policy resources failed; the watcher re-lists or resumes");
+                        false
+                    }
+                },
             };
             if !changed {
                 continue;
@@ -528,6 +742,10 @@ impl Datastore for KubeDatastore {
             let Some(snapshot) = state.snapshot() else {
                 continue;
             };
+            // Before the snapshot goes out, so problems found in it can name the UIDs.
+            if let Ok(mut uids) = self.policy_uids.lock() {
+                *uids = state.policy_uids();
+            }
             let sent = cache.send_if_modified(|snap| {
                 if *snap == snapshot {
                     false
@@ -541,7 +759,7 @@ impl Datastore for KubeDatastore {
             }
         }
         Err(DatastoreError::Watch {
-            what: "nodes and felixconfigurations.projectcalico.org".into(),
+            what: "nodes and projectcalico.org resources".into(),
             source: "the watch streams ended".into(),
         })
     }
@@ -583,10 +801,12 @@ impl Datastore for KubeDatastore {
     /// repeats of the same event into a series (one patch) rather than new objects.
     async fn report(&self, problems: &[ObjectProblem]) {
         let recorder = self.recorder.clone();
-        let problems = problems.to_vec();
+        let events: Vec<(ObjectProblem, ObjectReference)> = problems
+            .iter()
+            .map(|problem| (problem.clone(), self.reference(&problem.object)))
+            .collect();
         tokio::spawn(async move {
-            for problem in problems {
-                let reference = event_reference(&problem.object);
+            for (problem, reference) in events {
                 if let Err(error) = recorder.publish(&problem_event(&problem), &reference).await {
                     warn!(error = %error, object = ?problem.object, reason = %problem.reason, "could not record a Kubernetes Event");
                 }
@@ -778,5 +998,163 @@ mod tests {
         assert!(state.nodes.apply(Event::Delete(node("c")), node_entry));
         assert!(!state.nodes.apply(Event::Delete(node("c")), node_entry));
         assert_eq!(names(&state), Some(vec!["d".into()]));
+    }
+
+    #[test]
+    fn policy_resources_match_the_generated_crds() {
+        use crate::api;
+        use kube::CustomResourceExt as _;
+        for kind in Kind::ALL {
+            let (resource, crd) = match kind {
+                Kind::GlobalNetworkPolicy => (
+                    ApiResource::erase::<api::GlobalNetworkPolicy>(&()),
+                    api::GlobalNetworkPolicy::crd(),
+                ),
+                Kind::NetworkPolicy => (
+                    ApiResource::erase::<api::NetworkPolicy>(&()),
+                    api::NetworkPolicy::crd(),
+                ),
+                Kind::Tier => (ApiResource::erase::<api::Tier>(&()), api::Tier::crd()),
+                Kind::HostEndpoint => (
+                    ApiResource::erase::<api::HostEndpoint>(&()),
+                    api::HostEndpoint::crd(),
+                ),
+                Kind::GlobalNetworkSet => (
+                    ApiResource::erase::<api::GlobalNetworkSet>(&()),
+                    api::GlobalNetworkSet::crd(),
+                ),
+                Kind::NetworkSet => (
+                    ApiResource::erase::<api::NetworkSet>(&()),
+                    api::NetworkSet::crd(),
+                ),
+            };
+            assert_eq!(policy_resource(kind), resource, "{kind}");
+            assert_eq!(Some(policy_crd(kind)), crd.metadata.name, "{kind}");
+            assert_eq!(
+                kind.namespaced(),
+                crd.spec.scope == "Namespaced",
+                "{kind} scope"
+            );
+        }
+        assert_eq!(
+            policy_crd(Kind::GlobalNetworkSet),
+            "globalnetworksets.projectcalico.org"
+        );
+    }
+
+    fn dynamic(value: Value) -> DynamicObject {
+        serde_json::from_value(value).expect("object")
+    }
+
+    #[test]
+    fn policy_entry_keys_and_keeps_only_what_the_author_wrote() {
+        // As the API server returns it: bookkeeping added to what was applied.
+        let served = dynamic(serde_json::json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+            "metadata": {
+                "name": "allow-dns", "namespace": "ns1",
+                "uid": "0b6c1f8e-0000-4000-8000-000000000001",
+                "resourceVersion": "4711", "generation": 3,
+                "creationTimestamp": "2024-01-01T00:00:00Z",
+                "labels": {"team": "net"},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"big\":1}",
+                    "owner": "ops"
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Update"}]
+            },
+            "spec": {"selector": "all()", "egress": [{"action": "Allow", "protocol": "UDP"}]}
+        }));
+        let (key, value) = policy_entry(Kind::NetworkPolicy, &served);
+        assert_eq!(key, "ns1/allow-dns");
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+                "metadata": {
+                    "name": "allow-dns", "namespace": "ns1",
+                    "labels": {"team": "net"}, "annotations": {"owner": "ops"}
+                },
+                "spec": {"selector": "all()", "egress": [{"action": "Allow", "protocol": "UDP"}]}
+            })
+        );
+
+        // Cluster-scoped: the key is the name, no namespace even if one were sent; no spec, none.
+        let set = dynamic(serde_json::json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+            "metadata": {"name": "blocked", "resourceVersion": "9",
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}}
+        }));
+        assert_eq!(
+            policy_entry(Kind::GlobalNetworkSet, &set),
+            (
+                "blocked".to_string(),
+                serde_json::json!({
+                    "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+                    "metadata": {"name": "blocked"}
+                })
+            )
+        );
+    }
+
+    #[test]
+    fn policy_kinds_hold_the_snapshot_until_listed_and_relist_replaces() {
+        let mut state = State::new(&[Kind::GlobalNetworkSet, Kind::NetworkSet]);
+        let entry = |kind: Kind| move |o: &DynamicObject| policy_cache_entry(kind, o);
+        let set = |name: &str, net: &str| {
+            dynamic(serde_json::json!({
+                "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+                "metadata": {"name": name}, "spec": {"nets": [net]}
+            }))
+        };
+        state.nodes.apply(Event::Init, node_entry);
+        state.nodes.apply(Event::InitDone, node_entry);
+        state.felix.apply(Event::Init, felix_entry);
+        state.felix.apply(Event::InitDone, felix_entry);
+        let gns = state
+            .policy
+            .get_mut(&Kind::GlobalNetworkSet)
+            .expect("cache");
+        gns.apply(Event::Init, entry(Kind::GlobalNetworkSet));
+        gns.apply(
+            Event::InitApply(set("a", "10.0.0.0/8")),
+            entry(Kind::GlobalNetworkSet),
+        );
+        assert!(gns.apply(Event::InitDone, entry(Kind::GlobalNetworkSet)));
+        assert_eq!(state.snapshot(), None, "NetworkSets not listed yet");
+        let ns = state.policy.get_mut(&Kind::NetworkSet).expect("cache");
+        ns.apply(Event::Init, entry(Kind::NetworkSet));
+        ns.apply(Event::InitDone, entry(Kind::NetworkSet));
+        let snapshot = state.snapshot().expect("every kind listed");
+        let mut want = RawPolicyResources::default();
+        want.insert(
+            Kind::GlobalNetworkSet,
+            "a".into(),
+            policy_entry(Kind::GlobalNetworkSet, &set("a", "10.0.0.0/8")).1,
+        );
+        assert_eq!(snapshot.policy, want, "an empty kind is left out");
+
+        // A re-list replaces the kind in one step.
+        let gns = state
+            .policy
+            .get_mut(&Kind::GlobalNetworkSet)
+            .expect("cache");
+        gns.apply(Event::Init, entry(Kind::GlobalNetworkSet));
+        gns.apply(
+            Event::InitApply(set("b", "192.0.2.0/24")),
+            entry(Kind::GlobalNetworkSet),
+        );
+        assert_eq!(state.snapshot().map(|s| s.policy), Some(want));
+        let gns = state
+            .policy
+            .get_mut(&Kind::GlobalNetworkSet)
+            .expect("cache");
+        assert!(gns.apply(Event::InitDone, entry(Kind::GlobalNetworkSet)));
+        let keys: Vec<String> = state
+            .snapshot()
+            .and_then(|s| s.policy.objects.get(&Kind::GlobalNetworkSet).cloned())
+            .map(|m| m.into_keys().collect())
+            .unwrap_or_default();
+        assert_eq!(keys, vec!["b".to_string()]);
     }
 }

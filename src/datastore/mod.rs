@@ -77,6 +77,12 @@ impl DatastoreError {
 pub enum ProblemObject {
     Node(String),
     FelixConfiguration(String),
+    /// A host-endpoint policy resource; `namespace` only for namespaced kinds.
+    Policy {
+        kind: crate::policy::Kind,
+        namespace: Option<String>,
+        name: String,
+    },
 }
 
 /// An object the agent could not use (a skipped node, an invalid setting), to be reported where
