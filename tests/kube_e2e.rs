@@ -414,3 +414,85 @@ async fn mesh_on_and_off(client: &Client, kubeconfig: &Path, name: &str) {
         .expect("verify");
     assert!(verify::summary(&results).1, "clear again: {results:?}");
 }
+
+/// Host-endpoint policy through the Kubernetes datastore: `lab apply` creates the objects via
+/// the API (here the stand-in), the agents' policy watchers pick them up, and a tunnel HEP with
+/// an applyOnForward GNP drops exactly node3's pods at node1; deleting the objects lifts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_lab_policy_against_the_api_stand_in() {
+    if !support::lab::root_or_skip("kubernetes_lab_policy_against_the_api_stand_in") {
+        return;
+    }
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig()).expect("write kubeconfig");
+    let name = format!("kp{}", std::process::id() % 100_000);
+    let _guard = support::lab::Guard(name.clone());
+    let mut options = UpOptions::new(&name, 3);
+    options.kubeconfig = Some(kubeconfig.clone());
+    options.binary = Some(PathBuf::from(env!("CARGO_BIN_EXE_wiremesh")));
+    let lab = Lab::up(options).await.expect("lab up --kubeconfig");
+    let reachable = |from: &str, to: &str| lab.ping(from, to, 2).expect("ping").reachable();
+    wait_within("pods reachable over the mesh", async || {
+        reachable("pod3", "pod1") && reachable("pod2", "pod1")
+    })
+    .await;
+
+    let manifest = wiremesh::policy::manifest::Manifest::parse(
+        "policy.yaml",
+        "
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata:
+  name: node1-tunnel
+  labels: {host-endpoint: \"true\"}
+spec:
+  node: node1
+  interfaceName: wireguard.cali
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkSet
+metadata:
+  name: denied-pods
+  labels: {list: denied-pods}
+spec:
+  nets: [10.244.3.0/24]
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata:
+  name: drop-denied-pods
+spec:
+  order: 10
+  selector: host-endpoint == \"true\"
+  applyOnForward: true
+  types: [Ingress]
+  ingress:
+    - action: Deny
+      source: {selector: list == \"denied-pods\"}
+    - action: Allow
+",
+    );
+    let touched = lab.apply_manifest(&manifest, false).await.expect("apply");
+    assert_eq!(touched.len(), 3, "{touched:?}");
+    assert!(
+        server
+            .object(
+                "projectcalico.org/v3",
+                "globalnetworkpolicies",
+                "",
+                "drop-denied-pods"
+            )
+            .is_some(),
+        "lab apply created the policy through the API"
+    );
+    wait_within("node3's pods dropped at node1", async || {
+        !reachable("pod3", "pod1")
+    })
+    .await;
+    assert!(reachable("pod2", "pod1"), "node2's pods pass");
+
+    lab.apply_manifest(&manifest, true).await.expect("delete");
+    wait_within("the policy lifted", async || reachable("pod3", "pod1")).await;
+}

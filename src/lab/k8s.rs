@@ -234,6 +234,65 @@ pub fn delete_lab_nodes_blocking(kubeconfig: &Path, lab: &str) -> Result<Vec<Str
     })
 }
 
+/// Creates or replaces (with `delete`, deletes) every object of `manifest` through the API
+/// (`replace` carries the current `resourceVersion`, so a concurrent change is a conflict, not
+/// lost); returns `Kind name` (`Kind namespace/name`) of each object touched. A missing object
+/// on delete is success.
+pub async fn apply_manifest(
+    client: &Client,
+    manifest: &crate::policy::manifest::Manifest,
+    delete: bool,
+) -> Result<Vec<String>, LabError> {
+    let mut touched = Vec::new();
+    for object in &manifest.objects {
+        let (resource, kind_name) = match object.kind {
+            Some(kind) => (
+                crate::datastore::kube::policy_resource(kind),
+                kind.to_string(),
+            ),
+            None => (felix_configuration_resource(), "FelixConfiguration".into()),
+        };
+        let (namespace, name) = match object.key.split_once('/') {
+            Some((ns, name)) => (Some(ns), name),
+            None => (None, object.key.as_str()),
+        };
+        let api: Api<DynamicObject> = match namespace {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        let step = format!("applying {kind_name} {}", object.key);
+        if delete {
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(kube_error(&step)(e)),
+            }
+        } else {
+            let mut wanted: DynamicObject =
+                serde_json::from_value(object.value.clone()).map_err(|e| LabError::Kube {
+                    step: step.clone(),
+                    source: Box::new(e),
+                })?;
+            wanted.metadata.namespace = namespace.map(str::to_string);
+            match api.get_opt(name).await.map_err(kube_error(&step))? {
+                Some(current) => {
+                    wanted.metadata.resource_version = current.metadata.resource_version;
+                    api.replace(name, &PostParams::default(), &wanted)
+                        .await
+                        .map_err(kube_error(&step))?;
+                }
+                None => {
+                    api.create(&PostParams::default(), &wanted)
+                        .await
+                        .map_err(kube_error(&step))?;
+                }
+            }
+        }
+        touched.push(format!("{kind_name} {}", object.key));
+    }
+    Ok(touched)
+}
+
 /// `host:port` of a server URL (`https://host[:port][/path]`).
 pub fn server_address(server: &str) -> Option<(String, u16)> {
     let (default_port, rest) = if let Some(rest) = server.strip_prefix("https://") {

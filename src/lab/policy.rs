@@ -1,5 +1,6 @@
-//! `wiremesh lab apply -f FILE`: projectcalico.org/v3 manifests into the lab's etcd, in
-//! Calico's key layout (policy kinds, and FelixConfiguration for failsafe ports).
+//! `wiremesh lab apply -f FILE`: projectcalico.org/v3 manifests into the lab's datastore: etcd
+//! in Calico's key layout, or the Kubernetes API of a `lab up --kubeconfig` lab (policy kinds,
+//! and FelixConfiguration for failsafe ports).
 
 use std::path::Path;
 
@@ -37,6 +38,10 @@ impl Lab {
         manifest: &Manifest,
         delete: bool,
     ) -> Result<Vec<String>, LabError> {
+        if let Some(kubeconfig) = &self.state.kubeconfig {
+            let client = super::k8s::client(kubeconfig).await?;
+            return super::k8s::apply_manifest(&client, manifest, delete).await;
+        }
         let items: Vec<(String, Vec<u8>)> = manifest
             .objects
             .iter()
