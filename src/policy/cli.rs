@@ -9,7 +9,9 @@ use etcd_client::GetOptions;
 use super::explain::{Packet, PacketPath, explain};
 use super::manifest::Manifest;
 use super::model::{Direction, Protocol};
-use super::program::{FailsafePort, PolicyInputs, PolicySettings, compile, selector_members};
+use super::program::{
+    FailsafePort, PolicyInputs, PolicySettings, compile, named_port_members, selector_members,
+};
 use super::resources::{PolicyResources, RawPolicyResources};
 use crate::datastore::etcd::{POLICY_PREFIXES, connect_client, decode_policy_key};
 use crate::selector::Scope;
@@ -54,7 +56,7 @@ pub enum PolicyCommand {
         source: Source,
     },
     /// Policies that apply to no host endpoint, tiers that do not exist, rules whose selector
-    /// matches no address.
+    /// or named ports match nothing.
     Unused {
         #[command(flatten)]
         source: Source,
@@ -303,6 +305,18 @@ pub async fn run(cmd: PolicyCommand) -> Result<i32, PolicyToolError> {
                                     );
                                 }
                             }
+                            // Only named ports: an empty named-port set means no match.
+                            if e.ports.is_empty()
+                                && !e.named_ports.is_empty()
+                                && named_port_members(r, e, false, &res).is_empty()
+                            {
+                                findings += 1;
+                                println!(
+                                    "{}: {dir} rule {i}: {side} named port(s) {} match no host endpoint port (the rule never matches)",
+                                    p.display_name(),
+                                    e.named_ports.join(", ")
+                                );
+                            }
                         }
                     }
                 }
@@ -408,8 +422,8 @@ fn unconditional(r: &super::model::Rule) -> bool {
             && e.not_nets.is_empty()
             && e.selector.is_none()
             && e.not_selector.is_none()
-            && e.ports.is_empty()
-            && e.not_ports.is_empty()
+            && !e.has_ports()
+            && !e.has_not_ports()
     };
     r.ip_version.is_none()
         && r.protocol.is_none()
