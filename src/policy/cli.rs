@@ -312,7 +312,7 @@ pub async fn run(cmd: PolicyCommand) -> Result<i32, PolicyToolError> {
                             {
                                 findings += 1;
                                 println!(
-                                    "{}: {dir} rule {i}: {side} named port(s) {} match no host endpoint port (the rule never matches)",
+                                    "{}: {dir} rule {i}: {side} named port(s) {} match no port of a host endpoint with expectedIPs (the rule never matches)",
                                     p.display_name(),
                                     e.named_ports.join(", ")
                                 );
