@@ -1353,3 +1353,73 @@ fn endpoint_port_change_touches_no_rule() {
         assert_ne!(before.sets, after.sets);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// `policy unused`: unreachable tiers
+
+fn tier(name: &str, order: f64, default_action: &str) -> (Kind, Value) {
+    (
+        Kind::Tier,
+        json!({"metadata": {"name": name}, "spec": {"order": order, "defaultAction": default_action}}),
+    )
+}
+
+#[test]
+fn unreachable_tiers_are_found() {
+    let base = |first_rules: Value, first_selector: &str, first_default: &str| {
+        raw(&[
+            hep("h1", "n1", "eth0", json!({"a": "1"}), json!([])),
+            hep("h2", "n1", "eth1", json!({"a": "2"}), json!([])),
+            tier("first", 10.0, first_default),
+            tier("second", 20.0, "Deny"),
+            gnp(
+                "gate",
+                json!({"tier": "first", "selector": first_selector, "types": ["Ingress"], "ingress": first_rules}),
+            ),
+            gnp(
+                "later",
+                json!({"tier": "second", "selector": "a == '1'", "types": ["Ingress"],
+                       "ingress": [{"action": "Allow", "protocol": "TCP"}]}),
+            ),
+            gnp(
+                "later-egress",
+                json!({"tier": "second", "selector": "a == '1'", "types": ["Egress"],
+                       "egress": [{"action": "Allow"}]}),
+            ),
+            gnp(
+                "later-both",
+                json!({"tier": "second", "selector": "has(a)", "types": ["Ingress"],
+                       "ingress": [{"action": "Allow"}]}),
+            ),
+        ])
+    };
+    let ids = |r: &RawPolicyResources| -> Vec<String> {
+        let res = PolicyResources::from_raw(r);
+        assert!(res.errors.is_empty(), "{:?}", res.errors);
+        super::cli::unreachable_tiers(&res)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    };
+    let allow_tcp = json!([{"action": "Log"}, {"action": "Allow", "protocol": "TCP"}]);
+    // `first` decides every ingress packet of h1: `later` is unreachable. `later-egress` is
+    // another direction; `later-both` is still reached through h2.
+    let found = ids(&base(allow_tcp.clone(), "a == '1'", "Deny"));
+    assert_eq!(found, ["gnp/later"]);
+    let res = PolicyResources::from_raw(&base(allow_tcp.clone(), "a == '1'", "Deny"));
+    let why = &super::cli::unreachable_tiers(&res)[0].1;
+    assert!(why.contains("\"first\"") && why.contains("h1"), "{why}");
+    // Selecting both endpoints makes `later-both` unreachable too.
+    assert_eq!(
+        ids(&base(allow_tcp.clone(), "has(a)", "Deny")),
+        ["gnp/later", "gnp/later-both"]
+    );
+    // A Pass rule, however narrow, keeps the later tier reachable.
+    let with_pass = json!([{"action": "Pass", "protocol": "UDP", "destination": {"ports": [53]}},
+                           {"action": "Allow", "protocol": "TCP"}]);
+    assert!(ids(&base(with_pass, "has(a)", "Deny")).is_empty());
+    // So does a tier whose default action is Pass.
+    assert!(ids(&base(allow_tcp.clone(), "has(a)", "Pass")).is_empty());
+    // A policy with no rules is a deny for its tier: still ends it.
+    assert_eq!(ids(&base(json!([]), "a == '1'", "Deny")), ["gnp/later"]);
+}
