@@ -16,7 +16,10 @@ use ipnet::IpNet;
 use tokio::io::AsyncWriteExt as _;
 
 use super::DataplaneError;
-use crate::policy::render::{FilterSpec, TABLE, TABLE_FAMILY, delete_script, element_text};
+use crate::policy::Protocol;
+use crate::policy::render::{
+    FilterSpec, TABLE, TABLE_FAMILY, delete_script, element_text, named_port_element_text,
+};
 
 /// What our table holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -296,6 +299,9 @@ fn element_from_json(e: &serde_json::Value) -> Result<String, NftError> {
     if let Some(inner) = e.get("elem").and_then(|x| x.get("val")) {
         return element_from_json(inner);
     }
+    if let Some(parts) = e.get("concat").and_then(|c| c.as_array()) {
+        return named_port_element_from_json(parts).ok_or_else(bad);
+    }
     if let Some(p) = e.get("prefix") {
         let addr: IpAddr = p
             .get("addr")
@@ -319,6 +325,26 @@ fn element_from_json(e: &serde_json::Value) -> Result<String, NftError> {
         return Ok(parts.join("-"));
     }
     Err(bad())
+}
+
+/// A named-port element `["10.0.0.1", "tcp", 22]`, printed as [`named_port_element_text`]
+/// prints it, so observed elements compare equal to rendered ones.
+fn named_port_element_from_json(parts: &[serde_json::Value]) -> Option<String> {
+    let [addr, proto, port] = parts else {
+        return None;
+    };
+    let addr: IpAddr = addr.as_str()?.parse().ok()?;
+    let proto = match proto {
+        serde_json::Value::Number(n) => u8::try_from(n.as_u64()?).ok()?,
+        serde_json::Value::String(s) => Protocol::parse_loose(s)?.number(),
+        _ => return None,
+    };
+    let port = match port {
+        serde_json::Value::Number(n) => u16::try_from(n.as_u64()?).ok()?,
+        serde_json::Value::String(s) => s.parse().ok()?,
+        _ => return None,
+    };
+    Some(named_port_element_text(addr, proto, port))
 }
 
 /// The real implementation: the `nft` binary, optionally inside a named network namespace.
@@ -590,6 +616,7 @@ mod tests {
                 "sel4-x".to_string(),
                 SetSpec {
                     family: Family::V4,
+                    kind: crate::policy::render::SetKind::Addr,
                     comment: "a == \"b\"".into(),
                     elements: elements.iter().map(|e| e.to_string()).collect(),
                 },
@@ -671,6 +698,45 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["10.0.0.0/24", "10.1.0.1", "10.2.0.1"]
         );
+    }
+
+    /// Captured from nft 1.0.6 (`nft -j list table inet wmtest` after loading a table with
+    /// named-port sets): concatenated elements parse to the text we render.
+    #[test]
+    fn parses_named_port_elements() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "wiremesh", "handle": 1}}, {"set": {"family": "inet", "name": "np4-x", "table": "wiremesh", "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 2, "comment": "x", "elem": [{"concat": ["10.0.0.1", "tcp", 22]}, {"concat": ["10.0.0.1", "sctp", 9000]}, {"concat": ["10.0.0.2", "udp", 53]}]}}, {"set": {"family": "inet", "name": "np6-x", "table": "wiremesh", "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 3, "elem": [{"concat": ["fd00::1", "tcp", 8080]}]}}, {"chain": {"family": "inet", "table": "wiremesh", "name": "c", "handle": 1}}, {"rule": {"family": "inet", "table": "wiremesh", "chain": "c", "handle": 4, "expr": [{"match": {"op": "==", "left": {"concat": [{"payload": {"protocol": "ip", "field": "daddr"}}, {"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}, "right": "@np4-x"}}, {"accept": null}]}}]}"#;
+        let s = parse_listing(json).expect("parse");
+        let v4: Vec<&str> = s.sets["np4-x"].iter().map(String::as_str).collect();
+        assert_eq!(
+            v4,
+            [
+                "10.0.0.1 . sctp . 9000",
+                "10.0.0.1 . tcp . 22",
+                "10.0.0.2 . udp . 53"
+            ]
+        );
+        let rendered: BTreeSet<String> = [
+            named_port_element_text("10.0.0.1".parse().expect("ip"), 6, 22),
+            named_port_element_text("10.0.0.1".parse().expect("ip"), 132, 9000),
+            named_port_element_text("10.0.0.2".parse().expect("ip"), 17, 53),
+        ]
+        .into();
+        assert_eq!(s.sets["np4-x"], rendered);
+        assert_eq!(
+            s.sets["np6-x"],
+            BTreeSet::from([named_port_element_text(
+                "fd00::1".parse().expect("ip"),
+                6,
+                8080
+            )])
+        );
+        // A numeric protocol (as `nft -j` may print unknown ones) and a wrapped element.
+        let odd = r#"{"nftables": [{"set": {"family": "inet", "name": "np4-y", "table": "wiremesh",
+            "elem": [{"concat": ["10.0.0.3", 6, 443]}, {"elem": {"val": {"concat": ["10.0.0.4", "udp", 53]}}}]}}]}"#;
+        let s = parse_listing(odd).expect("parse");
+        assert!(s.sets["np4-y"].contains("10.0.0.3 . tcp . 443"));
+        assert!(s.sets["np4-y"].contains("10.0.0.4 . udp . 53"));
+        assert!(parse_listing(r#"{"nftables": [{"set": {"family": "inet", "name": "z", "table": "wiremesh", "elem": [{"concat": ["10.0.0.3", "tcp"]}]}}]}"#).is_err());
     }
 
     proptest::proptest! {

@@ -9,7 +9,9 @@ use etcd_client::GetOptions;
 use super::explain::{Packet, PacketPath, explain};
 use super::manifest::Manifest;
 use super::model::{Direction, Protocol};
-use super::program::{FailsafePort, PolicyInputs, PolicySettings, compile, selector_members};
+use super::program::{
+    FailsafePort, PolicyInputs, PolicySettings, compile, named_port_members, selector_members,
+};
 use super::resources::{PolicyResources, RawPolicyResources};
 use crate::datastore::etcd::{POLICY_PREFIXES, connect_client, decode_policy_key};
 use crate::selector::Scope;
@@ -53,8 +55,8 @@ pub enum PolicyCommand {
         #[command(flatten)]
         source: Source,
     },
-    /// Policies that apply to no host endpoint, tiers that do not exist, rules whose selector
-    /// matches no address.
+    /// Policies that apply to no host endpoint or sit in an unreachable tier, tiers that do not
+    /// exist, rules whose selector or named ports match nothing.
     Unused {
         #[command(flatten)]
         source: Source,
@@ -303,11 +305,32 @@ pub async fn run(cmd: PolicyCommand) -> Result<i32, PolicyToolError> {
                                     );
                                 }
                             }
+                            // Only named ports: an empty named-port set means no match.
+                            if e.ports.is_empty()
+                                && !e.named_ports.is_empty()
+                                && named_port_members(r, e, false, &res).is_empty()
+                            {
+                                findings += 1;
+                                println!(
+                                    "{}: {dir} rule {i}: {side} named port(s) {} match no port of a host endpoint with expectedIPs (the rule never matches)",
+                                    p.display_name(),
+                                    e.named_ports.join(", ")
+                                );
+                            }
                         }
                     }
                 }
             }
+            let unreachable = unreachable_tiers(&res);
+            for (id, why) in &unreachable {
+                findings += 1;
+                println!("{id}: {why}");
+            }
             for (id, why) in shadowed(&res) {
+                // An unreachable policy is also shadowed; one reason is enough.
+                if unreachable.iter().any(|(u, _)| *u == id) {
+                    continue;
+                }
                 findings += 1;
                 println!("{id}: {why}");
             }
@@ -408,8 +431,8 @@ fn unconditional(r: &super::model::Rule) -> bool {
             && e.not_nets.is_empty()
             && e.selector.is_none()
             && e.not_selector.is_none()
-            && e.ports.is_empty()
-            && e.not_ports.is_empty()
+            && !e.has_ports()
+            && !e.has_not_ports()
     };
     r.ip_version.is_none()
         && r.protocol.is_none()
@@ -475,5 +498,64 @@ pub fn shadowed(res: &PolicyResources) -> Vec<(String, String)> {
     seen.into_iter()
         .filter(|(_, (n, s, _))| *n > 0 && n == s)
         .map(|(id, (_, _, w))| (id, format!("fully shadowed: {w}")))
+        .collect()
+}
+
+/// Policies whose tier is never reached (docs/policy.md, "policy unused"). On one endpoint's
+/// chain (hook and direction), a tier *ends evaluation* when the tier applies there (a policy
+/// of it selects the endpoint), its end-of-tier action is a drop (defaultAction Deny, in a
+/// hook that has tier defaults: filter input/output/forward) and none of its policies there
+/// has a Pass rule: every packet then gets Allow or Deny in that tier. Later tiers on that
+/// chain are unreachable. A policy is reported when it is unreachable on every chain it is
+/// programmed into.
+pub fn unreachable_tiers(res: &PolicyResources) -> Vec<(String, String)> {
+    use super::model::{Action, TierDefault};
+    use std::collections::BTreeMap;
+    let nodes: BTreeSet<&str> = res.host_endpoints.iter().map(|h| h.node.as_str()).collect();
+    // policy id -> (appearances, unreachable appearances, a witness)
+    let mut seen: BTreeMap<String, (usize, usize, String)> = BTreeMap::new();
+    for node in nodes {
+        let program = compile(&PolicyInputs {
+            node,
+            resources: Some(res),
+            ..Default::default()
+        });
+        for ep in &program.endpoints {
+            for ((hook, dir), tiers) in &ep.chains {
+                let mut ended_by: Option<&str> = None;
+                for tier in tiers {
+                    for pid in &tier.policies {
+                        let entry = seen.entry(pid.clone()).or_default();
+                        entry.0 += 1;
+                        if let Some(t) = ended_by {
+                            entry.1 += 1;
+                            entry.2 = format!(
+                                "tier {:?} is never reached: the earlier tier {t:?} ends in a default Deny and has no Pass rule ({hook} {dir} of {})",
+                                tier.name, ep.hep
+                            );
+                        }
+                    }
+                    if ended_by.is_some() {
+                        continue;
+                    }
+                    let can_pass = tier.policies.iter().any(|pid| {
+                        program
+                            .policies
+                            .get(pid)
+                            .is_none_or(|p| p.rules(*dir).iter().any(|r| r.action == Action::Pass))
+                    });
+                    if hook.has_tier_default()
+                        && tier.default_action == TierDefault::Deny
+                        && !can_pass
+                    {
+                        ended_by = Some(&tier.name);
+                    }
+                }
+            }
+        }
+    }
+    seen.into_iter()
+        .filter(|(_, (n, u, _))| *n > 0 && n == u)
+        .map(|(id, (_, _, w))| (id, w))
         .collect()
 }

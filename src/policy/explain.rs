@@ -8,7 +8,9 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use super::model::{Action, Direction, Entity, Protocol, Rule, TierDefault};
-use super::program::{EndpointProgram, FailsafePort, Hook, Program, rule_families};
+use super::program::{
+    EndpointProgram, FailsafePort, Hook, Program, named_port_set_id, rule_families,
+};
 use crate::model::Family;
 
 /// Which path the packet takes through the host.
@@ -389,11 +391,36 @@ impl Ctx<'_> {
         {
             return false;
         }
-        self.entity_matches(&rule.source, p.src, p.sport, family)
-            && self.entity_matches(&rule.destination, p.dst, p.dport, family)
+        self.entity_matches(rule, &rule.source, p.src, p.sport, family)
+            && self.entity_matches(rule, &rule.destination, p.dst, p.dport, family)
     }
 
-    fn entity_matches(&self, e: &Entity, addr: IpAddr, port: Option<u16>, family: Family) -> bool {
+    /// Whether `(addr, packet protocol, port)` is in the side's named-port set.
+    fn named_port_hit(
+        &self,
+        rule: &Rule,
+        e: &Entity,
+        negated: bool,
+        addr: IpAddr,
+        port: Option<u16>,
+    ) -> bool {
+        let (Some(id), Some(port)) = (named_port_set_id(rule, e, negated), port) else {
+            return false;
+        };
+        self.program
+            .named_port_sets
+            .get(&id)
+            .is_some_and(|s| s.contains(addr, self.packet.protocol.number(), port))
+    }
+
+    fn entity_matches(
+        &self,
+        rule: &Rule,
+        e: &Entity,
+        addr: IpAddr,
+        port: Option<u16>,
+        family: Family,
+    ) -> bool {
         let nets: Vec<_> = e
             .nets
             .iter()
@@ -419,11 +446,15 @@ impl Ctx<'_> {
         {
             return false;
         }
-        if !e.ports.is_empty() && !port.is_some_and(|p| e.ports.iter().any(|r| r.contains(p))) {
+        // Numeric and named ports are OR-ed; notPorts excludes both.
+        if e.has_ports()
+            && !port.is_some_and(|p| e.ports.iter().any(|r| r.contains(p)))
+            && !self.named_port_hit(rule, e, false, addr, port)
+        {
             return false;
         }
-        if !e.not_ports.is_empty()
-            && port.is_some_and(|p| e.not_ports.iter().any(|r| r.contains(p)))
+        if port.is_some_and(|p| e.not_ports.iter().any(|r| r.contains(p)))
+            || self.named_port_hit(rule, e, true, addr, port)
         {
             return false;
         }

@@ -277,4 +277,52 @@ metadata: {name: broken
             "{problems:?}"
         );
     }
+
+    #[test]
+    fn named_ports_example_passes_and_bad_ports_are_positioned() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/policy/named-ports.yaml"
+        );
+        let text = std::fs::read_to_string(path).expect("example");
+        let (res, problems) = Manifest::parse("named-ports.yaml", &text).validate();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(res.host_endpoints[0].ports.len(), 3);
+        let bad = "\
+kind: HostEndpoint
+metadata:
+  name: h
+spec:
+  node: n1
+  interfaceName: eth0
+  ports:
+    - name: web
+      protocol: TCP
+      port: 8080
+    - name: dns
+      protocol: ICMP
+      port: 53
+---
+kind: GlobalNetworkPolicy
+metadata:
+  name: p
+spec:
+  ingress:
+    - action: Allow
+      destination:
+        ports: [web, 80]
+";
+        let (_, problems) = Manifest::parse("b.yaml", bad).validate();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "b.yaml:22: GlobalNetworkPolicy \"p\": spec.ingress[0].destination.ports:"
+            ),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("b.yaml:12: HostEndpoint \"h\": spec.ports[1].protocol:"),
+            "{problems:?}"
+        );
+    }
 }

@@ -90,6 +90,8 @@ pub struct IcmpMatch {
 }
 
 /// A rule's source or destination. `selector` is the effective (namespace-scoped) selector.
+/// Named ports are kept apart from numeric ones: `ports` matches if a numeric port *or* a named
+/// port matches; `notPorts` excludes both.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Entity {
     pub nets: Vec<IpNet>,
@@ -98,6 +100,19 @@ pub struct Entity {
     pub not_selector: Option<Selector>,
     pub ports: Vec<PortRange>,
     pub not_ports: Vec<PortRange>,
+    pub named_ports: Vec<String>,
+    pub not_named_ports: Vec<String>,
+}
+
+impl Entity {
+    /// Whether `ports` has any entry (numeric or named).
+    pub fn has_ports(&self) -> bool {
+        !self.ports.is_empty() || !self.named_ports.is_empty()
+    }
+
+    pub fn has_not_ports(&self) -> bool {
+        !self.not_ports.is_empty() || !self.not_named_ports.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -233,6 +248,14 @@ impl Tier {
     }
 }
 
+/// A named port of a host endpoint (`spec.ports[]`). `protocol` is TCP, UDP or SCTP.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct EndpointPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HostEndpoint {
     pub name: String,
@@ -242,6 +265,7 @@ pub struct HostEndpoint {
     pub expected_ips: Vec<IpAddr>,
     pub profiles: Vec<String>,
     pub labels: BTreeMap<String, String>,
+    pub ports: Vec<EndpointPort>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -4,12 +4,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Serialize;
 
-use super::model::{Direction, HostEndpoint, Policy, Protocol, Rule, TierDefault, cmp_order};
+use super::model::{
+    Direction, Entity, HostEndpoint, Policy, Protocol, Rule, TierDefault, cmp_order,
+};
 use super::resources::PolicyResources;
 use crate::model::Family;
 use crate::selector::{Scope, Selector};
@@ -243,6 +247,113 @@ impl SelectorSet {
     }
 }
 
+/// The `(address, protocol, port)` triples one rule side's named ports stand for: the named
+/// ports (`names`) of the host endpoints matching the side's positive selector (every host
+/// endpoint when it has none), with the rule's protocol (any, when the rule has none).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NamedPortSet {
+    /// Canonical positive selector, `all()` when the side has none.
+    pub selector: String,
+    /// The rule's protocol number, if it has one.
+    pub protocol: Option<u8>,
+    pub names: Vec<String>,
+    /// `(address, protocol number, port)`.
+    pub v4: BTreeSet<(Ipv4Addr, u8, u16)>,
+    pub v6: BTreeSet<(Ipv6Addr, u8, u16)>,
+}
+
+impl NamedPortSet {
+    pub fn contains(&self, addr: IpAddr, protocol: u8, port: u16) -> bool {
+        match addr {
+            IpAddr::V4(a) => self.v4.contains(&(a, protocol, port)),
+            IpAddr::V6(a) => self.v6.contains(&(a, protocol, port)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+}
+
+/// The ID of the named-port set for one side of a rule: `ports` (`negated == false`) or
+/// `notPorts`. `None` when that list has no named port. The ID depends only on the selector,
+/// the protocol and the names, so a change of host endpoints' addresses or ports changes the
+/// set's elements, never its name or the rules that refer to it. Calico also filters
+/// `notPorts` names by the *positive* selector (the rule can only match inside it anyway).
+pub fn named_port_set_id(rule: &Rule, side: &Entity, negated: bool) -> Option<String> {
+    use sha2::Digest as _;
+    let names = if negated {
+        &side.not_named_ports
+    } else {
+        &side.named_ports
+    };
+    if names.is_empty() {
+        return None;
+    }
+    let mut sorted = names.clone();
+    sorted.sort();
+    let digest = sha2::Sha224::digest(
+        format!(
+            "n:{}|{}|{}",
+            named_port_selector(side),
+            rule.protocol
+                .map_or("any".to_string(), |p| p.number().to_string()),
+            sorted.join(",")
+        )
+        .as_bytes(),
+    );
+    Some(format!("n:{}", URL_SAFE_NO_PAD.encode(digest)))
+}
+
+fn named_port_selector(side: &Entity) -> String {
+    side.selector
+        .as_ref()
+        .map_or_else(|| Selector::all().canonical(), Selector::canonical)
+}
+
+/// Members of a named-port set (see [`NamedPortSet`]).
+pub fn named_port_members(
+    rule: &Rule,
+    side: &Entity,
+    negated: bool,
+    res: &PolicyResources,
+) -> NamedPortSet {
+    let names = if negated {
+        &side.not_named_ports
+    } else {
+        &side.named_ports
+    };
+    let protocol = rule.protocol.map(Protocol::number);
+    let mut set = NamedPortSet {
+        selector: named_port_selector(side),
+        protocol,
+        names: names.clone(),
+        ..Default::default()
+    };
+    for h in &res.host_endpoints {
+        if side
+            .selector
+            .as_ref()
+            .is_some_and(|s| !s.matches_in(&h.labels, Scope::Global))
+        {
+            continue;
+        }
+        for p in &h.ports {
+            let proto = p.protocol.number();
+            if !names.contains(&p.name) || protocol.is_some_and(|want| want != proto) {
+                continue;
+            }
+            for ip in &h.expected_ips {
+                match ip {
+                    IpAddr::V4(a) => set.v4.insert((*a, proto, p.port)),
+                    IpAddr::V6(a) => set.v6.insert((*a, proto, p.port)),
+                };
+            }
+        }
+    }
+    set
+}
+
 /// A policy's rules, as programmed once and shared by every endpoint it selects.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PolicyProgram {
@@ -270,6 +381,8 @@ pub struct Program {
     pub policies: BTreeMap<String, PolicyProgram>,
     /// Keyed by selector unique ID.
     pub sets: BTreeMap<String, SelectorSet>,
+    /// Keyed by [`named_port_set_id`].
+    pub named_port_sets: BTreeMap<String, NamedPortSet>,
 }
 
 impl Program {
@@ -440,13 +553,21 @@ pub fn compile(inputs: &PolicyInputs<'_>) -> Program {
         });
     }
 
-    // Address sets for every selector the programmed rules use.
+    // Address sets for every selector the programmed rules use, and named-port sets.
     let mut selectors: BTreeMap<String, Selector> = BTreeMap::new();
+    let mut named_port_sets: BTreeMap<String, NamedPortSet> = BTreeMap::new();
     for p in policies_used.values() {
         for r in p.ingress.iter().chain(&p.egress) {
             for e in [&r.source, &r.destination] {
                 for s in e.selector.iter().chain(&e.not_selector) {
                     selectors.entry(s.unique_id()).or_insert_with(|| s.clone());
+                }
+                for negated in [false, true] {
+                    if let Some(id) = named_port_set_id(r, e, negated) {
+                        named_port_sets
+                            .entry(id)
+                            .or_insert_with(|| named_port_members(r, e, negated, res));
+                    }
                 }
             }
         }
@@ -463,6 +584,7 @@ pub fn compile(inputs: &PolicyInputs<'_>) -> Program {
         endpoints,
         policies: policies_used,
         sets,
+        named_port_sets,
     }
 }
 

@@ -15,13 +15,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::model::{Action, Direction, Entity, PortRange, Protocol, Rule, TierDefault};
-use super::program::{EndpointProgram, FailsafePort, Hook, Iface, Program, rule_families};
+use super::program::{
+    EndpointProgram, FailsafePort, Hook, Iface, Program, named_port_set_id, rule_families,
+};
 use crate::model::Family;
 use crate::selector::Selector;
 
@@ -43,9 +46,29 @@ pub fn element_text(net: &IpNet) -> String {
     }
 }
 
+/// Element `address . protocol . port` of a named-port set, as nft prints it
+/// (`10.0.0.1 . tcp . 22`).
+pub fn named_port_element_text(addr: IpAddr, protocol: u8, port: u16) -> String {
+    format!(
+        "{addr} . {} . {port}",
+        proto_text(Protocol::from_number(protocol))
+    )
+}
+
+/// What a set holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum SetKind {
+    /// Addresses and prefixes (`ipv4_addr`, `flags interval`): selector sets.
+    #[default]
+    Addr,
+    /// `address . inet_proto . inet_service`: named-port sets.
+    NamedPort,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SetSpec {
     pub family: Family,
+    pub kind: SetKind,
     /// Canonical selector, for humans.
     pub comment: String,
     pub elements: BTreeSet<String>,
@@ -78,7 +101,10 @@ impl FilterSpec {
     pub fn rules_hash(&self) -> String {
         let mut h = Sha256::new();
         for (name, s) in &self.sets {
-            h.update(format!("set {name} {:?}\n", s.family));
+            match s.kind {
+                SetKind::Addr => h.update(format!("set {name} {:?}\n", s.family)),
+                SetKind::NamedPort => h.update(format!("set {name} {:?} {:?}\n", s.family, s.kind)),
+            }
         }
         for c in self.chains.iter().filter(|c| !c.name.starts_with("hash-")) {
             h.update(format!("chain {} {:?}\n", c.name, c.base));
@@ -108,8 +134,15 @@ impl FilterSpec {
                 Family::V6 => "ipv6_addr",
             };
             let _ = writeln!(out, "\tset {name} {{");
-            let _ = writeln!(out, "\t\ttype {ty}");
-            let _ = writeln!(out, "\t\tflags interval");
+            match s.kind {
+                SetKind::Addr => {
+                    let _ = writeln!(out, "\t\ttype {ty}");
+                    let _ = writeln!(out, "\t\tflags interval");
+                }
+                SetKind::NamedPort => {
+                    let _ = writeln!(out, "\t\ttype {ty} . inet_proto . inet_service");
+                }
+            }
             let _ = writeln!(out, "\t\tcomment {}", quote(&s.comment));
             if !s.elements.is_empty() {
                 let elems: Vec<&str> = s.elements.iter().map(String::as_str).collect();
@@ -173,6 +206,15 @@ pub fn set_name(sel: &Selector, family: Family) -> String {
     match family {
         Family::V4 => format!("sel4-{id}"),
         Family::V6 => format!("sel6-{id}"),
+    }
+}
+
+/// Name of a named-port set (`np4-`/`np6-` and the ID without its `n:`).
+pub fn named_port_set_name(id: &str, family: Family) -> String {
+    let id = id.strip_prefix("n:").unwrap_or(id);
+    match family {
+        Family::V4 => format!("np4-{id}"),
+        Family::V6 => format!("np6-{id}"),
     }
 }
 
@@ -243,17 +285,61 @@ fn ports_text(ports: &[PortRange]) -> String {
     list(ports)
 }
 
-fn entity_matches(e: &Entity, fam: Option<Family>, src: bool, out: &mut Vec<String>) {
+/// The alternatives for one side's positive `ports` (OR-ed): numeric ports, and the named-port
+/// set. One `[""]` entry when the side has no ports. The named alternative excludes the
+/// numeric ports, so no packet matches two copies of a rule (a Log rule logs once).
+fn port_alternatives(
+    rule: &Rule,
+    e: &Entity,
+    fam: Option<Family>,
+    src: bool,
+) -> Vec<Option<String>> {
+    let (addr, port) = if src {
+        ("saddr", "sport")
+    } else {
+        ("daddr", "dport")
+    };
+    let named = match (named_port_set_id(rule, e, false), fam) {
+        (Some(id), Some(f)) => Some(format!(
+            "{} {addr} . meta l4proto . th {port} @{}",
+            family_kw(f),
+            named_port_set_name(&id, f)
+        )),
+        _ => None,
+    };
+    match (e.ports.is_empty(), named) {
+        (true, None) => vec![None],
+        (false, None) => vec![Some(format!("th {port} {}", ports_text(&e.ports)))],
+        (true, Some(n)) => vec![Some(n)],
+        (false, Some(n)) => vec![
+            Some(format!("th {port} {}", ports_text(&e.ports))),
+            Some(format!("th {port} != {} {n}", ports_text(&e.ports))),
+        ],
+    }
+}
+
+fn family_kw(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+fn entity_matches(
+    rule: &Rule,
+    e: &Entity,
+    fam: Option<Family>,
+    src: bool,
+    ports_alt: Option<&str>,
+    out: &mut Vec<String>,
+) {
     let (addr, port) = if src {
         ("saddr", "sport")
     } else {
         ("daddr", "dport")
     };
     if let Some(f) = fam {
-        let p = match f {
-            Family::V4 => "ip",
-            Family::V6 => "ip6",
-        };
+        let p = family_kw(f);
         let nets: Vec<String> = e
             .nets
             .iter()
@@ -279,11 +365,18 @@ fn entity_matches(e: &Entity, fam: Option<Family>, src: bool, out: &mut Vec<Stri
             out.push(format!("{p} {addr} != @{}", set_name(s, f)));
         }
     }
-    if !e.ports.is_empty() {
-        out.push(format!("th {port} {}", ports_text(&e.ports)));
+    if let Some(alt) = ports_alt {
+        out.push(alt.to_string());
     }
     if !e.not_ports.is_empty() {
         out.push(format!("th {port} != {}", ports_text(&e.not_ports)));
+    }
+    if let (Some(id), Some(f)) = (named_port_set_id(rule, e, true), fam) {
+        out.push(format!(
+            "{} {addr} . meta l4proto . th {port} != @{}",
+            family_kw(f),
+            named_port_set_name(&id, f)
+        ));
     }
 }
 
@@ -296,20 +389,31 @@ fn needs_family(rule: &Rule) -> bool {
                 || !e.not_nets.is_empty()
                 || e.selector.is_some()
                 || e.not_selector.is_some()
+                || !e.named_ports.is_empty()
+                || !e.not_named_ports.is_empty()
         })
 }
 
-/// The match part of a rule, once per family it needs (empty list = dropped everywhere).
+/// The match part of a rule, once per family it needs and per alternative of its ports
+/// (numeric or named; empty list = dropped everywhere).
 pub fn rule_matches(rule: &Rule) -> Vec<String> {
     let fams = rule_families(rule);
-    let copies: Vec<Option<Family>> = if fams.len() == 2 && !needs_family(rule) {
+    let families: Vec<Option<Family>> = if fams.len() == 2 && !needs_family(rule) {
         vec![None]
     } else {
         fams.into_iter().map(Some).collect()
     };
+    let mut copies = Vec::new();
+    for fam in families {
+        for s in port_alternatives(rule, &rule.source, fam, true) {
+            for d in port_alternatives(rule, &rule.destination, fam, false) {
+                copies.push((fam, s.clone(), d));
+            }
+        }
+    }
     copies
         .into_iter()
-        .map(|fam| {
+        .map(|(fam, src_ports, dst_ports)| {
             let mut m = Vec::new();
             match fam {
                 Some(Family::V4) => m.push("meta nfproto ipv4".to_string()),
@@ -322,8 +426,15 @@ pub fn rule_matches(rule: &Rule) -> Vec<String> {
             if let Some(p) = rule.not_protocol {
                 m.push(format!("meta l4proto != {}", proto_text(p)));
             }
-            entity_matches(&rule.source, fam, true, &mut m);
-            entity_matches(&rule.destination, fam, false, &mut m);
+            entity_matches(rule, &rule.source, fam, true, src_ports.as_deref(), &mut m);
+            entity_matches(
+                rule,
+                &rule.destination,
+                fam,
+                false,
+                dst_ports.as_deref(),
+                &mut m,
+            );
             let icmp_kw = match rule.protocol.map(Protocol::number) {
                 Some(58) => "icmpv6",
                 _ => "icmp",
@@ -513,7 +624,40 @@ pub fn render(program: &Program) -> FilterSpec {
                 set_name(&sel, fam),
                 SetSpec {
                     family: fam,
+                    kind: SetKind::Addr,
                     comment: set.selector.clone(),
+                    elements,
+                },
+            );
+        }
+    }
+    for (id, set) in &program.named_port_sets {
+        for fam in Family::ALL {
+            let elements: BTreeSet<String> = match fam {
+                Family::V4 => set
+                    .v4
+                    .iter()
+                    .map(|(a, p, n)| named_port_element_text(IpAddr::V4(*a), *p, *n))
+                    .collect(),
+                Family::V6 => set
+                    .v6
+                    .iter()
+                    .map(|(a, p, n)| named_port_element_text(IpAddr::V6(*a), *p, *n))
+                    .collect(),
+            };
+            let proto = set
+                .protocol
+                .map_or("any".to_string(), |p| proto_text(Protocol::from_number(p)));
+            spec.sets.insert(
+                named_port_set_name(id, fam),
+                SetSpec {
+                    family: fam,
+                    kind: SetKind::NamedPort,
+                    comment: format!(
+                        "{} ports {} proto {proto}",
+                        set.selector,
+                        set.names.join(",")
+                    ),
                     elements,
                 },
             );

@@ -10,8 +10,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::model::{
-    Action, Entity, HostEndpoint, IcmpMatch, NetworkSet, Policy, PolicyKind, PortRange, Protocol,
-    Rule, Tier, TierDefault,
+    Action, EndpointPort, Entity, HostEndpoint, IcmpMatch, NetworkSet, Policy, PolicyKind,
+    PortRange, Protocol, Rule, Tier, TierDefault,
 };
 use crate::model::Family;
 use crate::selector::{Expr, Selector};
@@ -349,6 +349,15 @@ pub struct HostEndpointSpec {
     pub ports: Vec<serde_json::Value>,
 }
 
+/// A HostEndpoint `spec.ports[]` entry.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawEndpointPort {
+    pub name: String,
+    pub protocol: Option<NumOrString>,
+    pub port: Option<i64>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct NetworkSetSpec {
@@ -633,32 +642,65 @@ fn parse_protocol(ctx: &Ctx, field: &str, p: &NumOrString) -> Result<Protocol, V
     }
 }
 
-fn parse_port(ctx: &Ctx, field: &str, p: &NumOrString) -> Result<PortRange, ValidationError> {
+/// One entry of `ports`/`notPorts`.
+enum PortItem {
+    Numeric(PortRange),
+    Named(String),
+}
+
+/// Calico's port-name pattern, `[a-zA-Z0-9_.-]{1,128}` (rule ports and HostEndpoint ports).
+fn is_port_name(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+fn parse_port(ctx: &Ctx, field: &str, p: &NumOrString) -> Result<PortItem, ValidationError> {
     let bad = |why: &str| ctx.err(field, format!("port {p}: {why}"));
     let one = |n: i64| u16::try_from(n).ok().filter(|n| *n >= 1);
     match p {
         NumOrString::Num(n) => one(*n)
-            .map(|n| PortRange { lo: n, hi: n })
+            .map(|n| PortItem::Numeric(PortRange { lo: n, hi: n }))
             .ok_or_else(|| bad("not in 1..65535")),
         NumOrString::Str(s) => {
             if let Some((lo, hi)) = s.split_once(':') {
                 let lo = lo.trim().parse::<i64>().ok().and_then(one);
                 let hi = hi.trim().parse::<i64>().ok().and_then(one);
                 match (lo, hi) {
-                    (Some(lo), Some(hi)) if lo <= hi => Ok(PortRange { lo, hi }),
+                    (Some(lo), Some(hi)) if lo <= hi => Ok(PortItem::Numeric(PortRange { lo, hi })),
                     _ => Err(bad("a range is \"lo:hi\" with 1 <= lo <= hi <= 65535")),
                 }
             } else if let Ok(n) = s.trim().parse::<i64>() {
                 one(n)
-                    .map(|n| PortRange { lo: n, hi: n })
+                    .map(|n| PortItem::Numeric(PortRange { lo: n, hi: n }))
                     .ok_or_else(|| bad("not in 1..65535"))
+            } else if is_port_name(s) {
+                Ok(PortItem::Named(s.clone()))
             } else {
                 Err(bad(
-                    "named ports are not supported by wiremesh (host endpoints only; see docs/policy.md)",
+                    "not a port number, a range \"lo:hi\" or a port name ([a-zA-Z0-9_.-]{1,128})",
                 ))
             }
         }
     }
+}
+
+/// Splits a `ports`/`notPorts` list into numeric ranges and names (deduplicated, in order).
+fn parse_ports(
+    ctx: &Ctx,
+    field: &str,
+    list: &[NumOrString],
+) -> Result<(Vec<PortRange>, Vec<String>), ValidationError> {
+    let mut numeric = Vec::new();
+    let mut named: Vec<String> = Vec::new();
+    for (i, p) in list.iter().enumerate() {
+        match parse_port(ctx, &format!("{field}[{i}]"), p)? {
+            PortItem::Numeric(r) => numeric.push(r),
+            PortItem::Named(n) if !named.contains(&n) => named.push(n),
+            PortItem::Named(_) => {}
+        }
+    }
+    Ok((numeric, named))
 }
 
 fn parse_net(ctx: &Ctx, field: &str, s: &str) -> Result<IpNet, ValidationError> {
@@ -836,18 +878,10 @@ fn validate_entity(
             return Err(ctx.err(f(name), "at most 50 entries"));
         }
     }
-    let ports = e
-        .ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| parse_port(ctx, &f(&format!("ports[{i}]")), p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let not_ports = e
-        .not_ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| parse_port(ctx, &f(&format!("notPorts[{i}]")), p))
-        .collect::<Result<Vec<_>, _>>()?;
+    let (ports, named_ports) = parse_ports(ctx, &f("ports"), &e.ports)?;
+    let (not_ports, not_named_ports) = parse_ports(ctx, &f("notPorts"), &e.not_ports)?;
+    // Only numeric ports need a port-bearing protocol; a rule whose ports are all named needs
+    // none (the named port carries its protocol).
     if (!ports.is_empty() || !not_ports.is_empty())
         && !matches!(
             protocol.map(Protocol::number),
@@ -906,6 +940,8 @@ fn validate_entity(
         not_selector: not_sel,
         ports,
         not_ports,
+        named_ports,
+        not_named_ports,
     })
 }
 
@@ -1005,9 +1041,12 @@ fn validate_hep(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if !spec.ports.is_empty() {
-        return Err(ctx.err("spec.ports", "named ports are not supported by wiremesh"));
-    }
+    let ports = spec
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| validate_endpoint_port(ctx, &format!("spec.ports[{i}]"), p))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(HostEndpoint {
         name,
         node: spec.node,
@@ -1015,6 +1054,51 @@ fn validate_hep(
         expected_ips,
         profiles: spec.profiles,
         labels: meta.labels.clone(),
+        ports,
+    })
+}
+
+/// A HostEndpoint named port, `{name, protocol, port}` (Calico's EndpointPort). Several entries
+/// may share a name (e.g. `dns` on UDP and TCP 53), as Calico allows.
+fn validate_endpoint_port(
+    ctx: &Ctx,
+    field: &str,
+    value: &serde_json::Value,
+) -> Result<EndpointPort, ValidationError> {
+    let raw: RawEndpointPort =
+        serde_json::from_value(value.clone()).map_err(|e| ctx.err(field, e))?;
+    let f = |sub: &str| format!("{field}.{sub}");
+    if !is_port_name(&raw.name) {
+        return Err(ctx.err(
+            f("name"),
+            format!(
+                "{:?} is not a port name ([a-zA-Z0-9_.-]{{1,128}})",
+                raw.name
+            ),
+        ));
+    }
+    let protocol = match &raw.protocol {
+        None => return Err(ctx.err(f("protocol"), "is required (TCP, UDP or SCTP)")),
+        Some(p) => parse_protocol(ctx, &f("protocol"), p)?,
+    };
+    let protocol = match protocol.number() {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        132 => Protocol::Sctp,
+        _ => return Err(ctx.err(f("protocol"), "must be TCP, UDP or SCTP")),
+    };
+    let port = raw
+        .port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p >= 1)
+        .ok_or_else(|| match raw.port {
+            None => ctx.err(f("port"), "is required (1..65535)"),
+            Some(p) => ctx.err(f("port"), format!("{p} is not in 1..65535")),
+        })?;
+    Ok(EndpointPort {
+        name: raw.name,
+        protocol,
+        port,
     })
 }
 

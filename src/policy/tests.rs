@@ -877,3 +877,549 @@ fn expected_ip_endpoints_resolve_through_local_addresses() {
     assert_eq!(none.endpoints.len(), 1);
     assert_eq!(none.endpoints[0].hep, "z-by-name");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Named ports
+
+fn hep_ports(
+    name: &str,
+    node: &str,
+    iface: &str,
+    labels: Value,
+    ips: Value,
+    ports: Value,
+) -> (Kind, Value) {
+    (
+        Kind::HostEndpoint,
+        json!({"metadata": {"name": name, "labels": labels},
+               "spec": {"node": node, "interfaceName": iface, "expectedIPs": ips, "ports": ports}}),
+    )
+}
+
+#[test]
+fn named_port_validation() {
+    let port_rule = |ports: Value, proto: Option<&str>| {
+        let mut rule = json!({"action": "Allow", "destination": {"ports": ports}});
+        if let Some(p) = proto {
+            rule["protocol"] = json!(p);
+        }
+        gnp("a", json!({"ingress": [rule]}))
+    };
+    // Accepted: names alone need no protocol; names mixed with numbers need one for the numbers.
+    let good = [
+        port_rule(json!(["http"]), None),
+        port_rule(json!(["http", "metrics.v2", "a_b-c"]), None),
+        port_rule(json!(["http", 22, "8000:8080"]), Some("TCP")),
+        port_rule(json!(["dns"]), Some("UDP")),
+        gnp(
+            "b",
+            json!({"egress": [{"action": "Deny", "source": {"notPorts": ["x"]}}]}),
+        ),
+        hep_ports(
+            "h",
+            "n",
+            "eth0",
+            json!({}),
+            json!(["10.0.0.1"]),
+            json!([{"name": "http", "protocol": "TCP", "port": 80},
+                   {"name": "dns", "protocol": "UDP", "port": 53},
+                   {"name": "dns", "protocol": "TCP", "port": 53},
+                   {"name": "s", "protocol": "SCTP", "port": 9}, {"name": "n6", "protocol": 6, "port": 1}]),
+        ),
+    ];
+    for obj in &good {
+        let res = PolicyResources::from_raw(&raw(std::slice::from_ref(obj)));
+        assert!(res.errors.is_empty(), "{}: {:?}", obj.1, res.errors);
+    }
+    let res = PolicyResources::from_raw(&raw(std::slice::from_ref(&good[2])));
+    let d = &res.policies[0].ingress.as_ref().expect("ingress")[0].destination;
+    assert_eq!(d.named_ports, ["http"]);
+    assert_eq!(d.ports.len(), 2);
+    let res = PolicyResources::from_raw(&raw(std::slice::from_ref(&good[5])));
+    assert_eq!(res.host_endpoints[0].ports.len(), 5);
+    assert_eq!(res.host_endpoints[0].ports[4].protocol, Protocol::Tcp);
+
+    let too_long = "p".repeat(129);
+    let bad: Vec<((Kind, Value), &str)> = vec![
+        (
+            port_rule(json!(["http", 22]), None),
+            "spec.ingress[0].destination.ports",
+        ),
+        (
+            port_rule(json!(["ht tp"]), None),
+            "spec.ingress[0].destination.ports[0]",
+        ),
+        (
+            port_rule(json!([too_long]), None),
+            "spec.ingress[0].destination.ports[0]",
+        ),
+        (
+            port_rule(json!(["ok", "70000"]), Some("TCP")),
+            "spec.ingress[0].destination.ports[1]",
+        ),
+        (
+            hep_ports(
+                "h",
+                "n",
+                "eth0",
+                json!({}),
+                json!([]),
+                json!([{"name": "http", "protocol": "ICMP", "port": 80}]),
+            ),
+            "spec.ports[0].protocol",
+        ),
+        (
+            hep_ports(
+                "h",
+                "n",
+                "eth0",
+                json!({}),
+                json!([]),
+                json!([{"name": "http", "protocol": "tcp", "port": 80}]),
+            ),
+            "spec.ports[0].protocol",
+        ),
+        (
+            hep_ports(
+                "h",
+                "n",
+                "eth0",
+                json!({}),
+                json!([]),
+                json!([{"name": "http", "port": 80}]),
+            ),
+            "spec.ports[0].protocol",
+        ),
+        (
+            hep_ports(
+                "h",
+                "n",
+                "eth0",
+                json!({}),
+                json!([]),
+                json!([{"name": "ok", "protocol": "TCP", "port": 1}, {"name": "http", "protocol": "TCP", "port": 0}]),
+            ),
+            "spec.ports[1].port",
+        ),
+        (
+            hep_ports(
+                "h",
+                "n",
+                "eth0",
+                json!({}),
+                json!([]),
+                json!([{"name": "http", "protocol": "TCP", "port": 65536}]),
+            ),
+            "spec.ports[0].port",
+        ),
+        (
+            hep_ports(
+                "h",
+                "n",
+                "eth0",
+                json!({}),
+                json!([]),
+                json!([{"name": "", "protocol": "TCP", "port": 80}]),
+            ),
+            "spec.ports[0].name",
+        ),
+        (
+            hep_ports(
+                "h",
+                "n",
+                "eth0",
+                json!({}),
+                json!([]),
+                json!([{"name": "a/b", "protocol": "TCP", "port": 80}]),
+            ),
+            "spec.ports[0].name",
+        ),
+        (
+            hep_ports(
+                "h",
+                "n",
+                "eth0",
+                json!({}),
+                json!([]),
+                json!([{"name": "a", "protocol": "TCP", "port": 80, "hostPort": 1}]),
+            ),
+            "spec.ports[0]",
+        ),
+    ];
+    for ((kind, v), field) in bad {
+        let msg = one_error(&[(kind, v.clone())]);
+        assert!(
+            msg.contains(&format!(": {field}: ")),
+            "{v}: expected field {field} in {msg}"
+        );
+    }
+}
+
+/// node-1 serves `http` (TCP 8080) and `dns` (UDP and TCP 53) on eth0; node-2 serves `http` on
+/// TCP 80. One policy allows the named ports of web servers, one denies a named source port.
+fn named_port_fixture() -> RawPolicyResources {
+    raw(&[
+        hep_ports(
+            "node-1-eth0",
+            "node-1",
+            "eth0",
+            json!({"role": "web"}),
+            json!(["10.0.0.1", "fd00::1"]),
+            json!([{"name": "http", "protocol": "TCP", "port": 8080},
+                   {"name": "dns", "protocol": "UDP", "port": 53},
+                   {"name": "dns", "protocol": "TCP", "port": 53}]),
+        ),
+        hep_ports(
+            "node-2-eth0",
+            "node-2",
+            "eth0",
+            json!({"role": "db"}),
+            json!(["10.0.0.2"]),
+            json!([{"name": "http", "protocol": "TCP", "port": 80},
+                   {"name": "metrics", "protocol": "TCP", "port": 9100}]),
+        ),
+        gnp(
+            "named",
+            json!({"order": 10, "selector": "all()", "types": ["Ingress"],
+            "ingress": [
+                {"action": "Deny", "source": {"selector": "role == 'db'", "ports": ["metrics"]}},
+                {"action": "Log", "protocol": "TCP", "destination": {"ports": ["http", 443]}},
+                {"action": "Allow", "protocol": "TCP", "destination": {"selector": "role == 'web'", "ports": ["http", 443]}},
+                {"action": "Allow", "destination": {"ports": ["dns"], "notPorts": [53]}, "protocol": "UDP"},
+                {"action": "Allow", "destination": {"ports": ["dns"]}},
+                {"action": "Allow", "protocol": "UDP", "destination": {"notPorts": ["dns", "http"], "nets": ["10.0.0.0/24"]}}
+            ]}),
+        ),
+    ])
+}
+
+fn named_port_program() -> super::Program {
+    let res = PolicyResources::from_raw(&named_port_fixture());
+    assert!(res.errors.is_empty(), "{:?}", res.errors);
+    compile(&PolicyInputs {
+        node: "node-1",
+        resources: Some(&res),
+        ..Default::default()
+    })
+}
+
+#[test]
+fn named_port_sets_hold_matching_endpoint_ports() {
+    let prog = named_port_program();
+    // (selector, protocol, names, v4 elements, v6 elements)
+    type Summary<'a> = (&'a str, Option<u8>, Vec<&'a str>, usize, usize);
+    let sets: Vec<Summary> = prog
+        .named_port_sets
+        .values()
+        .map(|s| {
+            (
+                s.selector.as_str(),
+                s.protocol,
+                s.names.iter().map(String::as_str).collect(),
+                s.v4.len(),
+                s.v6.len(),
+            )
+        })
+        .collect();
+    let has = |sel: &str, proto: Option<u8>, names: &[&str], v4: usize, v6: usize| {
+        assert!(
+            sets.contains(&(sel, proto, names.to_vec(), v4, v6)),
+            "{sel} {proto:?} {names:?} {v4} {v6} not in {sets:?}"
+        );
+    };
+    // Source `metrics` of db endpoints, any protocol.
+    has(r#"role == "db""#, None, &["metrics"], 1, 0);
+    // No selector: every endpoint's `http` on TCP (node-2's included).
+    has("all()", Some(6), &["http"], 2, 1);
+    has(r#"role == "web""#, Some(6), &["http"], 1, 1);
+    // `dns` with UDP: UDP 53 only; without a protocol: both.
+    has("all()", Some(17), &["dns"], 1, 1);
+    has("all()", None, &["dns"], 2, 2);
+    has("all()", Some(17), &["dns", "http"], 1, 1);
+    assert_eq!(sets.len(), 6);
+}
+
+#[test]
+fn explain_named_ports() {
+    use PacketPath::Input;
+    use Protocol::{Icmp, Tcp, Udp};
+    let prog = named_port_program();
+    // (src, dst, protocol, sport, dport) -> (outcome, rule, logged)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Protocol,
+        u16,
+        Option<u16>,
+        Outcome,
+        Option<usize>,
+        usize,
+    );
+    let cases: Vec<Case> = vec![
+        // The db's metrics port as source: denied.
+        (
+            "10.0.0.2",
+            "10.0.0.1",
+            Tcp,
+            9100,
+            Some(5000),
+            Outcome::Drop,
+            Some(0),
+            0,
+        ),
+        // ... but only from the db endpoint's address.
+        (
+            "10.0.0.9",
+            "10.0.0.1",
+            Tcp,
+            9100,
+            Some(5000),
+            Outcome::Drop,
+            None,
+            0,
+        ),
+        // `http` on the web endpoint (TCP 8080): logged once, then allowed by rule 2.
+        (
+            "10.9.0.1",
+            "10.0.0.1",
+            Tcp,
+            40000,
+            Some(8080),
+            Outcome::Accept,
+            Some(2),
+            1,
+        ),
+        // A named port's protocol counts even when the rule has none: metrics is TCP.
+        (
+            "10.0.0.2",
+            "10.0.0.1",
+            Udp,
+            9100,
+            Some(5000),
+            Outcome::Accept,
+            Some(5),
+            0,
+        ),
+        (
+            "fd00::9",
+            "fd00::1",
+            Tcp,
+            40000,
+            Some(8080),
+            Outcome::Accept,
+            Some(2),
+            1,
+        ),
+        // Numeric 443 OR-ed with the name.
+        (
+            "10.9.0.1",
+            "10.0.0.1",
+            Tcp,
+            40000,
+            Some(443),
+            Outcome::Accept,
+            Some(2),
+            1,
+        ),
+        // Port 80 is `http` only on node-2's address, which rule 2's selector excludes.
+        (
+            "10.9.0.1",
+            "10.0.0.1",
+            Tcp,
+            40000,
+            Some(80),
+            Outcome::Drop,
+            None,
+            0,
+        ),
+        (
+            "10.9.0.1",
+            "10.0.0.2",
+            Tcp,
+            40000,
+            Some(80),
+            Outcome::Drop,
+            None,
+            1,
+        ),
+        // UDP `dns` but notPorts 53: rule 3 excluded; rule 4 (any protocol) allows.
+        (
+            "10.9.0.1",
+            "10.0.0.1",
+            Udp,
+            40000,
+            Some(53),
+            Outcome::Accept,
+            Some(4),
+            0,
+        ),
+        // TCP 53 is `dns` too when the rule has no protocol.
+        (
+            "10.9.0.1",
+            "10.0.0.1",
+            Tcp,
+            40000,
+            Some(53),
+            Outcome::Accept,
+            Some(4),
+            0,
+        ),
+        // UDP 8080 is not `http` (a TCP port): rule 5 (notPorts dns/http on UDP) allows.
+        (
+            "10.9.0.1",
+            "10.0.0.1",
+            Udp,
+            40000,
+            Some(8080),
+            Outcome::Accept,
+            Some(5),
+            0,
+        ),
+        // ICMP has no port: no named port matches.
+        (
+            "10.9.0.1",
+            "10.0.0.1",
+            Icmp,
+            0,
+            None,
+            Outcome::Drop,
+            None,
+            0,
+        ),
+    ];
+    for (src, dst, proto, sport, dport, outcome, rule, logged) in cases {
+        let mut p = pkt(Input, "eth0", src, dst, proto, dport);
+        p.sport = (proto != Icmp).then_some(sport);
+        let v = explain(&prog, &p);
+        assert_eq!(
+            (v.outcome, v.rule, v.logged.len()),
+            (outcome, rule, logged),
+            "{src} -> {dst} {proto:?} {sport} {dport:?}: {v}"
+        );
+    }
+}
+
+#[test]
+fn snapshot_named_ports() {
+    let text = render(&named_port_program()).to_nft();
+    check_snapshot("policy_named_ports.nft", &text);
+    // Numeric OR named, as two disjoint copies of the rule.
+    assert!(text.contains("th dport 443 meta mark"), "{text}");
+    assert!(
+        text.contains("th dport != 443 ip daddr . meta l4proto . th dport @np4-"),
+        "{text}"
+    );
+    assert!(
+        text.contains("type ipv4_addr . inet_proto . inet_service"),
+        "{text}"
+    );
+    assert!(text.contains("10.0.0.1 . tcp . 8080"), "{text}");
+    assert!(
+        text.contains("ip daddr . meta l4proto . th dport != @np4-"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ip6 saddr . meta l4proto . th sport @np6-"),
+        "{text}"
+    );
+}
+
+#[test]
+fn endpoint_port_change_touches_no_rule() {
+    let render_with = |http: u16, ips: Value| {
+        let mut r = named_port_fixture();
+        r.insert(
+            Kind::HostEndpoint,
+            "node-2-eth0".into(),
+            json!({"metadata": {"name": "node-2-eth0", "labels": {"role": "db"}},
+                   "spec": {"node": "node-2", "interfaceName": "eth0", "expectedIPs": ips,
+                            "ports": [{"name": "http", "protocol": "TCP", "port": http}]}}),
+        );
+        let res = PolicyResources::from_raw(&r);
+        assert!(res.errors.is_empty(), "{:?}", res.errors);
+        render(&compile(&PolicyInputs {
+            node: "node-1",
+            resources: Some(&res),
+            ..Default::default()
+        }))
+    };
+    let before = render_with(80, json!(["10.0.0.2"]));
+    for after in [
+        render_with(81, json!(["10.0.0.2"])),
+        render_with(80, json!(["10.0.0.2", "10.0.0.3", "fd00::2"])),
+    ] {
+        assert_eq!(before.chains, after.chains);
+        assert_eq!(before.rules_hash(), after.rules_hash());
+        assert_ne!(before.sets, after.sets);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `policy unused`: unreachable tiers
+
+fn tier(name: &str, order: f64, default_action: &str) -> (Kind, Value) {
+    (
+        Kind::Tier,
+        json!({"metadata": {"name": name}, "spec": {"order": order, "defaultAction": default_action}}),
+    )
+}
+
+#[test]
+fn unreachable_tiers_are_found() {
+    let base = |first_rules: Value, first_selector: &str, first_default: &str| {
+        raw(&[
+            hep("h1", "n1", "eth0", json!({"a": "1"}), json!([])),
+            hep("h2", "n1", "eth1", json!({"a": "2"}), json!([])),
+            tier("first", 10.0, first_default),
+            tier("second", 20.0, "Deny"),
+            gnp(
+                "gate",
+                json!({"tier": "first", "selector": first_selector, "types": ["Ingress"], "ingress": first_rules}),
+            ),
+            gnp(
+                "later",
+                json!({"tier": "second", "selector": "a == '1'", "types": ["Ingress"],
+                       "ingress": [{"action": "Allow", "protocol": "TCP"}]}),
+            ),
+            gnp(
+                "later-egress",
+                json!({"tier": "second", "selector": "a == '1'", "types": ["Egress"],
+                       "egress": [{"action": "Allow"}]}),
+            ),
+            gnp(
+                "later-both",
+                json!({"tier": "second", "selector": "has(a)", "types": ["Ingress"],
+                       "ingress": [{"action": "Allow"}]}),
+            ),
+        ])
+    };
+    let ids = |r: &RawPolicyResources| -> Vec<String> {
+        let res = PolicyResources::from_raw(r);
+        assert!(res.errors.is_empty(), "{:?}", res.errors);
+        super::cli::unreachable_tiers(&res)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    };
+    let allow_tcp = json!([{"action": "Log"}, {"action": "Allow", "protocol": "TCP"}]);
+    // `first` decides every ingress packet of h1: `later` is unreachable. `later-egress` is
+    // another direction; `later-both` is still reached through h2.
+    let found = ids(&base(allow_tcp.clone(), "a == '1'", "Deny"));
+    assert_eq!(found, ["gnp/later"]);
+    let res = PolicyResources::from_raw(&base(allow_tcp.clone(), "a == '1'", "Deny"));
+    let why = &super::cli::unreachable_tiers(&res)[0].1;
+    assert!(why.contains("\"first\"") && why.contains("h1"), "{why}");
+    // Selecting both endpoints makes `later-both` unreachable too.
+    assert_eq!(
+        ids(&base(allow_tcp.clone(), "has(a)", "Deny")),
+        ["gnp/later", "gnp/later-both"]
+    );
+    // A Pass rule, however narrow, keeps the later tier reachable.
+    let with_pass = json!([{"action": "Pass", "protocol": "UDP", "destination": {"ports": [53]}},
+                           {"action": "Allow", "protocol": "TCP"}]);
+    assert!(ids(&base(with_pass, "has(a)", "Deny")).is_empty());
+    // So does a tier whose default action is Pass.
+    assert!(ids(&base(allow_tcp.clone(), "has(a)", "Pass")).is_empty());
+    // A policy with no rules is a deny for its tier: still ends it.
+    assert_eq!(ids(&base(json!([]), "a == '1'", "Deny")), ["gnp/later"]);
+}
