@@ -739,6 +739,10 @@ pub enum StatusError {
     },
     #[error("datastore")]
     Datastore(#[from] crate::datastore::DatastoreError),
+    #[error(
+        "--cluster reads the datastore: give --etcd-endpoints, or --datastore kubernetes (set in the agent's pod)"
+    )]
+    NoDatastore,
     #[error("the datastore did not finish its initial list within {0:?}")]
     SyncTimeout(Duration),
     #[error("encoding the report")]
@@ -760,6 +764,9 @@ pub enum OutputFormat {
                                            also compare with what each peer publishes now
   wiremesh status --cluster --etcd-endpoints http://10.0.0.1:2379
                                            every node's published data, and what stops peering
+  kubectl -n wiremesh exec ds/wiremesh -- wiremesh status --cluster
+                                           the same on Kubernetes (the pod's WIREMESH_DATASTORE
+                                           is kubernetes: Nodes are read with its service account)
 
 Exit codes: 0 OK, 1 DEGRADED, 2 DOWN or the status could not be read.")]
 pub struct StatusArgs {
@@ -772,9 +779,35 @@ pub struct StatusArgs {
     /// compares with what each peer publishes now, not with what the agent last saw.
     #[arg(long, env = "WIREMESH_STATUS_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
+    /// Read the Kubernetes API too (Node objects, read-only): `kubernetes` here, or in the
+    /// agent's pod (which sets WIREMESH_DATASTORE=kubernetes), compares with what each peer
+    /// publishes now. `etcd` needs --etcd-endpoints.
+    #[arg(long, env = "WIREMESH_DATASTORE", value_enum)]
+    pub datastore: Option<crate::agent::DatastoreKind>,
+    /// Kubeconfig for the Kubernetes API; without it, the in-cluster service account (or
+    /// KUBECONFIG / ~/.kube/config).
+    #[arg(long, env = "WIREMESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// Show every node's published state from the datastore instead of this node's view.
-    #[arg(long, requires = "etcd_endpoints")]
+    #[arg(long)]
     pub cluster: bool,
+}
+
+/// Where `status` reads what nodes publish, if anywhere.
+enum Source<'a> {
+    Etcd(&'a [String]),
+    Kubernetes(Option<&'a Path>),
+}
+
+impl StatusArgs {
+    fn source(&self) -> Option<Source<'_>> {
+        use crate::agent::DatastoreKind;
+        match self.datastore {
+            Some(DatastoreKind::Kubernetes) => Some(Source::Kubernetes(self.kubeconfig.as_deref())),
+            _ if !self.etcd_endpoints.is_empty() => Some(Source::Etcd(&self.etcd_endpoints)),
+            _ => None,
+        }
+    }
 }
 
 /// Reads `<state-dir>/status.json`; `Ok(None)` when there is none.
@@ -813,6 +846,21 @@ pub async fn observe_devices(
     Ok(out)
 }
 
+/// Every node as published, read once: from etcd, or (read-only) the Node objects.
+async fn fetch_published(
+    source: &Source<'_>,
+) -> Result<BTreeMap<String, NodeResource>, StatusError> {
+    match source {
+        Source::Etcd(endpoints) => fetch_nodes(endpoints).await,
+        Source::Kubernetes(kubeconfig) => {
+            Ok(crate::datastore::kube::KubeDatastore::connect(*kubeconfig)
+                .await?
+                .list_nodes()
+                .await?)
+        }
+    }
+}
+
 /// A synced snapshot's nodes, read once from the datastore.
 pub async fn fetch_nodes(
     endpoints: &[String],
@@ -836,8 +884,12 @@ pub async fn fetch_nodes(
 
 /// Runs the command; returns the exit code.
 pub async fn run(args: StatusArgs) -> Result<i32, StatusError> {
+    let source = args.source();
     if args.cluster {
-        let nodes = fetch_nodes(&args.etcd_endpoints).await?;
+        let Some(source) = &source else {
+            return Err(StatusError::NoDatastore);
+        };
+        let nodes = fetch_published(source).await?;
         let report = build_cluster(&nodes);
         print_report(&report, args.output, render_cluster_text)?;
         return Ok(report.verdict.level.exit_code());
@@ -848,10 +900,9 @@ pub async fn run(args: StatusArgs) -> Result<i32, StatusError> {
         .map(|a| a.devices.iter().map(|d| d.interface.clone()).collect())
         .unwrap_or_default();
     let live = observe_devices(agent.as_ref().and_then(|a| a.backend), &names).await;
-    let published = if args.etcd_endpoints.is_empty() {
-        None
-    } else {
-        Some(fetch_nodes(&args.etcd_endpoints).await?)
+    let published = match &source {
+        None => None,
+        Some(source) => Some(fetch_published(source).await?),
     };
     let node = agent
         .as_ref()

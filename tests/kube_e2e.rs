@@ -370,6 +370,35 @@ async fn mesh_on_and_off(client: &Client, kubeconfig: &Path, name: &str) {
         keys.insert(annotations(client, node).await[ANNOTATION_PUBLIC_KEY].clone());
     }
     assert_eq!(keys.len(), 3, "three distinct keys: {keys:?}");
+    // `wiremesh status --cluster` reads the same Node objects (read-only).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wiremesh"))
+        .args([
+            "status",
+            "--cluster",
+            "--datastore",
+            "kubernetes",
+            "--output",
+            "json",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .output()
+        .expect("wiremesh status");
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status JSON: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let listed: Vec<&Value> = report["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| nodes.iter().any(|name| n["node"] == name.as_str()))
+        .collect();
+    assert_eq!(listed.len(), 3, "{report}");
+    assert!(
+        listed
+            .iter()
+            .all(|n| n["peerable"] == true && keys.contains(n["publicKey"].as_str().unwrap_or(""))),
+        "{report}"
+    );
 
     // Traffic, then every node shows both peers with handshakes.
     let results = verify::verify(&lab, VerifyExpect::Encrypted, 3)

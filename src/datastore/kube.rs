@@ -615,6 +615,20 @@ impl KubeDatastore {
         reference
     }
 
+    /// Every Node as this adapter decodes it, read once (no watch, no write).
+    pub async fn list_nodes(&self) -> Result<BTreeMap<String, NodeResource>, DatastoreError> {
+        let nodes = Api::<Node>::all(self.client.clone())
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| {
+                classify(e, "list", "nodes", |source| DatastoreError::List {
+                    what: "nodes".into(),
+                    source,
+                })
+            })?;
+        Ok(nodes.items.iter().map(node_entry).collect())
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }
