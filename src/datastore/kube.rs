@@ -479,8 +479,9 @@ fn fatal_watch_error(
             message: status.message.clone(),
         });
     }
+    // A collection is 404 only when its type does not exist: the CRD is not installed, or was
+    // deleted while we watched (the watch then restarts into 404s, never into a re-list).
     if not_found(status)
-        && verb == "list"
         && let Some(crd) = crd
     {
         return Some(DatastoreError::MissingCrd {

@@ -80,6 +80,8 @@ pub struct ApiServer {
     pub url: String,
     store: Arc<Mutex<Store>>,
     changes: broadcast::Sender<Change>,
+    /// Bumped to end every open watch (as an API server restart or a load balancer would).
+    epoch: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl ApiServer {
@@ -94,6 +96,7 @@ impl ApiServer {
             url,
             store: Arc::default(),
             changes,
+            epoch: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         let handler = server.clone();
         let app = axum::Router::new().fallback(
@@ -121,6 +124,11 @@ impl ApiServer {
         let mut store = self.lock();
         store.compacted = store.revision;
         store.history.clear();
+    }
+
+    /// Ends every open watch stream; clients resume from their last version.
+    pub fn end_watches(&self) {
+        self.epoch.send_modify(|e| *e += 1);
     }
 
     /// Answers 404 for `plural` from now on, as if its CRD were not installed.
@@ -296,6 +304,8 @@ impl ApiServer {
                 }
             }
         };
+        let mut epoch = self.epoch.subscribe();
+        epoch.mark_unchanged();
         let (lines, receiver) = mpsc::channel::<Bytes>(64);
         let collection = target.collection.clone();
         tokio::spawn(async move {
@@ -309,10 +319,13 @@ impl ApiServer {
             }
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
-                let change = match tokio::time::timeout_at(deadline, live.recv()).await {
-                    Ok(Ok(change)) => change,
-                    // Lagged, closed or timed out: end the stream; the client resumes.
-                    _ => return,
+                let change = tokio::select! {
+                    next = tokio::time::timeout_at(deadline, live.recv()) => match next {
+                        Ok(Ok(change)) => change,
+                        // Lagged, closed or timed out: end the stream; the client resumes.
+                        _ => return,
+                    },
+                    _ = epoch.changed() => return,
                 };
                 if change.revision <= sent_up_to
                     || change.collection != collection

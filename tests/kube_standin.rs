@@ -1,0 +1,161 @@
+//! The Kubernetes datastore adapter against the in-memory API server stand-in
+//! (tests/support/apiserver.rs) over real HTTP: kube-runtime's watchers list, watch, resume,
+//! re-list after 410 Gone, and stop with a clear error when a CRD disappears; `publish` merges
+//! only our annotations. Complements the request-level tests in tests/kube_datastore.rs.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::json;
+use support::apiserver::ApiServer;
+use wiremesh::datastore::kube::{KubeDatastore, policy_resource};
+use wiremesh::datastore::{Datastore as _, DatastoreError};
+use wiremesh::model::{ClusterSnapshot, PublishedWireguard, WgKey};
+use wiremesh::policy::Kind;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+async fn client(server: &ApiServer) -> kube::Client {
+    let config = kube::Config::new(server.url.parse().expect("url"));
+    kube::Client::try_from(config).expect("client")
+}
+
+async fn create_node(client: &kube::Client, name: &str, annotations: serde_json::Value) {
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": name, "annotations": annotations },
+        "spec": { "podCIDRs": [format!("10.244.{}.0/24", name.len())] },
+        "status": { "addresses": [{ "type": "InternalIP", "address": "192.0.2.10" }] },
+    }))
+    .expect("node");
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("create node");
+}
+
+async fn wait_snapshot(
+    rx: &mut tokio::sync::watch::Receiver<ClusterSnapshot>,
+    what: &str,
+    condition: impl Fn(&ClusterSnapshot) -> bool,
+) -> ClusterSnapshot {
+    let snapshot =
+        match tokio::time::timeout(LIMIT, rx.wait_for(|s| s.synced && condition(s))).await {
+            Ok(Ok(snapshot)) => Some(snapshot.clone()),
+            Ok(Err(_)) => panic!("the adapter stopped while waiting for {what}"),
+            Err(_) => None,
+        };
+    snapshot.unwrap_or_else(|| panic!("timed out waiting for {what}: {:?}", *rx.borrow()))
+}
+
+#[tokio::test]
+async fn watches_resume_relist_after_410_and_stop_on_a_missing_crd() {
+    let server = ApiServer::start().await;
+    let client = client(&server).await;
+    create_node(&client, "node1", json!({ "keep": "me" })).await;
+    create_node(&client, "node2", json!({})).await;
+
+    let datastore =
+        std::sync::Arc::new(KubeDatastore::from_client(client.clone()).with_policy(true));
+    let (tx, mut rx) = tokio::sync::watch::channel(ClusterSnapshot::default());
+    let runner = std::sync::Arc::clone(&datastore);
+    let task = tokio::spawn(async move { runner.run(tx).await });
+
+    let first = wait_snapshot(&mut rx, "the initial lists", |s| s.nodes.len() == 2).await;
+    assert!(
+        first.felix_configurations.contains_key("default"),
+        "the adapter creates FelixConfiguration default as calico-node does"
+    );
+
+    // A watch event: a new GlobalNetworkSet.
+    let sets: Api<DynamicObject> =
+        Api::all_with(client.clone(), &policy_resource(Kind::GlobalNetworkSet));
+    let set: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+        "metadata": { "name": "blocked", "labels": { "list": "blocked" } },
+        "spec": { "nets": ["198.51.100.0/24"] },
+    }))
+    .expect("set");
+    sets.create(&PostParams::default(), &set)
+        .await
+        .expect("create set");
+    wait_snapshot(&mut rx, "the set from the watch", |s| {
+        s.policy
+            .objects
+            .get(&Kind::GlobalNetworkSet)
+            .is_some_and(|o| o.contains_key("blocked"))
+    })
+    .await;
+
+    // The history is compacted and every watch ends: resuming from the old version gets 410
+    // Gone; the watchers re-list and the snapshot catches up with a change made meanwhile.
+    server.compact();
+    server.end_watches();
+    Api::<Node>::all(client.clone())
+        .patch(
+            "node2",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "podCIDRs": ["10.250.2.0/24"] } })),
+        )
+        .await
+        .expect("patch node2");
+    wait_snapshot(&mut rx, "node2's new pod CIDR after the re-list", |s| {
+        s.nodes
+            .get("node2")
+            .is_some_and(|n| n.pod_cidrs == ["10.250.2.0/24"])
+    })
+    .await;
+    let node_lists = server
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/nodes?") && !r.contains("watch=true"))
+        .count();
+    assert!(
+        node_lists >= 2,
+        "the node watcher re-listed: {:?}",
+        server.requests()
+    );
+
+    // publish merges only our annotations: the foreign one stays.
+    let key: WgKey = "hE3fN1H2cJYbD8lQ5S0m8pCq2n5dJ8mJ7oWw3gK0VXc="
+        .parse()
+        .expect("key");
+    let published = PublishedWireguard {
+        public_key_v4: Some(key),
+        interface_ipv4_address: Some("10.244.5.1".parse().expect("address")),
+        ..PublishedWireguard::default()
+    };
+    datastore
+        .publish("node1", &published)
+        .await
+        .expect("publish");
+    let node1 = server.object("v1", "nodes", "", "node1").expect("node1");
+    let annotations = &node1["metadata"]["annotations"];
+    assert_eq!(annotations["keep"], "me", "{node1}");
+    assert_eq!(
+        annotations["projectcalico.org/WireguardPublicKey"],
+        key.to_string(),
+        "{node1}"
+    );
+    assert!(
+        !server.requests().iter().any(|r| r.starts_with("PUT ")),
+        "never a full update"
+    );
+
+    // The Tier CRD goes away: the next list is a 404 and the adapter stops with an error
+    // naming it.
+    server.uninstall("tiers");
+    server.compact();
+    server.end_watches();
+    let stopped = tokio::time::timeout(LIMIT, task)
+        .await
+        .expect("the adapter stops")
+        .expect("task");
+    match stopped {
+        Err(DatastoreError::MissingCrd { crd }) => assert_eq!(crd, "tiers.projectcalico.org"),
+        other => panic!("expected MissingCrd for tiers, got {other:?}"),
+    }
+}
