@@ -6,11 +6,13 @@
 //! Must run as root; set `WIREMESH_SKIP_ROOT_TESTS=1` to skip (loudly) elsewhere.
 //! Only addresses inside our namespaces are used (10.99/16, 172.31.0/24, fd00:99::/32).
 
+mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::root_or_skip;
 
 use ipnet::IpNet;
 use wiremesh::config::{DEFAULT_FWMARK, ROUTE_PROTOCOL};
@@ -26,20 +28,6 @@ use wiremesh::netns::Netns;
 
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-/// False (after printing why) when root tests are explicitly skipped; panics when not root.
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("WIREMESH_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        eprintln!("SKIPPED {test}: needs root (WIREMESH_SKIP_ROOT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{test} needs root (network namespaces, TUN, mounts); run as root or set WIREMESH_SKIP_ROOT_TESTS=1 to skip"
-    );
-}
 
 fn run_ok(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)

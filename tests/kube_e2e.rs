@@ -253,7 +253,7 @@ async fn kubernetes_end_to_end() {
 /// cluster exists. The CRD and RBAC steps need a real API server and are not part of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_lab_against_the_api_stand_in() {
-    if !support::lab::root_or_skip("kubernetes_lab_against_the_api_stand_in") {
+    if !support::root_or_skip("kubernetes_lab_against_the_api_stand_in") {
         return;
     }
     let server = ApiServer::start().await;
@@ -449,7 +449,7 @@ async fn mesh_on_and_off(client: &Client, kubeconfig: &Path, name: &str) {
 /// an applyOnForward GNP drops exactly node3's pods at node1; deleting the objects lifts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_lab_policy_against_the_api_stand_in() {
-    if !support::lab::root_or_skip("kubernetes_lab_policy_against_the_api_stand_in") {
+    if !support::root_or_skip("kubernetes_lab_policy_against_the_api_stand_in") {
         return;
     }
     let server = ApiServer::start().await;

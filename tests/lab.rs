@@ -2,25 +2,13 @@
 //! name of its own and a guard that runs `down` even when the test fails. Traffic stays on the
 //! lab's own addresses inside the lab's namespaces.
 
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use support::root_or_skip;
 
 use wiremesh::lab::{self, Expectation, Lab, UpOptions, VerifyExpect, verify};
-
-/// None when the test should be skipped (not root, and WIREMESH_SKIP_ROOT_TESTS=1).
-fn root_or_skip(test: &str) -> Option<()> {
-    if nix::unistd::geteuid().is_root() {
-        return Some(());
-    }
-    if std::env::var("WIREMESH_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        eprintln!("{test}: skipped (not root and WIREMESH_SKIP_ROOT_TESTS=1)");
-        return None;
-    }
-    panic!(
-        "{test}: the lab tests need root (network namespaces); set WIREMESH_SKIP_ROOT_TESTS=1 to skip them"
-    );
-}
 
 fn unique(short: &str) -> String {
     format!("t{short}{}", std::process::id())
@@ -83,9 +71,9 @@ fn assert_gone(name: &str, dir: &Path, etcd_pid: Option<i32>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn topology_pings_verify_clear_and_down() {
-    let Some(()) = root_or_skip("topology_pings_verify_clear_and_down") else {
+    if !root_or_skip("topology_pings_verify_clear_and_down") {
         return;
-    };
+    }
     let name = unique("topo");
     let _guard = Guard {
         name: name.clone(),
@@ -184,9 +172,9 @@ async fn topology_pings_verify_clear_and_down() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn down_after_crash_without_state_file() {
-    let Some(()) = root_or_skip("down_after_crash_without_state_file") else {
+    if !root_or_skip("down_after_crash_without_state_file") {
         return;
-    };
+    }
     let name = unique("crash");
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("state");
@@ -239,9 +227,9 @@ async fn down_after_crash_without_state_file() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn node_joins_and_leaves() {
-    let Some(()) = root_or_skip("node_joins_and_leaves") else {
+    if !root_or_skip("node_joins_and_leaves") {
         return;
-    };
+    }
     let name = unique("join");
     let _guard = Guard {
         name: name.clone(),
@@ -298,9 +286,9 @@ done
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stub_agents_encrypt_and_restart() {
-    let Some(()) = root_or_skip("stub_agents_encrypt_and_restart") else {
+    if !root_or_skip("stub_agents_encrypt_and_restart") {
         return;
-    };
+    }
     let name = unique("stub");
     let _guard = Guard {
         name: name.clone(),

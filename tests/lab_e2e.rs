@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use support::lab::{Guard, root_or_skip, start_lab, wait_within};
+use support::lab::{Guard, start_lab, wait_within};
+use support::root_or_skip;
 use wiremesh::lab::{Expectation, Lab, VerifyExpect, verify};
 
 mod support;

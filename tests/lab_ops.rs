@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::lab::{Guard, root_or_skip, wait_within as wait_for};
+use support::lab::{Guard, wait_within as wait_for};
+use support::root_or_skip;
 use wiremesh::lab::{Lab, UpOptions};
 
 mod support;

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::lab::{Guard, root_or_skip, start_lab, wait_within};
+use support::lab::{Guard, start_lab, wait_within};
+use support::root_or_skip;
 use wiremesh::lab::{self, Lab};
 
 mod support;

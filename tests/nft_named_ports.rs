@@ -4,27 +4,16 @@
 //! Must run as root; set `WIREMESH_SKIP_ROOT_TESTS=1` to skip (loudly) elsewhere.
 //! Only addresses inside our namespaces are used (10.98.1.0/24, fd98:1::/64).
 
+mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::root_or_skip;
 
 use serde_json::{Value, json};
 use wiremesh::dataplane::nft::{FilterDataplane, KernelNft, NftOp, plan};
 use wiremesh::netns::Netns;
 use wiremesh::policy::render::{FilterSpec, render};
 use wiremesh::policy::{Kind, PolicyInputs, PolicyResources, RawPolicyResources, compile};
-
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("WIREMESH_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        eprintln!("SKIPPED {test}: needs root (WIREMESH_SKIP_ROOT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{test} needs root (network namespaces, nftables); run as root or set WIREMESH_SKIP_ROOT_TESTS=1 to skip"
-    );
-}
 
 /// The host endpoint on `a` serves `web` on TCP `port`; one policy allows the named port.
 fn spec_for(port: u16) -> FilterSpec {

@@ -6,21 +6,6 @@ use std::time::{Duration, Instant};
 
 use wiremesh::lab::{self, Lab, UpOptions};
 
-/// True when the test may run: as root, or false (with a printed notice) when not root and
-/// `WIREMESH_SKIP_ROOT_TESTS=1`; otherwise it fails loudly rather than skip silently.
-pub fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("WIREMESH_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        eprintln!("{test}: SKIPPED (not root and WIREMESH_SKIP_ROOT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{test}: the lab tests need root (network namespaces); WIREMESH_SKIP_ROOT_TESTS=1 skips them"
-    );
-}
-
 /// Removes the lab on drop, so a failing test leaves nothing behind.
 pub struct Guard(pub String);
 

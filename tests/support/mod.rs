@@ -11,6 +11,21 @@ use wiremesh::keys::PrivateKey;
 use wiremesh::mesh::{Inputs, LocalFacts};
 use wiremesh::model::{ClusterSnapshot, Family, NodeResource};
 
+/// True when the test may run: as root, or false (with a printed notice) when not root and
+/// `WIREMESH_SKIP_ROOT_TESTS=1`; otherwise it fails loudly rather than skip silently.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("WIREMESH_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
+        eprintln!("{test}: SKIPPED (not root and WIREMESH_SKIP_ROOT_TESTS=1)");
+        return false;
+    }
+    panic!(
+        "{test}: needs root (network namespaces, nftables, TUN); WIREMESH_SKIP_ROOT_TESTS=1 skips the root tests"
+    );
+}
+
 /// A deterministic private key for node `i` (tests only).
 pub fn key(i: u8) -> PrivateKey {
     let mut bytes = [i; 32];
