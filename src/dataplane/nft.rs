@@ -599,6 +599,7 @@ mod tests {
                 base: None,
                 rules: vec!["ip saddr @sel4-x drop".into()],
             }],
+            ..FilterSpec::default()
         }
     }
 
