@@ -56,6 +56,23 @@ fn rule_part(table: &str) -> Vec<String> {
     out
 }
 
+/// The value of one series in `node`'s `/metrics` (the lab agent's port 9091), if present.
+fn metric(lab: &Lab, node: &str, series: &str) -> Option<f64> {
+    let out = lab
+        .exec_in_node(
+            node,
+            &["curl", "-s", "-m", "5", "http://127.0.0.1:9091/metrics"],
+        )
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 fn reachable(lab: &Lab, from: &str, to: &str) -> bool {
     lab.ping(from, to, 2).expect("ping").reachable()
 }
@@ -201,6 +218,20 @@ spec:
     assert!(
         dmesg_count(prefix) > logged_before,
         "the Log rule produced no kernel log line"
+    );
+    // The rules' nftables counters, scraped from node1's /metrics, saw the dropped pings.
+    let series = |rule: &str, action: &str| {
+        format!(
+            "wiremesh_policy_rule_packets_total{{tier=\"default\",policy=\"gnp/drop-denied-pods\",direction=\"ingress\",rule=\"{rule}\",action=\"{action}\"}}"
+        )
+    };
+    wait_for("the Deny rule's counter in node1's /metrics", async || {
+        metric(&lab, "node1", &series("1", "deny")).is_some_and(|v| v > 0.0)
+    })
+    .await;
+    assert!(
+        metric(&lab, "node1", &series("0", "log")).is_some_and(|v| v > 0.0),
+        "the Log rule's counter"
     );
 
     // Scenario 11: the set gains node2's pods; only elements change.
