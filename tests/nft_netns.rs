@@ -317,6 +317,10 @@ async fn rule_counters_count_the_packets_a_rule_matched() {
     );
     assert!(!ping(&b, "10.98.0.1"), "b is on the deny list");
     assert_eq!(counter(&k, deny).await.0, 1, "the dropped ping");
+    // Traffic and element changes are not drift: the full listing matches the baseline.
+    let full = k.observe_full().await.expect("full observe");
+    assert!(!full.edited, "counter values or elements taken for an edit");
+    assert!(plan(&spec_for(&base_objects(&["10.98.0.2"])), &full).is_empty());
     converge(&mut k, &FilterSpec::default()).await;
     assert!(
         k.counter_reader()
