@@ -37,6 +37,8 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 }
 
 async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> Response {
+    // WireGuard statistics and nftables counters are read now (at most SCRAPE_CACHE old).
+    metrics.refresh().await;
     match metrics.encode() {
         Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
         Err(e) => (

@@ -3,16 +3,23 @@
 //!
 //! Two groups (every name is documented in `docs/metrics.md`; a test keeps the two in step):
 //! - Felix's WireGuard series with Felix's names and labels (`wireguard_meta`,
-//!   `wireguard_bytes_rcvd`, `wireguard_bytes_sent`, `wireguard_latest_handshake_seconds`), read
-//!   on scrape from the last observation of the devices, so existing dashboards work;
+//!   `wireguard_bytes_rcvd`, `wireguard_bytes_sent`, `wireguard_latest_handshake_seconds`), so
+//!   existing dashboards work;
 //! - our own `wiremesh_*` series: reconcile runs, failures, durations, convergence time,
-//!   dataplane operations, peers, skipped nodes, backend.
+//!   dataplane operations, peers, skipped nodes, backend, and per-policy-rule packet and byte
+//!   counters read from the nftables table.
+//!
+//! Scrape-time values: the WireGuard devices and the nftables counters are read by
+//! [`Metrics::refresh`], which the `/metrics` handler calls before encoding, through read-only
+//! sources ([`WireguardStats`], [`CounterReader`]) that the reconciler installs; a read is
+//! reused for [`SCRAPE_CACHE`] (Felix caches its WireGuard statistics for 1 s), and concurrent
+//! scrapes share one read. The reconcile loop only tells which devices and counters exist.
 //!
 //! OpenMetrics requires a counter's sample to end in `_total`; Felix's byte counters do not, so
 //! they are exposed untyped (`# TYPE wireguard_bytes_rcvd unknown`) to keep the exact series
 //! names that Felix dashboards query.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,16 +27,23 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::dataplane::Backend;
-use crate::dataplane::wg::DeviceState;
+use crate::dataplane::nft::{CounterReader, CounterValue};
+use crate::dataplane::wg::{DeviceState, WireguardStats};
+use crate::dataplane::{Backend, DataplaneError};
 use crate::mesh::SkippedNode;
 use crate::model::Family as IpFamily;
+use crate::policy::render::CounterLabels;
+
+/// How long values read at scrape time are served again before the next read.
+pub const SCRAPE_CACHE: Duration = Duration::from_secs(1);
+/// A scrape-time read that takes longer is abandoned; the previous values are served.
+pub const SCRAPE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Labels1 = [(&'static str, String); 1];
 type Labels2 = [(&'static str, String); 2];
@@ -61,8 +75,83 @@ pub struct Metrics {
     backend: Family<Labels1, Gauge>,
     ready: Gauge,
     wireguard: Arc<WireguardCollector>,
+    rule_counters: Arc<RuleCounterCollector>,
+    scrape: Scrape,
     /// Liveness and readiness, served on the health port.
     pub health: Health,
+}
+
+/// Where scrape-time values come from, and when they were read.
+#[derive(Default)]
+struct Scrape {
+    sources: Mutex<Sources>,
+    /// Held during a refresh, so concurrent scrapes share one read.
+    refresh: tokio::sync::Mutex<Refreshed>,
+}
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scrape").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default, Clone)]
+struct Sources {
+    wireguard: Option<Arc<dyn WireguardStats>>,
+    counters: Option<Arc<dyn CounterReader>>,
+    /// The WireGuard devices the agent manages.
+    devices: BTreeSet<String>,
+}
+
+#[derive(Default)]
+struct Refreshed {
+    wireguard: ReadState,
+    counters: ReadState,
+}
+
+#[derive(Default)]
+struct ReadState {
+    at: Option<Instant>,
+    failing: bool,
+}
+
+impl ReadState {
+    fn due(&self) -> bool {
+        self.at.is_none_or(|at| at.elapsed() >= SCRAPE_CACHE)
+    }
+
+    /// Logs a failure when it starts and the recovery when it ends, not every scrape.
+    fn outcome(&mut self, what: &str, result: Result<(), String>) {
+        self.at = Some(Instant::now());
+        match result {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!(what, "reading for /metrics works again");
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if !self.failing {
+                    tracing::warn!(what, error = %e, "reading for /metrics failed; serving the last values");
+                } else {
+                    tracing::debug!(what, error = %e, "reading for /metrics failed");
+                }
+                self.failing = true;
+            }
+        }
+    }
+}
+
+async fn read_with_timeout<T>(
+    read: impl Future<Output = Result<T, DataplaneError>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(SCRAPE_READ_TIMEOUT, read).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(crate::reconcile::error_chain(&e)),
+        Err(_) => Err(format!(
+            "no answer within {}s",
+            SCRAPE_READ_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 impl Metrics {
@@ -126,6 +215,8 @@ impl Metrics {
         );
         let wireguard = Arc::new(WireguardCollector::default());
         registry.register_collector(Box::new(Arc::clone(&wireguard)));
+        let rule_counters = Arc::new(RuleCounterCollector::default());
+        registry.register_collector(Box::new(Arc::clone(&rule_counters)));
         Metrics {
             registry,
             reconcile_runs,
@@ -138,7 +229,67 @@ impl Metrics {
             backend,
             ready,
             wireguard,
+            rule_counters,
+            scrape: Scrape::default(),
             health: Health::new(stale_after),
+        }
+    }
+
+    /// Where the WireGuard series are read from at scrape time (`None`: not at all).
+    pub fn set_wireguard_source(&self, source: Option<Arc<dyn WireguardStats>>) {
+        if let Ok(mut s) = self.scrape.sources.lock() {
+            s.wireguard = source;
+        }
+    }
+
+    /// Where the policy rule counters are read from at scrape time (`None`: not at all).
+    pub fn set_counter_source(&self, source: Option<Arc<dyn CounterReader>>) {
+        if let Ok(mut s) = self.scrape.sources.lock() {
+            s.counters = source;
+        }
+    }
+
+    /// The WireGuard devices the agent manages (the reconcile loop sets this every run).
+    pub fn set_wireguard_devices(&self, names: &BTreeSet<String>) {
+        if let Ok(mut s) = self.scrape.sources.lock()
+            && s.devices != *names
+        {
+            s.devices = names.clone();
+        }
+    }
+
+    /// The counters of the table as last applied, with the labels of their series (empty: no
+    /// table). Counters that are not listed here are not exported.
+    pub fn set_policy_counters(&self, counters: &BTreeMap<String, CounterLabels>) {
+        self.rule_counters.set_labels(counters);
+    }
+
+    /// Reads the scrape-time values whose last read is older than [`SCRAPE_CACHE`]. Called by
+    /// the `/metrics` handler before [`Metrics::encode`]; failures are logged (once while they
+    /// last) and the previous values are served.
+    pub async fn refresh(&self) {
+        let mut state = self.scrape.refresh.lock().await;
+        let sources = self
+            .scrape
+            .sources
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        if let Some(source) = &sources.wireguard
+            && state.wireguard.due()
+        {
+            let result = read_with_timeout(source.read_devices(&sources.devices))
+                .await
+                .map(|devices| self.observed_wireguard(&devices));
+            state.wireguard.outcome("WireGuard devices", result);
+        }
+        if let Some(source) = &sources.counters
+            && state.counters.due()
+        {
+            let result = read_with_timeout(source.read_counters())
+                .await
+                .map(|values| self.rule_counters.set_values(values));
+            state.counters.outcome("nftables counters", result);
         }
     }
 
@@ -203,7 +354,7 @@ impl Metrics {
         }
     }
 
-    /// The devices as last observed; Felix's WireGuard series are read from this on scrape.
+    /// The devices as last read; Felix's WireGuard series are encoded from this.
     pub fn observed_wireguard(&self, devices: &BTreeMap<String, DeviceState>) {
         self.wireguard.set(devices.values().cloned().collect());
     }
@@ -279,6 +430,73 @@ impl WireguardCollector {
         if let Ok(mut d) = self.devices.lock() {
             *d = devices;
         }
+    }
+}
+
+/// `wiremesh_policy_rule_packets_total` / `_bytes_total`: the table's named counters as last
+/// read, for the counters of the table as last applied.
+#[derive(Debug, Default)]
+struct RuleCounterCollector {
+    state: Mutex<RuleCounters>,
+}
+
+#[derive(Debug, Default)]
+struct RuleCounters {
+    labels: BTreeMap<String, CounterLabels>,
+    values: BTreeMap<String, CounterValue>,
+}
+
+impl RuleCounterCollector {
+    fn set_labels(&self, labels: &BTreeMap<String, CounterLabels>) {
+        if let Ok(mut s) = self.state.lock()
+            && s.labels != *labels
+        {
+            s.labels = labels.clone();
+        }
+    }
+
+    fn set_values(&self, values: BTreeMap<String, CounterValue>) {
+        if let Ok(mut s) = self.state.lock() {
+            s.values = values;
+        }
+    }
+}
+
+impl Collector for RuleCounterCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(state) = self.state.lock() else {
+            return Ok(());
+        };
+        type Series = (&'static str, &'static str, fn(&CounterValue) -> u64);
+        let series: [Series; 2] = [
+            (
+                "wiremesh_policy_rule_packets",
+                "Packets that matched a policy rule, a tier's end-of-tier drop or the host endpoints' default deny (nftables counter; reset when the table is replaced)",
+                |v| v.packets,
+            ),
+            (
+                "wiremesh_policy_rule_bytes",
+                "Bytes of the packets counted by wiremesh_policy_rule_packets",
+                |v| v.bytes,
+            ),
+        ];
+        for (name, help, value) in series {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (counter, l) in &state.labels {
+                let Some(v) = state.values.get(counter) else {
+                    continue;
+                };
+                let labels = [
+                    ("tier", l.tier.as_str()),
+                    ("policy", l.policy.as_str()),
+                    ("direction", l.direction),
+                    ("rule", l.rule.as_str()),
+                    ("action", l.action),
+                ];
+                ConstCounter::new(value(v)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -456,6 +674,135 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+    }
+
+    fn labels(tier: &str, policy: &str, rule: &str, action: &'static str) -> CounterLabels {
+        CounterLabels {
+            tier: tier.into(),
+            policy: policy.into(),
+            direction: "ingress",
+            rule: rule.into(),
+            action,
+        }
+    }
+
+    /// Counts its reads; serves fixed values.
+    #[derive(Default)]
+    struct Source {
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl CounterReader for Source {
+        async fn read_counters(&self) -> Result<BTreeMap<String, CounterValue>, DataplaneError> {
+            let n = self.reads.fetch_add(1, Ordering::SeqCst) as u64;
+            Ok(BTreeMap::from([
+                (
+                    "gnp/allow-ssh/in0".to_string(),
+                    CounterValue {
+                        packets: 10 + n,
+                        bytes: 600,
+                    },
+                ),
+                (
+                    "tier/default/in".to_string(),
+                    CounterValue {
+                        packets: 3,
+                        bytes: 180,
+                    },
+                ),
+                ("not/in/the/spec".to_string(), CounterValue::default()),
+            ]))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl WireguardStats for Source {
+        async fn read_devices(
+            &self,
+            names: &BTreeSet<String>,
+        ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let d = device();
+            Ok(names
+                .contains(&d.name)
+                .then(|| (d.name.clone(), d))
+                .into_iter()
+                .collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn rule_counters_are_read_at_scrape_time_with_exact_labels() {
+        let m = Metrics::new(Duration::from_secs(60));
+        let source = Arc::new(Source::default());
+        m.set_counter_source(Some(Arc::clone(&source) as Arc<dyn CounterReader>));
+        m.set_policy_counters(&BTreeMap::from([
+            (
+                "gnp/allow-ssh/in0".to_string(),
+                labels("default", "gnp/allow-ssh", "0", "allow"),
+            ),
+            (
+                "tier/default/in".to_string(),
+                labels("default", "", "end-of-tier", "deny"),
+            ),
+            (
+                "np/ns1/unread/in0".to_string(),
+                labels("default", "np/ns1/unread", "0", "deny"),
+            ),
+        ]));
+        assert!(
+            !m.encode()
+                .expect("encode")
+                .contains("wiremesh_policy_rule_packets_total{"),
+            "nothing is read before a scrape"
+        );
+        m.refresh().await;
+        let text = m.encode().expect("encode");
+        for line in [
+            "# TYPE wiremesh_policy_rule_packets counter\n",
+            "wiremesh_policy_rule_packets_total{tier=\"default\",policy=\"gnp/allow-ssh\",direction=\"ingress\",rule=\"0\",action=\"allow\"} 10\n",
+            "wiremesh_policy_rule_bytes_total{tier=\"default\",policy=\"gnp/allow-ssh\",direction=\"ingress\",rule=\"0\",action=\"allow\"} 600\n",
+            "wiremesh_policy_rule_packets_total{tier=\"default\",policy=\"\",direction=\"ingress\",rule=\"end-of-tier\",action=\"deny\"} 3\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("unread"),
+            "a counter the kernel lacks: {text}"
+        );
+        assert!(!text.contains("not/in/the/spec"), "{text}");
+        // Within SCRAPE_CACHE the values are served again, not re-read.
+        m.refresh().await;
+        m.refresh().await;
+        assert_eq!(source.reads.load(Ordering::SeqCst), 1);
+        // The table is gone: no series.
+        m.set_policy_counters(&BTreeMap::new());
+        assert!(
+            !m.encode()
+                .expect("encode")
+                .contains("wiremesh_policy_rule_packets_total{")
+        );
+    }
+
+    #[tokio::test]
+    async fn wireguard_series_are_at_most_a_second_old() {
+        let m = Metrics::new(Duration::from_secs(60));
+        let source = Arc::new(Source::default());
+        m.set_wireguard_source(Some(Arc::clone(&source) as Arc<dyn WireguardStats>));
+        m.set_wireguard_devices(&BTreeSet::from(["wireguard.cali".to_string()]));
+        m.refresh().await;
+        assert!(
+            m.encode()
+                .expect("encode")
+                .contains("wireguard_bytes_rcvd{")
+        );
+        // Concurrent scrapes within the cache period share one read.
+        tokio::join!(m.refresh(), m.refresh(), m.refresh());
+        assert_eq!(source.reads.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(SCRAPE_CACHE + Duration::from_millis(50)).await;
+        m.refresh().await;
+        assert_eq!(source.reads.load(Ordering::SeqCst), 2);
     }
 
     #[test]

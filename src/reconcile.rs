@@ -161,9 +161,6 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// How often the loop re-reads the devices' counters and handshakes for the metrics.
-const STATS_INTERVAL: Duration = Duration::from_secs(10);
-
 pub struct Reconciler<W, L, R> {
     settings: Arc<AgentSettings>,
     keys: KeyStore,
@@ -413,11 +410,10 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                 _ => {}
             }
         }
-        if wg_ops.is_empty() {
-            self.metrics.observed_wireguard(&wg_actual);
-        }
         let device_names: BTreeSet<String> =
             spec.devices.values().map(|d| d.name.clone()).collect();
+        // The WireGuard series are read at scrape time; the loop only names the devices.
+        self.metrics.set_wireguard_devices(&device_names);
         if device_names != self.created_interfaces {
             self.created_interfaces = device_names.clone();
             self.persist_created_interfaces();
@@ -457,19 +453,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             lap(&mut outcome, "policy");
         }
         self.record_status(&spec);
-        if !wg_ops.is_empty() {
-            self.refresh_wireguard_stats().await;
-        }
         Ok(outcome)
-    }
-
-    /// Re-reads the devices (read-only) for the WireGuard metrics; failures only log.
-    async fn refresh_wireguard_stats(&mut self) {
-        let names = self.created_interfaces.clone();
-        match self.wg.observe(&names).await {
-            Ok(devices) => self.metrics.observed_wireguard(&devices),
-            Err(e) => debug!(error = %error_chain(&e), "could not read WireGuard statistics"),
-        }
     }
 
     /// Host-endpoint policy: validate, compile for this node, render, observe, plan, apply.
@@ -561,6 +545,8 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         let ops = nft::plan(&desired, &actual);
         filter.apply(&ops).await?;
         apply_logged(outcome, "nftables", &ops, |op| op.kind());
+        // The counters are read at scrape time; the loop only names them.
+        self.metrics.set_policy_counters(&desired.counters);
         Ok(())
     }
 
@@ -634,12 +620,15 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         let mut backoff = Duration::ZERO;
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut kernel_events = self.kernel_events.take();
-        let mut stats = tokio::time::interval(STATS_INTERVAL);
-        stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The earliest datastore change not yet reflected in an apply (convergence metric).
         let mut pending_change: Option<Instant> = None;
         let mut trigger: &'static str;
         self.metrics.set_backend(self.wg.backend());
+        // The admin server reads WireGuard statistics and nftables counters at scrape time
+        // through handles of their own, never through the loop.
+        self.metrics.set_wireguard_source(self.wg.stats_reader());
+        self.metrics
+            .set_counter_source(self.filter.as_ref().and_then(|f| f.counter_reader()));
         loop {
             let kernel_event = async {
                 match kernel_events.as_mut() {
@@ -667,13 +656,6 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                     pending_change.get_or_insert_with(Instant::now);
                 }
                 _ = resync.tick() => trigger = "resync",
-                _ = stats.tick() => {
-                    self.metrics.health.beat();
-                    if self.status.ready {
-                        self.refresh_wireguard_stats().await;
-                    }
-                    continue;
-                }
                 () = retry => trigger = "retry",
                 event = kernel_event => {
                     trigger = "kernel";

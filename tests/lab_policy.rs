@@ -40,7 +40,7 @@ fn table(lab: &Lab, node: &str) -> String {
 }
 
 fn rule_part(table: &str) -> Vec<String> {
-    // Set elements may span lines; keep everything else.
+    // Set elements may span lines; counter values change with traffic; keep everything else.
     let mut out = Vec::new();
     let mut in_elements = false;
     for l in table.lines() {
@@ -52,9 +52,29 @@ fn rule_part(table: &str) -> Vec<String> {
             in_elements = !l.trim_end().ends_with('}');
             continue;
         }
+        if l.trim_start().starts_with("packets ") {
+            continue;
+        }
         out.push(l.to_string());
     }
     out
+}
+
+/// The value of one series in `node`'s `/metrics` (the lab agent's port 9091), if present.
+fn metric(lab: &Lab, node: &str, series: &str) -> Option<f64> {
+    let out = lab
+        .exec_in_node(
+            node,
+            &["curl", "-s", "-m", "5", "http://127.0.0.1:9091/metrics"],
+        )
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 fn reachable(lab: &Lab, from: &str, to: &str) -> bool {
@@ -203,6 +223,20 @@ spec:
         dmesg_count(prefix) > logged_before,
         "the Log rule produced no kernel log line"
     );
+    // The rules' nftables counters, scraped from node1's /metrics, saw the dropped pings.
+    let series = |rule: &str, action: &str| {
+        format!(
+            "wiremesh_policy_rule_packets_total{{tier=\"default\",policy=\"gnp/drop-denied-pods\",direction=\"ingress\",rule=\"{rule}\",action=\"{action}\"}}"
+        )
+    };
+    wait_for("the Deny rule's counter in node1's /metrics", async || {
+        metric(&lab, "node1", &series("1", "deny")).is_some_and(|v| v > 0.0)
+    })
+    .await;
+    assert!(
+        metric(&lab, "node1", &series("0", "log")).is_some_and(|v| v > 0.0),
+        "the Log rule's counter"
+    );
 
     // Scenario 11: the set gains node2's pods; only elements change.
     let before = table(&lab, "node1");
@@ -219,8 +253,13 @@ spec:
 ",
     )
     .await;
+    let denied_before = metric(&lab, "node1", &series("1", "deny")).unwrap_or_default();
     wait_for("pod2 denied", async || !reachable(&lab, "pod2", "pod1")).await;
     let after = table(&lab, "node1");
+    assert!(
+        metric(&lab, "node1", &series("1", "deny")).is_some_and(|v| v > denied_before),
+        "a set change does not reset the counters, and pod2's pings are counted"
+    );
     assert_ne!(before, after);
     assert_eq!(
         rule_part(&before),

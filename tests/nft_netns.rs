@@ -252,3 +252,153 @@ async fn default_deny_keeps_failsafe_and_set_denies_traffic() {
     converge(&mut k, &FilterSpec::default()).await;
     assert!(ping(&b, "10.98.0.1"), "cleanup restores connectivity");
 }
+
+/// The named counter's (packets, bytes) as the agent reads them.
+async fn counter(k: &KernelNft, name: &str) -> (u64, u64) {
+    let reader = k
+        .counter_reader()
+        .expect("the kernel dataplane has counters");
+    let all = reader.read_counters().await.expect("read counters");
+    let v = all
+        .get(name)
+        .unwrap_or_else(|| panic!("no counter {name} in {all:?}"));
+    (v.packets, v.bytes)
+}
+
+/// Pings that match the policy's ICMP Allow rule (ingress rule 1 of `gnp/deny-list`) raise its
+/// counter by exactly their number; the deny rule's counter counts the pings it drops; a
+/// set-element change keeps the counts (no table replacement).
+#[tokio::test]
+async fn rule_counters_count_the_packets_a_rule_matched() {
+    if !root_or_skip("rule_counters_count_the_packets_a_rule_matched") {
+        return;
+    }
+    let (a, b) = pair();
+    let mut k = KernelNft::in_netns(a.name());
+    let spec = spec_for(&base_objects(&["10.98.0.50"]));
+    let allow = "gnp/deny-list/in1";
+    let deny = "gnp/deny-list/in0";
+    assert_eq!(spec.counters[allow].action, "allow");
+    assert_eq!(spec.counters[deny].action, "deny");
+    converge(&mut k, &spec).await;
+    let (p0, b0) = counter(&k, allow).await;
+    // One ping per process: each echo request is a new flow (a new ICMP id), so none is
+    // accepted by the conntrack rule before the policy.
+    const SENT: u64 = 3;
+    for _ in 0..SENT {
+        assert!(ping(&b, "10.98.0.1"), "ICMP allowed by policy");
+    }
+    let (p1, b1) = counter(&k, allow).await;
+    assert_eq!(p1 - p0, SENT, "echo requests counted by the Allow rule");
+    assert_eq!(b1 - b0, SENT * 84, "84-byte IPv4 echo requests");
+    assert_eq!(counter(&k, deny).await, (0, 0));
+
+    // b joins the deny list: element operations only; the counts carry on.
+    let ops = converge(&mut k, &spec_for(&base_objects(&["10.98.0.2"]))).await;
+    assert!(
+        ops.iter().all(|o| !matches!(o, NftOp::ReplaceTable(_))),
+        "{ops:?}"
+    );
+    assert_eq!(
+        counter(&k, allow).await,
+        (p1, b1),
+        "counts survive a set change"
+    );
+    assert!(!ping(&b, "10.98.0.1"), "b is on the deny list");
+    assert_eq!(counter(&k, deny).await.0, 1, "the dropped ping");
+    // Traffic and element changes are not drift: the full listing matches the baseline.
+    let full = k.observe_full().await.expect("full observe");
+    assert!(!full.edited, "counter values or elements taken for an edit");
+    assert!(plan(&spec_for(&base_objects(&["10.98.0.2"])), &full).is_empty());
+    converge(&mut k, &FilterSpec::default()).await;
+    assert!(
+        k.counter_reader()
+            .expect("reader")
+            .read_counters()
+            .await
+            .expect("no table is no counters")
+            .is_empty()
+    );
+}
+
+/// A rule edited in place (`nft replace rule`: same handle, same rule count, same hash chain)
+/// is noticed by the next full observe, which plans a table replacement.
+#[tokio::test]
+async fn a_rule_replaced_in_place_is_detected_and_repaired() {
+    if !root_or_skip("a_rule_replaced_in_place_is_detected_and_repaired") {
+        return;
+    }
+    let (a, b) = pair();
+    let mut k = KernelNft::in_netns(a.name());
+    let spec = spec_for(&base_objects(&["10.98.0.50"]));
+    converge(&mut k, &spec).await;
+    assert!(
+        k.settle().await.is_some(),
+        "a baseline after the replacement"
+    );
+    assert!(ping(&b, "10.98.0.1"));
+
+    // Someone turns the ICMP Allow into a drop, in place.
+    let listing = nft(
+        &a,
+        &[
+            "-a",
+            "list",
+            "chain",
+            "inet",
+            "wiremesh",
+            "pi-gnp/deny-list",
+        ],
+    );
+    let handle = listing
+        .lines()
+        .find(|l| l.contains("gnp/deny-list/in1"))
+        .and_then(|l| l.rsplit("# handle ").next())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|| panic!("no ICMP rule in\n{listing}"));
+    nft(
+        &a,
+        &[
+            "replace",
+            "rule",
+            "inet",
+            "wiremesh",
+            "pi-gnp/deny-list",
+            "handle",
+            &handle,
+            "meta",
+            "l4proto",
+            "icmp",
+            "drop",
+        ],
+    );
+    assert!(!ping(&b, "10.98.0.1"), "the edit is in force");
+    let chains = |ns: &Netns| {
+        nft(ns, &["list", "chains", "inet"])
+            .lines()
+            .filter(|l| l.contains("chain "))
+            .count()
+    };
+    let before = chains(&a);
+
+    // The quick observe (hash chain only) cannot see it; a full one can.
+    let quick = k.observe().await.expect("observe");
+    assert!(plan(&spec, &quick).is_empty(), "cached: nothing to do yet");
+    let full = k.observe_full().await.expect("full observe");
+    assert!(full.edited, "the in-place edit is drift");
+    assert_eq!(chains(&a), before);
+    let ops = plan(&spec, &full);
+    assert!(
+        matches!(ops.as_slice(), [NftOp::ReplaceTable(_)]),
+        "{ops:?}"
+    );
+    k.apply(&ops).await.expect("apply");
+    assert!(ping(&b, "10.98.0.1"), "repaired");
+    let again = k.observe_full().await.expect("full observe");
+    assert!(!again.edited);
+    assert!(plan(&spec, &again).is_empty());
+    // Without a baseline (a restarted agent) the first full listing is adopted as it is.
+    let mut fresh = KernelNft::in_netns(a.name());
+    let first = fresh.observe().await.expect("observe");
+    assert!(!first.edited);
+}

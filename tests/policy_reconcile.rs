@@ -43,6 +43,7 @@ struct H {
     kernel: FakeKernel,
     nft: FakeNft,
     store: Arc<FakeDatastore>,
+    tx: watch::Sender<ClusterSnapshot>,
     dir: tempfile::TempDir,
 }
 
@@ -52,7 +53,8 @@ impl H {
         H {
             kernel: FakeKernel::new(),
             nft: FakeNft::default(),
-            store: Arc::new(FakeDatastore::new(tx)),
+            store: Arc::new(FakeDatastore::new(tx.clone())),
+            tx,
             dir: tempfile::tempdir().expect("tmp"),
         }
     }
@@ -229,4 +231,41 @@ fn etcd_policy_keys() {
         decode_policy_key("/calico/resources/v3/projectcalico.org/nodes/n1"),
         None
     );
+}
+
+/// The loop names the counters of the table it applied; the scrape reads their values through
+/// the dataplane's counter reader (the fake serves configured values) and labels them.
+#[tokio::test(start_paused = true)]
+async fn the_loop_exports_the_policy_rule_counters_at_scrape_time() {
+    use wiremesh::dataplane::nft::CounterValue;
+    let h = H::new(cluster(&["10.244.3.0/24"], "node1"));
+    let metrics = Arc::new(wiremesh::metrics::Metrics::new(Duration::from_secs(300)));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let rx = h.tx.subscribe();
+    let task = tokio::spawn(h.reconciler().with_metrics(Arc::clone(&metrics)).run(
+        rx,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    h.tx.send_replace(cluster(&["10.244.3.0/24"], "node1"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(h.nft.lock().spec.is_some(), "the table is applied");
+    h.nft.lock().counters.insert(
+        "gnp/deny-list/in0".into(),
+        CounterValue {
+            packets: 7,
+            bytes: 420,
+        },
+    );
+    metrics.refresh().await;
+    let text = metrics.encode().expect("encode");
+    for line in [
+        "wiremesh_policy_rule_packets_total{tier=\"default\",policy=\"gnp/deny-list\",direction=\"ingress\",rule=\"0\",action=\"deny\"} 7\n",
+        "wiremesh_policy_rule_bytes_total{tier=\"default\",policy=\"gnp/deny-list\",direction=\"ingress\",rule=\"0\",action=\"deny\"} 420\n",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    let _ = stop_tx.send(());
+    task.await.expect("loop");
 }

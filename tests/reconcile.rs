@@ -380,6 +380,10 @@ async fn the_loop_records_metrics_readiness_and_convergence() {
         "{text}"
     );
     assert!(text.contains("wiremesh_peers{family=\"v4\"} 2"), "{text}");
+    // The WireGuard series are read at scrape time, through the source the loop installed.
+    assert!(!text.contains("wireguard_meta{"), "{text}");
+    metrics.refresh().await;
+    let text = metrics.encode().expect("encode");
     assert!(text.contains("wireguard_meta{"), "{text}");
 
     // A failing apply is counted by kind; the retry converges and is observed once.

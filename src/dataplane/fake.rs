@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::link::{LinkDataplane, LinkOp, LinkState};
 use super::route::{RouteOp, RoutingDataplane, RoutingState};
-use super::wg::{DeviceState, PeerState, WgOp, WireguardDataplane};
+use super::wg::{DeviceState, PeerState, WgOp, WireguardDataplane, WireguardStats};
 use super::{Backend, DataplaneError};
 use crate::mesh::{RouteKind, RouteSpec, RuleSpec};
 
@@ -77,6 +77,22 @@ impl FakeKernel {
 }
 
 pub struct FakeWireguard(FakeKernel);
+
+#[async_trait]
+impl WireguardStats for FakeWireguard {
+    async fn read_devices(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
+        let state = self.0.state();
+        Ok(state
+            .devices
+            .iter()
+            .filter(|(n, _)| names.contains(*n))
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .collect())
+    }
+}
 pub struct FakeLinks(FakeKernel);
 pub struct FakeRouting(FakeKernel);
 
@@ -90,13 +106,11 @@ impl WireguardDataplane for FakeWireguard {
         &mut self,
         names: &BTreeSet<String>,
     ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
-        let state = self.0.state();
-        Ok(state
-            .devices
-            .iter()
-            .filter(|(n, _)| names.contains(*n))
-            .map(|(n, d)| (n.clone(), d.clone()))
-            .collect())
+        self.read_devices(names).await
+    }
+
+    fn stats_reader(&self) -> Option<Arc<dyn WireguardStats>> {
+        Some(Arc::new(FakeWireguard(self.0.clone())))
     }
 
     async fn apply(&mut self, ops: &[WgOp]) -> Result<(), DataplaneError> {

@@ -25,7 +25,7 @@ use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 use super::link::{LinkDataplane, LinkOp, LinkState, is_uplink_name};
 use super::route::{RouteOp, RoutingDataplane, RoutingState};
 use super::uapi::{UserspaceConfig, UserspaceWireguard};
-use super::wg::{DeviceState, PeerState, WgOp, WireguardDataplane};
+use super::wg::{DeviceState, PeerState, WgOp, WireguardDataplane, WireguardStats};
 use super::{Backend, DataplaneError};
 use crate::config::ROUTE_PROTOCOL;
 use crate::mesh::{RouteKind, RouteSpec, RuleSpec};
@@ -794,6 +794,29 @@ impl WireguardDataplane for KernelWireguard {
         &mut self,
         names: &BTreeSet<String>,
     ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
+        self.read_devices(names).await
+    }
+
+    async fn apply(&mut self, ops: &[WgOp]) -> Result<(), DataplaneError> {
+        for op in ops {
+            self.apply_one(op).await?;
+        }
+        Ok(())
+    }
+
+    fn stats_reader(&self) -> Option<std::sync::Arc<dyn WireguardStats>> {
+        Some(std::sync::Arc::new(KernelWireguard::new(
+            self.handle.clone(),
+        )))
+    }
+}
+
+#[async_trait]
+impl WireguardStats for KernelWireguard {
+    async fn read_devices(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
         let mut out = BTreeMap::new();
         for name in names {
             let kind = super::uapi::link_kind(&self.handle, name)
@@ -825,13 +848,6 @@ impl WireguardDataplane for KernelWireguard {
             out.insert(name.clone(), device_state(name, host));
         }
         Ok(out)
-    }
-
-    async fn apply(&mut self, ops: &[WgOp]) -> Result<(), DataplaneError> {
-        for op in ops {
-            self.apply_one(op).await?;
-        }
-        Ok(())
     }
 }
 
@@ -953,6 +969,13 @@ impl WireguardDataplane for AnyWireguard {
         match self {
             AnyWireguard::Kernel(k) => k.apply(ops).await,
             AnyWireguard::Userspace(u) => u.apply(ops).await,
+        }
+    }
+
+    fn stats_reader(&self) -> Option<std::sync::Arc<dyn WireguardStats>> {
+        match self {
+            AnyWireguard::Kernel(k) => k.stats_reader(),
+            AnyWireguard::Userspace(u) => u.stats_reader(),
         }
     }
 }

@@ -5,15 +5,29 @@
 //! [`crate::policy::render`]). `plan()` is pure: when the rule part differs it replaces the whole
 //! table in one transaction (`add table; delete table; table { ... }`), otherwise it emits only
 //! set-element additions and deletions. `apply()` runs all ops as one `nft -f -` transaction.
+//!
+//! Drift: a rule edited in place (`nft replace rule`) keeps the hash chain and the rule count.
+//! After every table replacement a background task lists the table and keeps a fingerprint of
+//! the kernel's own rendering of our rules ([`rules_fingerprint`]: handles, counter values and
+//! set elements left out); every later full listing is compared with it, and a difference
+//! marks the state [`NftState::edited`], which makes `plan()` replace the table.
+//!
+//! Counters: the table's named counters (one per policy rule, see [`crate::policy::render`])
+//! are read with `nft -j list counters table inet wiremesh` through a [`CounterReader`], at
+//! scrape time, never by the reconcile loop.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use ipnet::IpNet;
+use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
+use tracing::{debug, warn};
 
 use super::DataplaneError;
 use crate::policy::Protocol;
@@ -32,6 +46,9 @@ pub struct NftState {
     /// Rules per chain (chains with rules only), when the rules were listed: a full observe
     /// detects rules flushed or added behind our back even though the hash chain is intact.
     pub rule_counts: Option<BTreeMap<String, usize>>,
+    /// A full listing found our rules different from the kernel's listing taken after our last
+    /// table replacement (a rule edited in place): the table must be replaced.
+    pub edited: bool,
 }
 
 impl NftState {
@@ -49,6 +66,7 @@ impl NftState {
                             .map(|(n, set)| (n.clone(), set.elements.clone()))
                             .collect(),
                         rule_counts: None,
+                        edited: false,
                     };
                 }
                 NftOp::DeleteTable => *self = NftState::default(),
@@ -130,6 +148,25 @@ pub trait FilterDataplane: Send {
     ) -> Result<BTreeMap<String, BTreeSet<IpAddr>>, DataplaneError> {
         Ok(BTreeMap::new())
     }
+    /// A separate, read-only handle on the table's counters, for the metrics scrape (which
+    /// runs outside the reconcile loop). `None`: this dataplane has no counters.
+    fn counter_reader(&self) -> Option<Arc<dyn CounterReader>> {
+        None
+    }
+}
+
+/// Packets and bytes of one named counter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Reads our table's named counters.
+#[async_trait]
+pub trait CounterReader: Send + Sync {
+    /// Counter name -> value; empty when the table does not exist.
+    async fn read_counters(&self) -> Result<BTreeMap<String, CounterValue>, DataplaneError>;
 }
 
 /// The minimal ops that turn `actual` into `desired`. An empty `desired` (no chains) means
@@ -156,6 +193,7 @@ pub fn plan(desired: &FilterSpec, actual: &NftState) -> Vec<NftOp> {
         || actual.rules_hash.as_deref() != Some(&desired.rules_hash())
         || !same_sets
         || !same_rules
+        || actual.edited
     {
         return vec![NftOp::ReplaceTable(Box::new(desired.clone()))];
     }
@@ -347,12 +385,127 @@ fn named_port_element_from_json(parts: &[serde_json::Value]) -> Option<String> {
     Some(named_port_element_text(addr, proto, port))
 }
 
+fn nftables_items(json: &str) -> Result<Vec<serde_json::Value>, NftError> {
+    let mut value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| NftError::Json(e.to_string()))?;
+    match value.get_mut("nftables").map(serde_json::Value::take) {
+        Some(serde_json::Value::Array(items)) => Ok(items),
+        _ => Err(NftError::Json("no \"nftables\" array".into())),
+    }
+}
+
+/// Whether a listed object (the value under `"counter"`, `"rule"`, ...) belongs to our table.
+fn in_our_table(obj: &serde_json::Value, field: &str) -> bool {
+    obj.get("family").and_then(|f| f.as_str()) == Some(TABLE_FAMILY)
+        && obj.get(field).and_then(|t| t.as_str()) == Some(TABLE)
+}
+
+/// Parses `nft -j list counters table inet wiremesh` (counters of other tables are ignored).
+pub fn parse_counters(json: &str) -> Result<BTreeMap<String, CounterValue>, NftError> {
+    let mut out = BTreeMap::new();
+    for item in nftables_items(json)? {
+        let Some(counter) = item.get("counter") else {
+            continue;
+        };
+        if !in_our_table(counter, "table") {
+            continue;
+        }
+        let field = |f: &str| {
+            counter
+                .get(f)
+                .and_then(serde_json::Value::as_u64)
+                .ok_or_else(|| NftError::Json(format!("counter without {f}: {counter}")))
+        };
+        let name = counter
+            .get("name")
+            .and_then(|n| n.as_str())
+            .ok_or_else(|| NftError::Json(format!("counter without name: {counter}")))?;
+        out.insert(
+            name.to_string(),
+            CounterValue {
+                packets: field("packets")?,
+                bytes: field("bytes")?,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Removes what changes without a rule being edited: handles (everywhere), counter values
+/// (named counter objects and anonymous `counter` statements).
+fn normalise(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.remove("handle");
+            if let Some(serde_json::Value::Object(counter)) = map.get_mut("counter") {
+                counter.remove("packets");
+                counter.remove("bytes");
+            }
+            for v in map.values_mut() {
+                normalise(v);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(normalise),
+        _ => {}
+    }
+}
+
+/// The fingerprint of our table's rule part as the kernel lists it (`nft -j list table inet
+/// wiremesh`): the table, chains, rules, counters and sets without handles, counter values or
+/// set elements, in listing order. Returns the rules hash of the marker chain (if any) and a
+/// hex digest. Equal digests mean no rule, chain or declaration was edited.
+pub fn rules_fingerprint(json: &str) -> Result<(Option<String>, String), NftError> {
+    let mut hash = None;
+    let mut digest = Sha256::new();
+    for mut item in nftables_items(json)? {
+        let ours = match item.as_object().and_then(|o| o.iter().next()) {
+            Some((kind, obj)) if kind == "table" => in_our_table(obj, "name"),
+            Some((kind, obj)) if kind != "metainfo" => in_our_table(obj, "table"),
+            _ => false,
+        };
+        if !ours {
+            continue;
+        }
+        if let Some(set) = item.get_mut("set").and_then(|s| s.as_object_mut()) {
+            set.remove("elem");
+        }
+        if let Some(name) = item
+            .get("chain")
+            .and_then(|c| c.get("name"))
+            .and_then(|n| n.as_str())
+            .and_then(|n| n.strip_prefix("hash-"))
+        {
+            hash = Some(name.to_string());
+        }
+        normalise(&mut item);
+        digest.update(item.to_string().as_bytes());
+        digest.update(b"\n");
+    }
+    let hex = digest.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((hash, hex))
+}
+
+/// The kernel's rendering of our rules right after we replaced the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Baseline {
+    pub rules_hash: String,
+    pub fingerprint: String,
+    /// How long the listing took (it runs in the background after a replacement).
+    pub took: Duration,
+}
+
 /// The real implementation: the `nft` binary, optionally inside a named network namespace.
 #[derive(Debug, Clone, Default)]
 pub struct KernelNft {
     netns: Option<String>,
     /// What we last applied (or fully observed), and when it was fully observed last.
-    cache: Option<(std::time::Instant, NftState)>,
+    cache: Option<(Instant, NftState)>,
+    /// The fingerprint full listings are compared with. Locked by the background task that
+    /// takes it, so a full observe waits for a listing in progress.
+    baseline: Arc<tokio::sync::Mutex<Option<Baseline>>>,
 }
 
 /// How long set elements may be taken from the cache before a full listing (drift in the
@@ -361,17 +514,77 @@ pub const FULL_OBSERVE_INTERVAL: std::time::Duration = std::time::Duration::from
 
 impl KernelNft {
     pub fn new() -> Self {
-        KernelNft {
-            netns: None,
-            cache: None,
-        }
+        KernelNft::default()
     }
 
     /// Runs `nft` through `ip netns exec <name>` (tests, the lab, the bench).
     pub fn in_netns(name: &str) -> Self {
         KernelNft {
             netns: Some(name.to_string()),
-            cache: None,
+            ..KernelNft::default()
+        }
+    }
+
+    /// Observes with a full listing now, whatever the cache holds (tests, tools).
+    pub async fn observe_full(&mut self) -> Result<NftState, DataplaneError> {
+        self.cache = None;
+        self.observe().await
+    }
+
+    /// Waits for the background baseline listing, if one runs; returns the baseline.
+    pub async fn settle(&self) -> Option<Baseline> {
+        self.baseline.lock().await.clone()
+    }
+
+    /// Starts the background listing that fingerprints the table we just wrote (`rules_hash`).
+    async fn take_baseline(&self, rules_hash: String) {
+        let mut guard = Arc::clone(&self.baseline).lock_owned().await;
+        *guard = None;
+        let reader = KernelNft {
+            netns: self.netns.clone(),
+            ..KernelNft::default()
+        };
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let listing = reader
+                .run(&["-j", "list", "table", TABLE_FAMILY, TABLE])
+                .await;
+            match listing.map(|json| rules_fingerprint(&json)) {
+                Ok(Ok((Some(hash), fingerprint))) if hash == rules_hash => {
+                    *guard = Some(Baseline {
+                        rules_hash,
+                        fingerprint,
+                        took: started.elapsed(),
+                    });
+                }
+                // Replaced again meanwhile (by someone else): the next full observe sees the
+                // hash change and replaces the table, which takes a new baseline.
+                Ok(Ok(_)) => debug!("the table changed before its baseline was listed"),
+                Ok(Err(e)) | Err(e) => {
+                    warn!(error = %e, "could not fingerprint our nftables rules after applying them");
+                }
+            }
+        });
+    }
+
+    /// Compares a full listing with the baseline (adopting it when there is none for this
+    /// hash: at start-up, or after a failed baseline listing). True: our rules were edited.
+    async fn edited_since_baseline(&self, table_json: &str) -> Result<bool, NftError> {
+        let (hash, fingerprint) = rules_fingerprint(table_json)?;
+        let Some(hash) = hash else {
+            return Ok(false);
+        };
+        let mut baseline = self.baseline.lock().await;
+        match baseline.as_ref() {
+            Some(b) if b.rules_hash == hash => Ok(b.fingerprint != fingerprint),
+            _ => {
+                *baseline = Some(Baseline {
+                    rules_hash: hash,
+                    fingerprint,
+                    took: Duration::ZERO,
+                });
+                Ok(false)
+            }
         }
     }
 
@@ -472,8 +685,25 @@ impl FilterDataplane for KernelNft {
         let mut full =
             parse_listings(&[&chains, &table]).map_err(|e| DataplaneError::observe(what(), e))?;
         full.rule_counts.get_or_insert_with(BTreeMap::new);
-        self.cache = Some((std::time::Instant::now(), full.clone()));
+        full.edited = self
+            .edited_since_baseline(&table)
+            .await
+            .map_err(|e| DataplaneError::observe(what(), e))?;
+        if full.edited {
+            warn!(
+                table = %format!("{TABLE_FAMILY} {TABLE}"),
+                "our nftables rules were edited in place behind our back; replacing the table"
+            );
+        }
+        self.cache = Some((Instant::now(), full.clone()));
         Ok(full)
+    }
+
+    fn counter_reader(&self) -> Option<Arc<dyn CounterReader>> {
+        Some(Arc::new(KernelNft {
+            netns: self.netns.clone(),
+            ..KernelNft::default()
+        }))
     }
 
     async fn local_interfaces(
@@ -512,7 +742,32 @@ impl FilterDataplane for KernelNft {
             // After a failure (or without a baseline) the next observe lists everything.
             _ => self.cache = None,
         }
+        if result.is_ok()
+            && let Some(NftOp::ReplaceTable(spec)) = ops
+                .iter()
+                .rev()
+                .find(|op| matches!(op, NftOp::ReplaceTable(_) | NftOp::DeleteTable))
+        {
+            self.take_baseline(spec.rules_hash()).await;
+        }
         result
+    }
+}
+
+#[async_trait]
+impl CounterReader for KernelNft {
+    async fn read_counters(&self) -> Result<BTreeMap<String, CounterValue>, DataplaneError> {
+        let what = || format!("counters of nft table {TABLE_FAMILY} {TABLE}");
+        match self
+            .run(&["-j", "list", "counters", "table", TABLE_FAMILY, TABLE])
+            .await
+        {
+            Ok(json) => parse_counters(&json).map_err(|e| DataplaneError::observe(what(), e)),
+            Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => {
+                Ok(BTreeMap::new())
+            }
+            Err(e) => Err(DataplaneError::observe(what(), e)),
+        }
     }
 }
 
@@ -555,6 +810,8 @@ pub struct FakeNftState {
     pub fail_next_apply: Option<String>,
     /// What `local_interfaces` reports.
     pub interfaces: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// What `read_counters` reports.
+    pub counters: BTreeMap<String, CounterValue>,
 }
 
 #[cfg(any(test, feature = "fake"))]
@@ -602,6 +859,18 @@ impl FilterDataplane for FakeNft {
         s.table.apply_ops(ops);
         Ok(())
     }
+
+    fn counter_reader(&self) -> Option<Arc<dyn CounterReader>> {
+        Some(Arc::new(self.clone()))
+    }
+}
+
+#[cfg(any(test, feature = "fake"))]
+#[async_trait]
+impl CounterReader for FakeNft {
+    async fn read_counters(&self) -> Result<BTreeMap<String, CounterValue>, DataplaneError> {
+        Ok(self.lock().counters.clone())
+    }
 }
 
 #[cfg(test)]
@@ -626,6 +895,7 @@ mod tests {
                 base: None,
                 rules: vec!["ip saddr @sel4-x drop".into()],
             }],
+            ..FilterSpec::default()
         }
     }
 
@@ -639,6 +909,7 @@ mod tests {
                 .map(|(n, x)| (n.clone(), x.elements.clone()))
                 .collect(),
             rule_counts: None,
+            edited: false,
         }
     }
 
@@ -758,6 +1029,118 @@ mod tests {
             proptest::prop_assert_eq!(&state, &observed(&sb));
             proptest::prop_assert!(plan(&sb, &state).is_empty());
         }
+    }
+
+    /// `nft -j list counters` captured from nft 1.0.6: ours plus a foreign table's counter.
+    const LIST_COUNTERS: &str = include_str!("../../tests/fixtures/nft/list-counters.json");
+    /// `nft -j list table inet wiremesh` captured from nft 1.0.6 (named counters, a set with
+    /// elements, a rule with an anonymous set).
+    const LIST_TABLE: &str = include_str!("../../tests/fixtures/nft/list-table.json");
+
+    #[test]
+    fn parses_counters() {
+        let c = parse_counters(LIST_COUNTERS).expect("parse");
+        assert_eq!(
+            c.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["_a", "gnp/allow-x.y/in0", "tier/default/in"],
+            "the foreign table's counter is not ours"
+        );
+        assert_eq!(
+            c["gnp/allow-x.y/in0"],
+            CounterValue {
+                packets: 4,
+                bytes: 336
+            }
+        );
+        assert!(parse_counters("{}").is_err());
+        assert!(
+            parse_counters(r#"{"nftables": [{"counter": {"family": "inet", "table": "wiremesh", "name": "x", "packets": 1}}]}"#)
+                .is_err(),
+            "a counter without bytes is an error, not a zero"
+        );
+        assert!(
+            parse_counters(r#"{"nftables": [{"metainfo": {}}]}"#)
+                .expect("empty")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn fingerprint_ignores_handles_counter_values_and_elements() {
+        let (hash, base) = rules_fingerprint(LIST_TABLE).expect("fingerprint");
+        assert_eq!(hash, None, "this listing has no marker chain");
+        let same = LIST_TABLE
+            .replace("\"handle\": 5", "\"handle\": 55")
+            .replace("\"handle\": 7", "\"handle\": 77")
+            .replace(
+                "\"packets\": 4, \"bytes\": 336",
+                "\"packets\": 9000, \"bytes\": 1",
+            )
+            .replace(
+                "\"elem\": [\"10.0.0.1\", ",
+                "\"elem\": [\"10.0.0.1\", \"10.9.9.9\", ",
+            );
+        assert_ne!(same, LIST_TABLE);
+        assert_eq!(rules_fingerprint(&same).expect("fingerprint").1, base);
+        // An anonymous counter's values are ignored too, its presence is not.
+        let with_counter = LIST_TABLE.replace(
+            "{\"accept\": null}",
+            "{\"counter\": {\"packets\": 1, \"bytes\": 2}}, {\"accept\": null}",
+        );
+        let with_other_values = with_counter.replace(
+            "\"packets\": 1, \"bytes\": 2",
+            "\"packets\": 3, \"bytes\": 4",
+        );
+        let fp = rules_fingerprint(&with_counter).expect("fingerprint").1;
+        assert_ne!(fp, base);
+        assert_eq!(
+            rules_fingerprint(&with_other_values)
+                .expect("fingerprint")
+                .1,
+            fp
+        );
+        // A verdict edited in place (same handle, same rule count) changes it.
+        let edited = LIST_TABLE.replacen("{\"accept\": null}", "{\"drop\": null}", 1);
+        assert_ne!(rules_fingerprint(&edited).expect("fingerprint").1, base);
+        // So does a renamed counter reference, and objects of other tables do not.
+        let renamed = LIST_TABLE.replacen(
+            "{\"counter\": \"_a\"}",
+            "{\"counter\": \"tier/default/in\"}",
+            1,
+        );
+        assert_ne!(rules_fingerprint(&renamed).expect("fingerprint").1, base);
+        let foreign = LIST_TABLE.replace(
+            "{\"table\": {\"family\": \"inet\", \"name\": \"wiremesh\"",
+            "{\"chain\": {\"family\": \"ip\", \"table\": \"foreign\", \"name\": \"c\"}}, {\"table\": {\"family\": \"inet\", \"name\": \"wiremesh\"",
+        );
+        assert_ne!(foreign, LIST_TABLE);
+        assert_eq!(rules_fingerprint(&foreign).expect("fingerprint").1, base);
+        let marked = LIST_TABLE.replace(
+            "{\"chain\": {\"family\": \"inet\", \"table\": \"wiremesh\", \"name\": \"filter-input\"",
+            "{\"chain\": {\"family\": \"inet\", \"table\": \"wiremesh\", \"name\": \"hash-abc\", \"handle\": 30}}, {\"chain\": {\"family\": \"inet\", \"table\": \"wiremesh\", \"name\": \"filter-input\"",
+        );
+        assert_eq!(
+            rules_fingerprint(&marked)
+                .expect("fingerprint")
+                .0
+                .as_deref(),
+            Some("abc")
+        );
+    }
+
+    #[test]
+    fn an_edited_table_is_replaced() {
+        let a = spec(&["10.0.0.1"]);
+        let mut state = observed(&a);
+        assert!(plan(&a, &state).is_empty());
+        state.edited = true;
+        assert!(matches!(
+            plan(&a, &state).as_slice(),
+            [NftOp::ReplaceTable(_)]
+        ));
+        state.apply_ops(&plan(&a, &state));
+        assert!(!state.edited);
+        assert!(plan(&a, &state).is_empty());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::UnixStream;
 use zeroize::Zeroizing;
 
-use super::wg::{DeviceState, PeerState, WgOp, WireguardDataplane};
+use super::wg::{DeviceState, PeerState, WgOp, WireguardDataplane, WireguardStats};
 use super::{Backend, DataplaneError};
 use crate::keys::PrivateKey;
 use crate::model::WgKey;
@@ -647,13 +647,14 @@ impl WireguardDataplane for UserspaceWireguard {
         &mut self,
         names: &BTreeSet<String>,
     ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
-        let mut out = BTreeMap::new();
-        for name in names {
-            if let Some(state) = self.get(name).await? {
-                out.insert(name.clone(), state);
-            }
-        }
-        Ok(out)
+        self.read_devices(names).await
+    }
+
+    fn stats_reader(&self) -> Option<std::sync::Arc<dyn WireguardStats>> {
+        Some(std::sync::Arc::new(UserspaceWireguard::with_config(
+            self.handle.clone(),
+            self.config.clone(),
+        )))
     }
 
     async fn apply(&mut self, ops: &[WgOp]) -> Result<(), DataplaneError> {
@@ -688,6 +689,24 @@ impl WireguardDataplane for UserspaceWireguard {
             }
         }
         Ok(())
+    }
+}
+
+/// Every read is its own UAPI connection with `get=1`, so a scrape never waits for (or
+/// interleaves with) the reconcile loop's `set=1` transactions.
+#[async_trait]
+impl WireguardStats for UserspaceWireguard {
+    async fn read_devices(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
+        let mut out = BTreeMap::new();
+        for name in names {
+            if let Some(state) = self.get(name).await? {
+                out.insert(name.clone(), state);
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -126,6 +127,22 @@ pub trait WireguardDataplane: Send {
         names: &BTreeSet<String>,
     ) -> Result<BTreeMap<String, DeviceState>, DataplaneError>;
     async fn apply(&mut self, ops: &[WgOp]) -> Result<(), DataplaneError>;
+    /// A separate, read-only handle on the devices (counters, handshakes) for the metrics
+    /// scrape, which runs outside the reconcile loop. `None`: no statistics.
+    fn stats_reader(&self) -> Option<Arc<dyn WireguardStats>> {
+        None
+    }
+}
+
+/// Reads the devices' statistics (a userspace device over its own UAPI connection, a kernel
+/// device through its own generic-netlink request): never changes anything.
+#[async_trait]
+pub trait WireguardStats: Send + Sync {
+    /// The devices among `names` that exist.
+    async fn read_devices(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError>;
 }
 
 /// How long after a handshake a session counts as live: WireGuard rekeys every 120 s while

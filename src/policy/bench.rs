@@ -129,12 +129,13 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
     let text = spec.replace_script();
     let rule_lines: usize = spec.chains.iter().map(|c| c.rules.len()).sum();
     println!(
-        "policy bench: {} policies x {} rules -> {} chains, {} nft rules, {} sets, {} KiB of nft text",
+        "policy bench: {} policies x {} rules -> {} chains, {} nft rules, {} sets, {} counters, {} KiB of nft text",
         args.policies,
         args.rules_per_policy,
         spec.chains.len(),
         rule_lines,
         spec.sets.len(),
+        spec.counters.len(),
         text.len() / 1024
     );
     println!(
@@ -152,7 +153,10 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
             .await
     };
 
-    // Cold: table absent.
+    // Cold: table absent. After each replacement the dataplane lists the table once in the
+    // background (the drift baseline); it is waited for outside the measurements and shown
+    // on its own.
+    let mut baselines = Vec::new();
     let (mut ours, mut plain) = (Vec::new(), Vec::new());
     for _ in 0..args.iterations {
         drop_table(nft.clone()).await?;
@@ -165,6 +169,7 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
         let ops = plan(&spec, &actual);
         nft.apply(&ops).await?;
         ours.push(t.elapsed());
+        baselines.extend(nft.settle().await.map(|b| b.took));
     }
     let (o, p) = (median(ours), median(plain));
     println!(
@@ -197,6 +202,7 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
         plain.push(t.elapsed());
         let actual = nft.observe().await?;
         nft.apply(&plan(&spec, &actual)).await?;
+        nft.settle().await;
         let t = Instant::now();
         let actual = nft.observe().await?;
         let ops = plan(&spec2, &actual);
@@ -207,6 +213,7 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
         }
         nft.apply(&ops).await?;
         ours.push(t.elapsed());
+        baselines.extend(nft.settle().await.map(|b| b.took));
     }
     let (o, p) = (median(ours), median(plain));
     println!(
@@ -214,6 +221,12 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
         ms(o),
         ms(p),
         o.as_secs_f64() / p.as_secs_f64()
+    );
+
+    println!(
+        "  drift baseline (one full listing, in the background after each replacement): {} ({} taken)",
+        ms(median(baselines.clone())),
+        baselines.len()
     );
 
     // The same table as JSON (what the `nftables` crate would feed `nft -j -f`).
@@ -248,6 +261,7 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
     drop_table(nft.clone()).await?;
     let actual = nft.observe().await?;
     nft.apply(&plan(&spec, &actual)).await?;
+    nft.settle().await;
     let (spec3, _) = spec_of(&synthetic(args.policies, args.rules_per_policy, true))?;
     let t = Instant::now();
     let actual = nft.observe().await?;

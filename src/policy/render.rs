@@ -11,7 +11,12 @@
 //! - policy chains `pi-<id>`/`po-<id>` shared by every endpoint, referring to named sets
 //!   `sel4-<selector id>`/`sel6-<selector id>`, so a set change never rewrites a rule;
 //! - an empty chain `hash-<hex>` whose name carries a hash of the rule part (everything but set
-//!   elements), so that an observer can tell "only elements changed" from "rules changed".
+//!   elements), so that an observer can tell "only elements changed" from "rules changed";
+//! - named counters, one per policy rule (`<policy id>/<in|out><index>`), per tier default
+//!   (`tier/<tier>/<in|out>`) and for the host endpoints' default deny
+//!   (`endpoint-default/<in|out>`): a rule rendered into several chains (both families, every
+//!   endpoint) counts into one counter. [`FilterSpec::counters`] maps each name to the labels of
+//!   the `wiremesh_policy_rule_*` metrics.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -89,10 +94,28 @@ pub struct ChainSpec {
     pub rules: Vec<String>,
 }
 
+/// What one named counter counts: the labels of its metric series.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct CounterLabels {
+    /// Tier name; empty for the host endpoints' default deny.
+    pub tier: String,
+    /// Policy ID (`gnp/<name>`, `np/<namespace>/<name>`); empty for tier and endpoint defaults.
+    pub policy: String,
+    /// `ingress` or `egress`.
+    pub direction: &'static str,
+    /// Rule index in the policy's rule list for that direction, `end-of-tier` or
+    /// `endpoint-default`.
+    pub rule: String,
+    /// `allow`, `deny`, `pass` or `log`.
+    pub action: &'static str,
+}
+
 /// The table as pure data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct FilterSpec {
     pub sets: BTreeMap<String, SetSpec>,
+    /// Named counters (`counter <name> {}` in the table, `counter name "<name>"` in rules).
+    pub counters: BTreeMap<String, CounterLabels>,
     pub chains: Vec<ChainSpec>,
 }
 
@@ -105,6 +128,9 @@ impl FilterSpec {
                 SetKind::Addr => h.update(format!("set {name} {:?}\n", s.family)),
                 SetKind::NamedPort => h.update(format!("set {name} {:?} {:?}\n", s.family, s.kind)),
             }
+        }
+        for name in self.counters.keys() {
+            h.update(format!("counter {name}\n"));
         }
         for c in self.chains.iter().filter(|c| !c.name.starts_with("hash-")) {
             h.update(format!("chain {} {:?}\n", c.name, c.base));
@@ -148,6 +174,10 @@ impl FilterSpec {
                 let elems: Vec<&str> = s.elements.iter().map(String::as_str).collect();
                 let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
             }
+            let _ = writeln!(out, "\t}}");
+        }
+        for name in self.counters.keys() {
+            let _ = writeln!(out, "\tcounter {name} {{");
             let _ = writeln!(out, "\t}}");
         }
         let _ = writeln!(out, "\tchain {} {{", self.hash_chain());
@@ -252,6 +282,80 @@ pub fn policy_chain(id: &str, dir: Direction) -> String {
         Direction::Ingress => format!("pi-{id}"),
         Direction::Egress => format!("po-{id}"),
     }
+}
+
+fn dir_short(dir: Direction) -> &'static str {
+    match dir {
+        Direction::Ingress => "in",
+        Direction::Egress => "out",
+    }
+}
+
+fn dir_label(dir: Direction) -> &'static str {
+    match dir {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    }
+}
+
+fn action_label(action: Action) -> &'static str {
+    match action {
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+        Action::Log => "log",
+        Action::Pass => "pass",
+    }
+}
+
+/// The longest counter name we render; nft object names are limited to 255 bytes.
+const COUNTER_NAME_MAX: usize = 200;
+
+/// A valid, stable nft object name for `raw`: characters outside `[A-Za-z0-9/_.-]` become `_`
+/// (Kubernetes names never have any), it starts with a letter (every prefix we use does), and a
+/// name longer than [`COUNTER_NAME_MAX`] is cut and ends in `.h` + 16 hex digits of its hash.
+pub fn counter_name(raw: &str) -> String {
+    let mut name: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "/_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        name.insert_str(0, "c-");
+    }
+    if name.len() > COUNTER_NAME_MAX {
+        let digest: String = Sha256::digest(raw.as_bytes())[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        name.truncate(COUNTER_NAME_MAX - 18);
+        name.push_str(".h");
+        name.push_str(&digest);
+    }
+    name
+}
+
+/// Counter of rule `idx` of policy `id` in direction `dir`: `gnp/allow-ssh/in0`.
+pub fn rule_counter(id: &str, dir: Direction, idx: usize) -> String {
+    counter_name(&format!("{id}/{}{idx}", dir_short(dir)))
+}
+
+/// Counter of a tier's end-of-tier drop in direction `dir`: `tier/default/in`.
+pub fn tier_counter(tier: &str, dir: Direction) -> String {
+    counter_name(&format!("tier/{tier}/{}", dir_short(dir)))
+}
+
+/// Counter of the host endpoints' default deny in direction `dir`: `endpoint-default/in`.
+pub fn endpoint_default_counter(dir: Direction) -> String {
+    format!("endpoint-default/{}", dir_short(dir))
+}
+
+fn count(name: &str) -> String {
+    format!("counter name {}", quote(name))
 }
 
 fn proto_text(p: Protocol) -> String {
@@ -486,9 +590,25 @@ fn policy_rules(
     tier: &str,
     dir: Direction,
     rules: &[Rule],
+    counters: &mut BTreeMap<String, CounterLabels>,
 ) -> Vec<String> {
     let mut out = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
+        let matches = rule_matches(rule);
+        if matches.is_empty() {
+            continue;
+        }
+        let counter = rule_counter(id, dir, i);
+        counters.insert(
+            counter.clone(),
+            CounterLabels {
+                tier: tier.to_string(),
+                policy: id.to_string(),
+                direction: dir_label(dir),
+                rule: i.to_string(),
+                action: action_label(rule.action),
+            },
+        );
         let verdict = match rule.action {
             Action::Allow => format!("meta mark set meta mark | {MARK_ACCEPT:#010x} return"),
             Action::Pass => format!("meta mark set meta mark | {MARK_PASS:#010x} return"),
@@ -498,7 +618,8 @@ fn policy_rules(
                 quote(&log_prefix(&program.settings.log_prefix, tier, id, dir, i))
             ),
         };
-        for m in rule_matches(rule) {
+        let verdict = format!("{} {verdict}", count(&counter));
+        for m in matches {
             if m.is_empty() {
                 out.push(verdict.clone());
             } else {
@@ -531,7 +652,12 @@ fn failsafe_rules(list: &[FailsafePort], port_field: &str, peer_field: &str) -> 
     out
 }
 
-fn endpoint_body(ep: &EndpointProgram, hook: Hook, dir: Direction) -> Vec<String> {
+fn endpoint_body(
+    ep: &EndpointProgram,
+    hook: Hook,
+    dir: Direction,
+    counters: &mut BTreeMap<String, CounterLabels>,
+) -> Vec<String> {
     let mut r = Vec::new();
     if matches!(hook, Hook::Normal | Hook::Forward) {
         r.push("ct state established,related accept".into());
@@ -565,11 +691,23 @@ fn endpoint_body(ep: &EndpointProgram, hook: Hook, dir: Direction) -> Vec<String
             r.push(format!("{} {on_allow}", mark_is(MARK_ACCEPT)));
         }
         if hook.has_tier_default() && tier.default_action == TierDefault::Deny {
+            let counter = tier_counter(&tier.name, dir);
             r.push(format!(
-                "{} drop comment {}",
+                "{} {} drop comment {}",
                 mark_clear(MARK_PASS),
+                count(&counter),
                 quote(&format!("end of tier {}", tier.name))
             ));
+            counters.insert(
+                counter,
+                CounterLabels {
+                    tier: tier.name.clone(),
+                    policy: String::new(),
+                    direction: dir_label(dir),
+                    rule: "end-of-tier".into(),
+                    action: "deny",
+                },
+            );
         }
     }
     if hook == Hook::Normal {
@@ -579,10 +717,22 @@ fn endpoint_body(ep: &EndpointProgram, hook: Hook, dir: Direction) -> Vec<String
                 quote("profile projectcalico-default-allow")
             ));
         } else {
+            let counter = endpoint_default_counter(dir);
             r.push(format!(
-                "drop comment {}",
+                "{} drop comment {}",
+                count(&counter),
                 quote(&format!("default deny of host endpoint {}", ep.hep))
             ));
+            counters.insert(
+                counter,
+                CounterLabels {
+                    tier: String::new(),
+                    policy: String::new(),
+                    direction: dir_label(dir),
+                    rule: "endpoint-default".into(),
+                    action: "deny",
+                },
+            );
         }
     }
     r
@@ -808,7 +958,7 @@ pub fn render(program: &Program) -> FilterSpec {
                 chains.push(ChainSpec {
                     name: endpoint_chain(hook, dir, &ep.iface),
                     base: None,
-                    rules: endpoint_body(ep, hook, dir),
+                    rules: endpoint_body(ep, hook, dir, &mut spec.counters),
                 });
             }
         }
@@ -831,7 +981,7 @@ pub fn render(program: &Program) -> FilterSpec {
         chains.push(ChainSpec {
             name: policy_chain(&id, dir),
             base: None,
-            rules: policy_rules(program, &id, &p.tier, dir, p.rules(dir)),
+            rules: policy_rules(program, &id, &p.tier, dir, p.rules(dir), &mut spec.counters),
         });
     }
     spec.chains = chains;

@@ -764,6 +764,105 @@ fn set_change_touches_no_rule() {
     assert_eq!(before.chains, after.chains);
     assert_eq!(before.rules_hash(), after.rules_hash());
     assert_ne!(before.sets, after.sets);
+    // The counters are declared in the rule part: unchanged, so the table is not replaced
+    // and the kernel's counters keep counting.
+    assert_eq!(before.counters, after.counters);
+    assert!(!before.counters.is_empty());
+}
+
+#[test]
+fn every_policy_rule_and_default_drop_has_one_counter() {
+    use super::render::{CounterLabels, counter_name, rule_counter, tier_counter};
+    let spec = render(&fixture_program());
+    let rules: Vec<&String> = spec.chains.iter().flat_map(|c| &c.rules).collect();
+    // Every declared counter is used by a rule, and every rule in a policy chain, every
+    // end-of-tier drop and every endpoint default deny counts into one.
+    for name in spec.counters.keys() {
+        let used = format!("counter name \"{name}\"");
+        assert!(
+            rules.iter().any(|r| r.contains(&used)),
+            "{name} declared but unused"
+        );
+    }
+    for c in spec.chains.iter() {
+        for r in &c.rules {
+            let counted = r.contains("counter name \"");
+            if c.name.starts_with("pi-") || c.name.starts_with("po-") {
+                assert!(counted, "uncounted policy rule in {}: {r}", c.name);
+            }
+            if r.contains("end of tier") || r.contains("default deny of host endpoint") {
+                assert!(counted, "uncounted default drop in {}: {r}", c.name);
+            }
+        }
+    }
+    let ssh = rule_counter("gnp/allow-ssh-web", Direction::Ingress, 0);
+    assert_eq!(ssh, "gnp/allow-ssh-web/in0");
+    assert_eq!(
+        spec.counters.get(&ssh),
+        Some(&CounterLabels {
+            tier: "default".into(),
+            policy: "gnp/allow-ssh-web".into(),
+            direction: "ingress",
+            rule: "0".into(),
+            action: "allow",
+        })
+    );
+    // One counter per tier and direction, shared by every endpoint chain with that tier.
+    let tier = tier_counter("default", Direction::Ingress);
+    assert_eq!(tier, "tier/default/in");
+    assert_eq!(spec.counters[&tier].rule, "end-of-tier");
+    let uses = rules
+        .iter()
+        .filter(|r| r.contains(&format!("counter name \"{tier}\"")))
+        .count();
+    assert!(
+        uses >= 2,
+        "the tier default is in several endpoint chains: {uses}"
+    );
+    assert_eq!(
+        spec.counters["endpoint-default/in"].rule,
+        "endpoint-default"
+    );
+    // A rule rendered once per family counts into one counter.
+    let both: Vec<&&String> = rules
+        .iter()
+        .filter(|r| r.contains("meta nfproto ipv6") && r.contains("counter name \""))
+        .collect();
+    for r in both {
+        let name = r
+            .split("counter name \"")
+            .nth(1)
+            .and_then(|x| x.split('"').next());
+        assert!(
+            rules
+                .iter()
+                .filter(|o| o.contains("meta nfproto ipv4"))
+                .any(|o| name.is_some_and(|n| o.contains(n))),
+            "{r}"
+        );
+    }
+    // Names are valid nft identifiers and stable.
+    assert_eq!(
+        counter_name("np/ns-1/my.policy/out3"),
+        "np/ns-1/my.policy/out3"
+    );
+    assert_eq!(counter_name("tier/9lives in"), "tier/9lives_in");
+    assert_eq!(counter_name("0abc"), "c-0abc");
+    let long = format!("gnp/{}/in0", "a".repeat(300));
+    let cut = counter_name(&long);
+    assert_eq!(cut.len(), 200);
+    assert_eq!(cut, counter_name(&long), "stable");
+    assert_ne!(cut, counter_name(&format!("gnp/{}/in1", "a".repeat(300))));
+    assert!(
+        cut.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c))
+    );
+    // The rules hash covers the counter declarations.
+    let mut other = spec.clone();
+    other
+        .counters
+        .insert("gnp/x/in0".into(), spec.counters[&ssh].clone());
+    assert_ne!(other.rules_hash(), spec.rules_hash());
 }
 
 #[test]
@@ -1304,7 +1403,10 @@ fn snapshot_named_ports() {
     let text = render(&named_port_program()).to_nft();
     check_snapshot("policy_named_ports.nft", &text);
     // Numeric OR named, as two disjoint copies of the rule.
-    assert!(text.contains("th dport 443 meta mark"), "{text}");
+    assert!(
+        text.contains("th dport 443 counter name \"gnp/named/in2\" meta mark"),
+        "{text}"
+    );
     assert!(
         text.contains("th dport != 443 ip daddr . meta l4proto . th dport @np4-"),
         "{text}"
