@@ -12,7 +12,7 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::apiserver::ApiServer;
 use wiremesh::datastore::kube::{KubeDatastore, policy_resource};
-use wiremesh::datastore::{Datastore as _, DatastoreError};
+use wiremesh::datastore::{Datastore as _, DatastoreError, ObjectProblem, ProblemObject};
 use wiremesh::model::{ClusterSnapshot, PublishedWireguard, WgKey};
 use wiremesh::policy::Kind;
 
@@ -144,6 +144,32 @@ async fn watches_resume_relist_after_410_and_stop_on_a_missing_crd() {
         !server.requests().iter().any(|r| r.starts_with("PUT ")),
         "never a full update"
     );
+
+    // A problem with a FelixConfiguration becomes an Event on it, with its UID (which
+    // `kubectl describe` matches on).
+    datastore
+        .report(&[ObjectProblem {
+            object: ProblemObject::FelixConfiguration("default".into()),
+            reason: "InvalidFelixConfiguration".into(),
+            message: "spec.wireguardMTU: not a number".into(),
+        }])
+        .await;
+    let uid = server
+        .object("projectcalico.org/v3", "felixconfigurations", "", "default")
+        .expect("default")["metadata"]["uid"]
+        .clone();
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events = server.objects("events.k8s.io/v1", "events");
+        if !events.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["reason"], "InvalidFelixConfiguration");
+    assert_eq!(events[0]["regarding"]["kind"], "FelixConfiguration");
+    assert_eq!(events[0]["regarding"]["uid"], uid, "{:?}", events[0]);
 
     // The Tier CRD goes away: the next list is a 404 and the adapter stops with an error
     // naming it.

@@ -228,14 +228,6 @@ fn policy_cache_entry(kind: Kind, object: &DynamicObject) -> (String, PolicyObje
     (key, PolicyObject { value, uid })
 }
 
-/// The key of a policy problem's object, as [`policy_entry`] makes it.
-fn policy_key(kind: Kind, namespace: Option<&str>, name: &str) -> String {
-    match namespace {
-        Some(ns) if kind.namespaced() => format!("{ns}/{name}"),
-        _ => name.to_string(),
-    }
-}
-
 fn string_map<'a>(entries: impl Iterator<Item = (&'a String, &'a String)>) -> Value {
     Value::Object(
         entries
@@ -348,7 +340,7 @@ impl<V: PartialEq> Cache<V> {
 #[derive(Debug, Default)]
 struct State {
     nodes: Cache<NodeResource>,
-    felix: Cache<Result<FelixConfigurationSpec, String>>,
+    felix: Cache<FelixObject>,
     /// One cache per watched policy kind; none when policy is not watched.
     policy: BTreeMap<Kind, Cache<PolicyObject>>,
 }
@@ -375,40 +367,71 @@ impl State {
         }
         Some(ClusterSnapshot {
             nodes: self.nodes.current.clone()?,
-            felix_configurations: self.felix.current.clone()?,
+            felix_configurations: self
+                .felix
+                .current
+                .as_ref()?
+                .iter()
+                .map(|(name, object)| (name.clone(), object.spec.clone()))
+                .collect(),
             policy,
             synced: true,
         })
     }
 
-    /// The UID of every listed policy object, by kind and key.
-    fn policy_uids(&self) -> PolicyUids {
-        self.policy
+    /// The UID of every listed FelixConfiguration and policy object, so Events about them
+    /// carry it (`kubectl describe` finds Events by UID).
+    fn uids(&self) -> Uids {
+        let felix = self
+            .felix
+            .current
             .iter()
-            .flat_map(|(kind, cache)| {
-                cache
-                    .current
-                    .iter()
-                    .flatten()
-                    .filter_map(|(key, object)| Some(((*kind, key.clone()), object.uid.clone()?)))
+            .flatten()
+            .filter_map(|(name, object)| {
+                Some((
+                    ProblemObject::FelixConfiguration(name.clone()),
+                    object.uid.clone()?,
+                ))
+            });
+        let policy = self.policy.iter().flat_map(|(kind, cache)| {
+            cache.current.iter().flatten().filter_map(|(key, object)| {
+                let (namespace, name) = match key.split_once('/') {
+                    Some((ns, name)) => (Some(ns.to_string()), name.to_string()),
+                    None => (None, key.clone()),
+                };
+                let problem = ProblemObject::Policy {
+                    kind: *kind,
+                    namespace,
+                    name,
+                };
+                Some((problem, object.uid.clone()?))
             })
-            .collect()
+        });
+        felix.chain(policy).collect()
     }
 }
 
-type PolicyUids = BTreeMap<(Kind, String), String>;
+type Uids = BTreeMap<ProblemObject, String>;
+
+/// A FelixConfiguration as cached: its decoded spec (or why it does not decode) and its UID.
+#[derive(Debug, Clone, PartialEq)]
+struct FelixObject {
+    spec: Result<FelixConfigurationSpec, String>,
+    uid: Option<String>,
+}
 
 fn node_entry(node: &Node) -> (String, NodeResource) {
     let decoded = decode_node(node);
     (decoded.name.clone(), decoded)
 }
 
-fn felix_entry(object: &DynamicObject) -> (String, Result<FelixConfigurationSpec, String>) {
+fn felix_entry(object: &DynamicObject) -> (String, FelixObject) {
     let spec = decode_felix_configuration(object);
     if let Err(error) = &spec {
         warn!(felixconfiguration = %object.name_any(), %error, "FelixConfiguration does not decode");
     }
-    (object.name_any(), spec)
+    let uid = object.metadata.uid.clone();
+    (object.name_any(), FelixObject { spec, uid })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -503,7 +526,7 @@ pub struct KubeDatastore {
     /// Also list-watch the policy kinds (the agent's `--host-policy`).
     watch_policy: bool,
     /// Written by `run`, read by `report`.
-    policy_uids: Arc<Mutex<PolicyUids>>,
+    uids: Arc<Mutex<Uids>>,
 }
 
 /// The Events' reporting controller.
@@ -584,7 +607,7 @@ impl KubeDatastore {
             client,
             recorder,
             watch_policy: false,
-            policy_uids: Arc::default(),
+            uids: Arc::default(),
         }
     }
 
@@ -600,18 +623,14 @@ impl KubeDatastore {
         if self.watch_policy { &Kind::ALL } else { &[] }
     }
 
-    /// [`event_reference`], with the UID of a watched policy object when known.
+    /// [`event_reference`], with the UID of a watched FelixConfiguration or policy object when
+    /// known (a Node's is its name, as the kubelet does).
     fn reference(&self, object: &ProblemObject) -> ObjectReference {
         let mut reference = event_reference(object);
-        if let ProblemObject::Policy {
-            kind,
-            namespace,
-            name,
-        } = object
-            && let Ok(uids) = self.policy_uids.lock()
+        if !matches!(object, ProblemObject::Node(_))
+            && let Ok(uids) = self.uids.lock()
         {
-            let key = policy_key(*kind, namespace.as_deref(), name);
-            reference.uid = uids.get(&(*kind, key)).cloned();
+            reference.uid = uids.get(object).cloned();
         }
         reference
     }
@@ -758,8 +777,8 @@ impl Datastore for KubeDatastore {
                 continue;
             };
             // Before the snapshot goes out, so problems found in it can name the UIDs.
-            if let Ok(mut uids) = self.policy_uids.lock() {
-                *uids = state.policy_uids();
+            if let Ok(mut uids) = self.uids.lock() {
+                *uids = state.uids();
             }
             let sent = cache.send_if_modified(|snap| {
                 if *snap == snapshot {

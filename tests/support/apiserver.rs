@@ -160,6 +160,19 @@ impl ApiServer {
             .cloned()
     }
 
+    /// Every stored object of a collection, in all namespaces.
+    pub fn objects(&self, group_version: &str, plural: &str) -> Vec<Value> {
+        let collection = Collection {
+            group_version: group_version.into(),
+            plural: plural.into(),
+        };
+        self.lock()
+            .objects
+            .get(&collection)
+            .map(|o| o.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
