@@ -510,3 +510,51 @@ fn rbac_grants_exactly_what_the_agent_reads_and_writes() {
     render_chart(&chart_values(), dir.path());
     assert_eq!(cluster_role_rules(&dir.path().join("rbac.yaml")), plain);
 }
+
+/// `hostPolicy: false` turns the agent's policy engine off and drops the RBAC it no longer
+/// needs; the ports reach the agent through its environment, so probes and metrics follow them.
+#[tokio::test]
+async fn helm_chart_values_reach_the_agent() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut values = chart_values();
+    values["hostPolicy"] = json!(false);
+    values["adminPort"] = json!(9199);
+    values["metricsPort"] = json!(9191);
+    let files = render_chart(&values, dir.path());
+    let find = |suffix: &str| {
+        files
+            .iter()
+            .find(|p| p.ends_with(suffix))
+            .unwrap_or_else(|| panic!("rendered {suffix}"))
+            .clone()
+    };
+    let rules = cluster_role_rules(&find("rbac.yaml"));
+    let text = rules.to_string();
+    assert!(!text.contains("globalnetworkpolicies"), "{text}");
+    assert!(text.contains("felixconfigurations"), "{text}");
+    let daemonset: Value =
+        serde_norway::from_str(&std::fs::read_to_string(find("daemonset.yaml")).expect("read"))
+            .expect("YAML");
+    let agent = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    let env = |name: &str| {
+        agent["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+            .unwrap_or_else(|| panic!("env {name}"))
+    };
+    assert_eq!(env("WIREMESH_HOST_POLICY"), json!("false"));
+    assert_eq!(env("WIREMESH_HEALTH_PORT"), json!("9199"));
+    assert_eq!(env("WIREMESH_METRICS_PORT"), json!("9191"));
+    assert_eq!(agent["livenessProbe"]["httpGet"]["port"], json!(9199));
+    // Still what the API server accepts.
+    let stdout = dry_run(&[&chart().join("crds"), dir.path()]).await;
+    assert!(
+        names(&stdout)
+            .iter()
+            .any(|n| n == "daemonset.apps/wiremesh"),
+        "{stdout}"
+    );
+}
