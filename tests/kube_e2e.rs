@@ -158,13 +158,22 @@ async fn check_rbac(client: &Client) {
         ("list", "projectcalico.org", "felixconfigurations"),
         ("watch", "projectcalico.org", "felixconfigurations"),
         ("create", "projectcalico.org", "felixconfigurations"),
-        ("list", "projectcalico.org", "globalnetworkpolicies"),
         ("create", "events.k8s.io", "events"),
     ] {
         assert!(
             allowed(client, verb, group, resource).await,
             "the agent may not {verb} {resource}"
         );
+    }
+    // Every policy kind the agent watches with host policy on.
+    for kind in wiremesh::policy::Kind::ALL {
+        for verb in ["list", "watch"] {
+            assert!(
+                allowed(client, verb, "projectcalico.org", kind.plural()).await,
+                "the agent may not {verb} {}",
+                kind.plural()
+            );
+        }
     }
     for (verb, group, resource) in [
         ("delete", "", "nodes"),

@@ -185,3 +185,56 @@ async fn watches_resume_relist_after_410_and_stop_on_a_missing_crd() {
         other => panic!("expected MissingCrd for tiers, got {other:?}"),
     }
 }
+
+/// `wiremesh policy which-endpoints|unused --kubernetes` read the CRDs through the API (here
+/// the stand-in), read-only, with the same results as from manifest files. Multi-threaded: the
+/// command blocks this thread while the stand-in answers on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_tools_read_the_kubernetes_api() {
+    let server = ApiServer::start().await;
+    let client = client(&server).await;
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/policy/tunnel-deny.yaml"
+    ))
+    .expect("example");
+    for doc in manifest.split("\n---\n") {
+        let value: serde_json::Value = serde_norway::from_str(doc).expect("YAML");
+        let kind =
+            Kind::from_kind_name(value["kind"].as_str().expect("kind")).expect("policy kind");
+        let object: DynamicObject = serde_json::from_value(value).expect("object");
+        Api::<DynamicObject>::all_with(client.clone(), &policy_resource(kind))
+            .create(&PostParams::default(), &object)
+            .await
+            .expect("create");
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig()).expect("kubeconfig");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wiremesh"))
+            .arg("policy")
+            .args(args)
+            .args(["--kubernetes", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .output()
+            .expect("wiremesh policy");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (stdout, stderr) = run(&["which-endpoints", "drop-node3-pods"]);
+    assert!(
+        stdout.contains("node node1 interface wireguard.cali host endpoint node1-tunnel"),
+        "{stdout}{stderr}"
+    );
+    let before = server.requests().len();
+    run(&["unused"]);
+    let writes: Vec<String> = server.requests()[before..]
+        .iter()
+        .filter(|r| !r.starts_with("GET "))
+        .cloned()
+        .collect();
+    assert!(writes.is_empty(), "the policy tools only read: {writes:?}");
+}

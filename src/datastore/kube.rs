@@ -635,6 +635,34 @@ impl KubeDatastore {
         reference
     }
 
+    /// Every policy object of the six kinds, read once (no watch, no write), keyed and shaped
+    /// as the watchers keep them.
+    pub async fn list_policy(&self) -> Result<RawPolicyResources, DatastoreError> {
+        let mut raw = RawPolicyResources::default();
+        for kind in Kind::ALL {
+            let crd = policy_crd(kind);
+            let api: Api<DynamicObject> =
+                Api::all_with(self.client.clone(), &policy_resource(kind));
+            let list = api
+                .list(&kube::api::ListParams::default())
+                .await
+                .map_err(|e| match api_status(&e) {
+                    Some(status) if not_found(status) => {
+                        DatastoreError::MissingCrd { crd: crd.clone() }
+                    }
+                    _ => classify(e, "list", &crd, |source| DatastoreError::List {
+                        what: crd.clone(),
+                        source,
+                    }),
+                })?;
+            for object in &list.items {
+                let (key, value) = policy_entry(kind, object);
+                raw.insert(kind, key, value);
+            }
+        }
+        Ok(raw)
+    }
+
     /// Every Node as this adapter decodes it, read once (no watch, no write).
     pub async fn list_nodes(&self) -> Result<BTreeMap<String, NodeResource>, DatastoreError> {
         let nodes = Api::<Node>::all(self.client.clone())

@@ -26,11 +26,13 @@ pub enum PolicyToolError {
     },
     #[error("reading policy from etcd")]
     Etcd(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("reading policy from the Kubernetes API")]
+    Kubernetes(#[source] crate::datastore::DatastoreError),
     #[error("{0}")]
     Usage(String),
 }
 
-/// Where resources come from: manifest files and/or etcd.
+/// Where resources come from: manifest files, etcd and/or the Kubernetes API.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Source {
     /// projectcalico.org/v3 manifests (YAML or JSON, multi-document); repeatable.
@@ -39,6 +41,13 @@ pub struct Source {
     /// Read the resources from this etcd instead of (or as well as) files.
     #[arg(long, env = "WIREMESH_POLICY_ETCD", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
+    /// Read the resources from the Kubernetes API (the projectcalico.org/v3 CRDs), read-only.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Kubeconfig for --kubernetes; without it, the in-cluster service account (or
+    /// KUBECONFIG / ~/.kube/config).
+    #[arg(long, env = "WIREMESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -137,9 +146,25 @@ async fn load(source: &Source) -> Result<(RawPolicyResources, Vec<Manifest>), Po
             }
         }
     }
-    if source.files.is_empty() && source.etcd_endpoints.is_empty() {
+    if source.kubernetes {
+        let api = crate::datastore::kube::KubeDatastore::connect(source.kubeconfig.as_deref())
+            .await
+            .map_err(PolicyToolError::Kubernetes)?;
+        for (kind, objects) in api
+            .list_policy()
+            .await
+            .map_err(PolicyToolError::Kubernetes)?
+            .objects
+        {
+            for (key, value) in objects {
+                raw.insert(kind, key, value);
+            }
+        }
+    }
+    if source.files.is_empty() && source.etcd_endpoints.is_empty() && !source.kubernetes {
         return Err(PolicyToolError::Usage(
-            "give manifests with -f FILE or a datastore with --etcd-endpoints".into(),
+            "give manifests with -f FILE or a datastore with --etcd-endpoints or --kubernetes"
+                .into(),
         ));
     }
     Ok((raw, manifests))
