@@ -163,13 +163,20 @@ async fn s10_s11_tunnel_hep_denies_one_nodes_pods_and_sets_change_only_elements(
     })
     .await;
 
+    // A name of this run's own: the kernel log is shared and its ring buffer rotates, so Log
+    // lines are recognised by a prefix no earlier run wrote, not by a count that can stand still.
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() % 1_000_000)
+        .unwrap_or(0);
+    let name = format!("drop-denied-pods-{}-{since_epoch}", std::process::id());
     let policy = |aof: bool| {
         format!(
             "{TUNNEL_HEP}---
 apiVersion: projectcalico.org/v3
 kind: GlobalNetworkPolicy
 metadata:
-  name: drop-denied-pods
+  name: {name}
 spec:
   order: 10
   selector: host-endpoint == \"true\"
@@ -187,7 +194,7 @@ spec:
     // Without applyOnForward: forwarded pod traffic is not policed.
     apply(&lab, &policy(false)).await;
     wait_for("node1 table", async || {
-        table(&lab, "node1").contains("pi-gnp/drop-denied-pods")
+        table(&lab, "node1").contains(&format!("pi-gnp/{name}"))
     })
     .await;
     assert_eq!(
@@ -201,12 +208,12 @@ spec:
     );
 
     // With applyOnForward: exactly node3's pods are dropped, and logged.
-    let prefix = "calico-packet|default|gnp/drop-denied-pods|in0";
-    let logged_before = dmesg_count(prefix);
+    let prefix = format!("calico-packet|default|gnp/{name}|in0");
+    assert_eq!(dmesg_count(&prefix), 0, "a fresh prefix");
     apply(&lab, &policy(true)).await;
     wait_for("forward chain", async || {
         table(&lab, "node1").contains("forward-fh-wireguard.cali")
-            && table(&lab, "node1").contains("jump pi-gnp/drop-denied-pods")
+            && table(&lab, "node1").contains(&format!("jump pi-gnp/{name}"))
             && !reachable(&lab, "pod3", "pod1")
     })
     .await;
@@ -219,14 +226,14 @@ spec:
         reachable(&lab, "node3", "node2"),
         "other nodes are unaffected"
     );
-    assert!(
-        dmesg_count(prefix) > logged_before,
-        "the Log rule produced no kernel log line"
-    );
+    wait_for("the Log rule's kernel log line", async || {
+        dmesg_count(&prefix) > 0
+    })
+    .await;
     // The rules' nftables counters, scraped from node1's /metrics, saw the dropped pings.
     let series = |rule: &str, action: &str| {
         format!(
-            "wiremesh_policy_rule_packets_total{{tier=\"default\",policy=\"gnp/drop-denied-pods\",direction=\"ingress\",rule=\"{rule}\",action=\"{action}\"}}"
+            "wiremesh_policy_rule_packets_total{{tier=\"default\",policy=\"gnp/{name}\",direction=\"ingress\",rule=\"{rule}\",action=\"{action}\"}}"
         )
     };
     wait_for("the Deny rule's counter in node1's /metrics", async || {
