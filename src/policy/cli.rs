@@ -10,7 +10,8 @@ use super::explain::{Packet, PacketPath, explain};
 use super::manifest::Manifest;
 use super::model::{Direction, Protocol};
 use super::program::{
-    FailsafePort, PolicyInputs, PolicySettings, compile, named_port_members, selector_members,
+    EndpointProgram, FailsafePort, Hook, PolicyInputs, PolicySettings, Program, TierProgram,
+    compile, named_port_members, selector_members,
 };
 use super::resources::{PolicyResources, RawPolicyResources};
 use crate::datastore::etcd::{POLICY_PREFIXES, connect_client, decode_policy_key};
@@ -468,15 +469,37 @@ fn unconditional(r: &super::model::Rule) -> bool {
         && empty(&r.destination)
 }
 
-/// Policies that are fully shadowed (§5, 76e): on every endpoint chain where they appear, an
-/// earlier policy already decides every packet (an unconditional Allow or Deny earlier in the
-/// same or an earlier tier, or an unconditional Pass earlier in the same tier).
-pub fn shadowed(res: &PolicyResources) -> Vec<(String, String)> {
-    use super::model::Action;
-    use std::collections::BTreeMap;
+/// For each policy: on how many endpoint chains it is programmed, on how many a check flagged
+/// it, and the last reason given.
+#[derive(Default)]
+struct Tally(std::collections::BTreeMap<String, (usize, usize, String)>);
+
+impl Tally {
+    fn appears(&mut self, policy: &str, flagged: Option<String>) {
+        let entry = self.0.entry(policy.to_string()).or_default();
+        entry.0 += 1;
+        if let Some(why) = flagged {
+            entry.1 += 1;
+            entry.2 = why;
+        }
+    }
+
+    /// The policies flagged on every chain they appear on, with the reason.
+    fn everywhere(self) -> Vec<(String, String)> {
+        self.0
+            .into_iter()
+            .filter(|(_, (n, flagged, _))| *n > 0 && n == flagged)
+            .map(|(id, (_, _, why))| (id, why))
+            .collect()
+    }
+}
+
+/// Calls `visit` with every endpoint chain (hook and direction) of every node's program.
+fn each_chain(
+    res: &PolicyResources,
+    mut visit: impl FnMut(&Program, &EndpointProgram, Hook, Direction, &[TierProgram]),
+) {
     let nodes: BTreeSet<&str> = res.host_endpoints.iter().map(|h| h.node.as_str()).collect();
-    // policy id -> (appearances, shadowed appearances, a witness)
-    let mut seen: BTreeMap<String, (usize, usize, String)> = BTreeMap::new();
     for node in nodes {
         let program = compile(&PolicyInputs {
             node,
@@ -485,45 +508,55 @@ pub fn shadowed(res: &PolicyResources) -> Vec<(String, String)> {
         });
         for ep in &program.endpoints {
             for ((hook, dir), tiers) in &ep.chains {
-                let mut blocked_by: Option<String> = None;
-                for tier in tiers {
-                    let mut tier_blocked_by: Option<String> = None;
-                    for pid in &tier.policies {
-                        let entry = seen.entry(pid.clone()).or_default();
-                        entry.0 += 1;
-                        if let Some(w) = blocked_by.as_ref().or(tier_blocked_by.as_ref()) {
-                            entry.1 += 1;
-                            entry.2 = format!("{w} decides first ({hook} {dir} of {})", ep.hep);
-                            continue;
+                visit(&program, ep, *hook, *dir, tiers);
+            }
+        }
+    }
+}
+
+/// Policies that are fully shadowed (§5, 76e): on every endpoint chain where they appear, an
+/// earlier policy already decides every packet (an unconditional Allow or Deny earlier in the
+/// same or an earlier tier, or an unconditional Pass earlier in the same tier).
+pub fn shadowed(res: &PolicyResources) -> Vec<(String, String)> {
+    use super::model::Action;
+    let mut tally = Tally::default();
+    each_chain(res, |program, ep, hook, dir, tiers| {
+        let mut blocked_by: Option<String> = None;
+        for tier in tiers {
+            let mut tier_blocked_by: Option<String> = None;
+            for pid in &tier.policies {
+                if let Some(w) = blocked_by.as_ref().or(tier_blocked_by.as_ref()) {
+                    let why = format!(
+                        "fully shadowed: {w} decides first ({hook} {dir} of {})",
+                        ep.hep
+                    );
+                    tally.appears(pid, Some(why));
+                    continue;
+                }
+                tally.appears(pid, None);
+                let Some(p) = program.policies.get(pid) else {
+                    continue;
+                };
+                for r in p.rules(dir) {
+                    if !unconditional(r) {
+                        continue;
+                    }
+                    match r.action {
+                        Action::Allow | Action::Deny => {
+                            blocked_by = Some(pid.clone());
+                            break;
                         }
-                        let Some(p) = program.policies.get(pid) else {
-                            continue;
-                        };
-                        for r in p.rules(*dir) {
-                            if !unconditional(r) {
-                                continue;
-                            }
-                            match r.action {
-                                Action::Allow | Action::Deny => {
-                                    blocked_by = Some(pid.clone());
-                                    break;
-                                }
-                                Action::Pass => {
-                                    tier_blocked_by = Some(pid.clone());
-                                    break;
-                                }
-                                Action::Log => {}
-                            }
+                        Action::Pass => {
+                            tier_blocked_by = Some(pid.clone());
+                            break;
                         }
+                        Action::Log => {}
                     }
                 }
             }
         }
-    }
-    seen.into_iter()
-        .filter(|(_, (n, s, _))| *n > 0 && n == s)
-        .map(|(id, (_, _, w))| (id, format!("fully shadowed: {w}")))
-        .collect()
+    });
+    tally.everywhere()
 }
 
 /// Policies whose tier is never reached (docs/policy.md, "policy unused"). On one endpoint's
@@ -535,52 +568,32 @@ pub fn shadowed(res: &PolicyResources) -> Vec<(String, String)> {
 /// programmed into.
 pub fn unreachable_tiers(res: &PolicyResources) -> Vec<(String, String)> {
     use super::model::{Action, TierDefault};
-    use std::collections::BTreeMap;
-    let nodes: BTreeSet<&str> = res.host_endpoints.iter().map(|h| h.node.as_str()).collect();
-    // policy id -> (appearances, unreachable appearances, a witness)
-    let mut seen: BTreeMap<String, (usize, usize, String)> = BTreeMap::new();
-    for node in nodes {
-        let program = compile(&PolicyInputs {
-            node,
-            resources: Some(res),
-            ..Default::default()
-        });
-        for ep in &program.endpoints {
-            for ((hook, dir), tiers) in &ep.chains {
-                let mut ended_by: Option<&str> = None;
-                for tier in tiers {
-                    for pid in &tier.policies {
-                        let entry = seen.entry(pid.clone()).or_default();
-                        entry.0 += 1;
-                        if let Some(t) = ended_by {
-                            entry.1 += 1;
-                            entry.2 = format!(
-                                "tier {:?} is never reached: the earlier tier {t:?} ends in a default Deny and has no Pass rule ({hook} {dir} of {})",
-                                tier.name, ep.hep
-                            );
-                        }
-                    }
-                    if ended_by.is_some() {
-                        continue;
-                    }
-                    let can_pass = tier.policies.iter().any(|pid| {
-                        program
-                            .policies
-                            .get(pid)
-                            .is_none_or(|p| p.rules(*dir).iter().any(|r| r.action == Action::Pass))
-                    });
-                    if hook.has_tier_default()
-                        && tier.default_action == TierDefault::Deny
-                        && !can_pass
-                    {
-                        ended_by = Some(&tier.name);
-                    }
-                }
+    let mut tally = Tally::default();
+    each_chain(res, |program, ep, hook, dir, tiers| {
+        let mut ended_by: Option<&str> = None;
+        for tier in tiers {
+            for pid in &tier.policies {
+                let why = ended_by.map(|t| {
+                    format!(
+                        "tier {:?} is never reached: the earlier tier {t:?} ends in a default Deny and has no Pass rule ({hook} {dir} of {})",
+                        tier.name, ep.hep
+                    )
+                });
+                tally.appears(pid, why);
+            }
+            if ended_by.is_some() {
+                continue;
+            }
+            let can_pass = tier.policies.iter().any(|pid| {
+                program
+                    .policies
+                    .get(pid)
+                    .is_none_or(|p| p.rules(dir).iter().any(|r| r.action == Action::Pass))
+            });
+            if hook.has_tier_default() && tier.default_action == TierDefault::Deny && !can_pass {
+                ended_by = Some(&tier.name);
             }
         }
-    }
-    seen.into_iter()
-        .filter(|(_, (n, u, _))| *n > 0 && n == u)
-        .map(|(id, (_, _, w))| (id, w))
-        .collect()
+    });
+    tally.everywhere()
 }

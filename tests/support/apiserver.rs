@@ -453,14 +453,7 @@ impl ApiServer {
             }
             None => patch.clone(),
         };
-        if let Some(wanted) = patch
-            .pointer("/metadata/resourceVersion")
-            .and_then(Value::as_str)
-            && Some(wanted)
-                != current
-                    .pointer("/metadata/resourceVersion")
-                    .and_then(Value::as_str)
-        {
+        if stale_version(&patch, &current) {
             return conflict(target, name);
         }
         let mut updated = current.clone();
@@ -475,14 +468,7 @@ impl ApiServer {
         let Some(current) = self.get(target, name) else {
             return not_found(target, name);
         };
-        if let Some(wanted) = object
-            .pointer("/metadata/resourceVersion")
-            .and_then(Value::as_str)
-            && Some(wanted)
-                != current
-                    .pointer("/metadata/resourceVersion")
-                    .and_then(Value::as_str)
-        {
+        if stale_version(&object, &current) {
             return conflict(target, name);
         }
         self.update(target, name, current, object)
@@ -685,6 +671,17 @@ impl Filter {
         });
         labels_ok && fields_ok
     }
+}
+
+/// A write that names a `metadata.resourceVersion` other than the stored one (a precondition
+/// that fails: 409 Conflict). Without one the write is unconditional.
+fn stale_version(write: &Value, current: &Value) -> bool {
+    let version = |v: &Value| {
+        v.pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    version(write).is_some_and(|wanted| Some(wanted) != version(current))
 }
 
 /// RFC 7386 JSON merge patch.
