@@ -1,21 +1,6 @@
-//! wiremesh: a node agent that turns a cluster into a WireGuard-encrypted mesh, configured with
-//! Calico's resources. See docs/architecture.md for the shape of the code.
+//! The `wiremesh` command line: every tool under [`cli`] (the binary's `main.rs` only calls
+//! [`cli::main`]), and [`netns`], the throw-away network namespaces the benches and the
+//! real-kernel tests use.
 
-pub mod admin;
-pub mod agent;
-pub mod api;
-pub mod bench;
-pub mod config;
-pub mod dataplane;
-pub mod datastore;
-pub mod graph;
-pub mod keys;
-pub mod lab;
-pub mod mesh;
-pub mod metrics;
-pub mod model;
+pub mod cli;
 pub mod netns;
-pub mod policy;
-pub mod reconcile;
-pub mod selector;
-pub mod status;

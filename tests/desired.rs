@@ -7,15 +7,15 @@ use std::collections::BTreeSet;
 
 use ipnet::IpNet;
 use support::{inputs, key, node, node_dual};
-use wiremesh::config::WireguardSettings;
-use wiremesh::mesh::{RouteKind, RouteSpec, RuleSpec, SkipReason, desired};
-use wiremesh::model::{Family, NodeResource};
+use wiremesh_core::config::WireguardSettings;
+use wiremesh_core::mesh::{RouteKind, RouteSpec, RuleSpec, SkipReason, desired};
+use wiremesh_core::model::{Family, NodeResource};
 
 fn net(s: &str) -> IpNet {
     s.parse().expect("test CIDR")
 }
 
-fn routes(spec: &wiremesh::mesh::DataplaneSpec) -> Vec<String> {
+fn routes(spec: &wiremesh_core::mesh::DataplaneSpec) -> Vec<String> {
     spec.routes
         .iter()
         .map(|r| match &r.kind {

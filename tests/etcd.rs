@@ -9,11 +9,11 @@ use common::TestEtcd;
 use ipnet::IpNet;
 use serde_json::json;
 use tokio::sync::watch;
-use wiremesh::datastore::etcd::{
+use wiremesh_core::model::{ClusterSnapshot, PublishedWireguard, WgKey};
+use wiremesh_datastore::etcd::{
     EtcdDatastore, EtcdWriter, NodeRegistration, affinity_key, node_key,
 };
-use wiremesh::datastore::{Datastore, DatastoreError};
-use wiremesh::model::{ClusterSnapshot, PublishedWireguard, WgKey};
+use wiremesh_datastore::{Datastore, DatastoreError};
 
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -15,16 +15,21 @@ use std::time::{Duration, Instant};
 use support::root_or_skip;
 
 use ipnet::IpNet;
-use wiremesh::config::{DEFAULT_FWMARK, ROUTE_PROTOCOL};
-use wiremesh::dataplane::kernel::{NetlinkLinks, NetlinkRouting, connect_netlink, netlink_handle};
-use wiremesh::dataplane::link::{LinkDataplane, LinkOp};
-use wiremesh::dataplane::route::{RouteOp, RoutingDataplane};
-use wiremesh::dataplane::uapi::UserspaceWireguard;
-use wiremesh::dataplane::wg::{self, WgOp, WireguardDataplane};
-use wiremesh::keys::PrivateKey;
-use wiremesh::mesh::{DataplaneSpec, DeviceSpec, PeerSpec, RouteKind, RouteSpec, RuleSpec};
-use wiremesh::model::{Family, PublishedWireguard, WgKey};
 use wiremesh::netns::Netns;
+use wiremesh_core::config::{DEFAULT_FWMARK, ROUTE_PROTOCOL};
+use wiremesh_core::dataplane::link::LinkOp;
+use wiremesh_core::dataplane::routing::RouteOp;
+use wiremesh_core::dataplane::wireguard::{self as wg, WgOp};
+use wiremesh_core::keys::PrivateKey;
+use wiremesh_core::mesh::{DataplaneSpec, DeviceSpec, PeerSpec, RouteKind, RouteSpec, RuleSpec};
+use wiremesh_core::model::{Family, PublishedWireguard, WgKey};
+use wiremesh_dataplane::link::LinkDataplane;
+use wiremesh_dataplane::link::NetlinkLinks;
+use wiremesh_dataplane::netlink::{connect_netlink, netlink_handle};
+use wiremesh_dataplane::route::NetlinkRouting;
+use wiremesh_dataplane::route::RoutingDataplane;
+use wiremesh_dataplane::wireguard::WireguardDataplane;
+use wiremesh_dataplane::wireguard::userspace::UserspaceWireguard;
 
 // ---------------------------------------------------------------------------------------------
 // Harness

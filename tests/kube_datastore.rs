@@ -17,14 +17,14 @@ use tokio::sync::watch;
 use tower_test::mock::{Handle, SendResponse};
 
 use common::TestEtcd;
-use wiremesh::datastore::etcd::{EtcdDatastore, EtcdWriter, policy_key};
-use wiremesh::datastore::kube::{
+use wiremesh_core::model::{ClusterSnapshot, PublishedWireguard, WgKey};
+use wiremesh_core::policy::{Kind, PolicyResources, RawPolicyResources};
+use wiremesh_datastore::etcd::{EtcdDatastore, EtcdWriter, policy_key};
+use wiremesh_datastore::kube::{
     ANNOTATION_INTERFACE_V4, ANNOTATION_INTERFACE_V6, ANNOTATION_PUBLIC_KEY,
     ANNOTATION_PUBLIC_KEY_V6, KubeDatastore,
 };
-use wiremesh::datastore::{Datastore, DatastoreError};
-use wiremesh::model::{ClusterSnapshot, PublishedWireguard, WgKey};
-use wiremesh::policy::{Kind, PolicyResources, RawPolicyResources};
+use wiremesh_datastore::{Datastore, DatastoreError};
 
 /// One request as the server saw it.
 #[derive(Debug, Clone)]
@@ -533,7 +533,7 @@ async fn publish_denied_names_the_verb() {
 
 #[tokio::test]
 async fn problems_become_warning_events_on_the_object() {
-    use wiremesh::datastore::{ObjectProblem, ProblemObject};
+    use wiremesh_datastore::{ObjectProblem, ProblemObject};
     let (client, server) = Server::start(Box::new(|req| {
         if req.method == "POST" {
             let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
@@ -982,7 +982,7 @@ async fn without_host_policy_no_policy_kind_is_requested() {
 
 #[tokio::test]
 async fn policy_problems_become_events_on_the_object_in_its_namespace() {
-    use wiremesh::datastore::{ObjectProblem, ProblemObject};
+    use wiremesh_datastore::{ObjectProblem, ProblemObject};
     let objects = authored();
     let (client, server) = Server::start(Box::new(move |req| {
         if req.method == "POST" && req.path.starts_with("/apis/events.k8s.io/") {

@@ -24,11 +24,11 @@ use kube::{Client, ResourceExt as _};
 use serde::Deserialize as _;
 use serde_json::{Value, json};
 
-use wiremesh::datastore::kube::{
+use wiremesh::cli::lab::{Lab, UpOptions, VerifyExpect, k8s, verify};
+use wiremesh_core::model::WgKey;
+use wiremesh_datastore::kube::{
     ANNOTATION_INTERFACE_V4, ANNOTATION_PUBLIC_KEY, felix_configuration_resource,
 };
-use wiremesh::lab::{Lab, UpOptions, VerifyExpect, k8s, verify};
-use wiremesh::model::WgKey;
 
 mod support;
 use support::apiserver::ApiServer;
@@ -57,7 +57,7 @@ async fn wait_within(what: &str, mut condition: impl AsyncFnMut() -> bool) {
 async fn apply_crds(client: &Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let params = PatchParams::apply(MANAGER).force();
-    for crd in wiremesh::api::crds() {
+    for crd in wiremesh_core::wire::crds() {
         let name = crd.name_any();
         api.patch(&name, &params, &Patch::Apply(&crd))
             .await
@@ -166,7 +166,7 @@ async fn check_rbac(client: &Client) {
         );
     }
     // Every policy kind the agent watches with host policy on.
-    for kind in wiremesh::policy::Kind::ALL {
+    for kind in wiremesh_core::policy::Kind::ALL {
         for verb in ["list", "watch"] {
             assert!(
                 allowed(client, verb, "projectcalico.org", kind.plural()).await,
@@ -485,7 +485,7 @@ async fn kubernetes_lab_policy_against_the_api_stand_in() {
     })
     .await;
 
-    let manifest = wiremesh::policy::manifest::Manifest::parse(
+    let manifest = wiremesh_core::policy::manifest::Manifest::parse(
         "policy.yaml",
         "
 apiVersion: projectcalico.org/v3

@@ -11,10 +11,10 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::apiserver::ApiServer;
-use wiremesh::datastore::kube::{KubeDatastore, policy_resource};
-use wiremesh::datastore::{Datastore as _, DatastoreError, ObjectProblem, ProblemObject};
-use wiremesh::model::{ClusterSnapshot, PublishedWireguard, WgKey};
-use wiremesh::policy::Kind;
+use wiremesh_core::model::{ClusterSnapshot, PublishedWireguard, WgKey};
+use wiremesh_core::policy::Kind;
+use wiremesh_datastore::kube::{KubeDatastore, policy_resource};
+use wiremesh_datastore::{Datastore as _, DatastoreError, ObjectProblem, ProblemObject};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -186,7 +186,7 @@ async fn watches_resume_relist_after_410_and_stop_on_a_missing_crd() {
     }
 }
 
-/// `wiremesh policy which-endpoints|unused --kubernetes` read the CRDs through the API (here
+/// `wiremesh policy which-endpoints|unused --datastore kubernetes` read the CRDs through the API (here
 /// the stand-in), read-only, with the same results as from manifest files. Multi-threaded: the
 /// command blocks this thread while the stand-in answers on another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,7 +215,7 @@ async fn policy_tools_read_the_kubernetes_api() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_wiremesh"))
             .arg("policy")
             .args(args)
-            .args(["--kubernetes", "--kubeconfig"])
+            .args(["--datastore", "kubernetes", "--kubeconfig"])
             .arg(&kubeconfig)
             .output()
             .expect("wiremesh policy");

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 use support::root_or_skip;
 
-use wiremesh::lab::{self, Expectation, Lab, UpOptions, VerifyExpect, verify};
+use wiremesh::cli::lab::{self, Expectation, Lab, UpOptions, VerifyExpect, verify};
 
 fn unique(short: &str) -> String {
     format!("t{short}{}", std::process::id())
@@ -262,8 +262,9 @@ async fn node_joins_and_leaves() {
 /// stop/restart, `down` killing daemonized children) and verify's encrypted path, without
 /// depending on the real agent.
 const STUB_AGENT: &str = r#"#!/bin/sh
-# args: agent --node-name nodeI --etcd-endpoints E --state-dir D --wireguard-backend B
-node=$3; dir=$7; i=${node#node}
+# args: agent --node-name nodeI ... --state-dir D ...
+node=$3; i=${node#node}
+while [ $# -gt 0 ]; do [ "$1" = "--state-dir" ] && dir=$2; shift; done
 lab=$(dirname "$(dirname "$(dirname "$dir")")")
 key() { printf '%032d' "$1" | base64; }
 echo "$$" > /run/wireguard/stub-agent.pid

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use support::lab::{Guard, start_lab, wait_within};
 use support::root_or_skip;
-use wiremesh::lab::{Expectation, Lab, VerifyExpect, verify};
+use wiremesh::cli::lab::{Expectation, Lab, VerifyExpect, verify};
 
 mod support;
 
@@ -491,7 +491,7 @@ async fn s7_malformed_node_data_is_skipped_and_the_mesh_is_unaffected() {
     let (lab, _guard) = start("s7", true).await;
     wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
     let key = |i: u8| {
-        wiremesh::keys::PrivateKey::from_bytes([i; 32])
+        wiremesh_core::keys::PrivateKey::from_bytes([i; 32])
             .public_key()
             .to_string()
     };

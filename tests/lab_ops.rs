@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::lab::{Guard, wait_within as wait_for};
 use support::root_or_skip;
-use wiremesh::lab::{Lab, UpOptions};
+use wiremesh::cli::lab::{Lab, UpOptions};
 
 mod support;
 
@@ -233,7 +233,7 @@ async fn status_metrics_and_health_in_the_lab() {
     // and report node3 as disagreeing, with the reason.
     lab.stop_agent("node3").expect("stop node3");
     let (mut node3, real_key) = published_key(&lab, "node3").await;
-    let other = wiremesh::keys::PrivateKey::generate()
+    let other = wiremesh_core::keys::PrivateKey::generate()
         .public_key()
         .to_string();
     assert_ne!(other, real_key);
@@ -288,7 +288,7 @@ async fn status_metrics_and_health_in_the_lab() {
     // 5. The graph (what `wiremesh lab graph` prints) draws node1 -- node3 in red.
     let reports = lab.status_reports().expect("status reports");
     assert_eq!(reports.len(), 3);
-    let dot = wiremesh::graph::render(&reports);
+    let dot = wiremesh::cli::graph::render(&reports);
     let edge = dot
         .lines()
         .find(|l| l.contains("\"node1\" -- \"node3\""))

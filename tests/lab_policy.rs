@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use support::lab::{Guard, start_lab, wait_within};
 use support::root_or_skip;
-use wiremesh::lab::{self, Lab};
+use wiremesh::cli::lab::{self, Lab};
 
 mod support;
-use wiremesh::policy::manifest::Manifest;
+use wiremesh_core::policy::manifest::Manifest;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 

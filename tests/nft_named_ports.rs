@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use support::root_or_skip;
 
 use serde_json::{Value, json};
-use wiremesh::dataplane::nft::{FilterDataplane, KernelNft, NftOp, plan};
 use wiremesh::netns::Netns;
-use wiremesh::policy::render::{FilterSpec, render};
-use wiremesh::policy::{Kind, PolicyInputs, PolicyResources, RawPolicyResources, compile};
+use wiremesh_core::dataplane::filter::{NftOp, plan};
+use wiremesh_core::policy::render::{FilterSpec, render};
+use wiremesh_core::policy::{Kind, PolicyInputs, PolicyResources, RawPolicyResources, compile};
+use wiremesh_dataplane::nft::{FilterDataplane, KernelNft};
 
 /// The host endpoint on `a` serves `web` on TCP `port`; one policy allows the named port.
 fn spec_for(port: u16) -> FilterSpec {

@@ -8,12 +8,15 @@ use std::time::{Duration, SystemTime};
 
 use proptest::prelude::*;
 use support::{inputs, key, node};
-use wiremesh::dataplane::fake::FakeKernel;
-use wiremesh::dataplane::link::{self, LinkDataplane as _};
-use wiremesh::dataplane::route::{self, RoutingDataplane as _};
-use wiremesh::dataplane::wg::{self, WgOp, WireguardDataplane as _};
-use wiremesh::mesh::{DataplaneSpec, PeerSpec, desired};
-use wiremesh::model::{NodeResource, WgKey};
+use wiremesh_core::dataplane::link;
+use wiremesh_core::dataplane::routing as route;
+use wiremesh_core::dataplane::wireguard::{self as wg, WgOp};
+use wiremesh_core::mesh::{DataplaneSpec, PeerSpec, desired};
+use wiremesh_core::model::{NodeResource, WgKey};
+use wiremesh_dataplane::fake::FakeKernel;
+use wiremesh_dataplane::link::LinkDataplane as _;
+use wiremesh_dataplane::route::RoutingDataplane as _;
+use wiremesh_dataplane::wireguard::WireguardDataplane as _;
 
 /// Plans and applies every subsystem in the reconcile order; returns the op descriptions.
 fn converge(kernel: &FakeKernel, spec: &DataplaneSpec) -> Vec<String> {
@@ -171,10 +174,10 @@ fn losing_a_key_turns_routes_into_throws_without_touching_others() {
 #[test]
 fn disabling_removes_everything_we_made_and_nothing_else() {
     let kernel = FakeKernel::new();
-    let foreign = wiremesh::mesh::RouteSpec {
+    let foreign = wiremesh_core::mesh::RouteSpec {
         table: 1,
         dest: "192.168.7.0/24".parse().expect("net"),
-        kind: wiremesh::mesh::RouteKind::Throw,
+        kind: wiremesh_core::mesh::RouteKind::Throw,
     };
     kernel.state().foreign_routes.insert(foreign.clone());
     converge(&kernel, &desired(&inputs(1, [node(1), node(2)])));

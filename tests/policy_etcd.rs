@@ -8,10 +8,10 @@ use std::time::Duration;
 use common::TestEtcd;
 use serde_json::json;
 use tokio::sync::watch;
-use wiremesh::datastore::Datastore;
-use wiremesh::datastore::etcd::{EtcdDatastore, EtcdWriter, policy_key};
-use wiremesh::model::ClusterSnapshot;
-use wiremesh::policy::Kind;
+use wiremesh_core::model::ClusterSnapshot;
+use wiremesh_core::policy::Kind;
+use wiremesh_datastore::Datastore;
+use wiremesh_datastore::etcd::{EtcdDatastore, EtcdWriter, policy_key};
 
 async fn wait_for(
     rx: &mut watch::Receiver<ClusterSnapshot>,

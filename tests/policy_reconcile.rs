@@ -8,12 +8,12 @@ use std::time::Duration;
 use serde_json::json;
 use support::{node, snapshot};
 use tokio::sync::watch;
-use wiremesh::dataplane::fake::FakeKernel;
-use wiremesh::dataplane::nft::FakeNft;
-use wiremesh::datastore::fake::FakeDatastore;
-use wiremesh::model::ClusterSnapshot;
-use wiremesh::policy::Kind;
-use wiremesh::reconcile::{AgentSettings, Reconciler};
+use wiremesh_agent::reconcile::{AgentSettings, Reconciler};
+use wiremesh_core::model::ClusterSnapshot;
+use wiremesh_core::policy::Kind;
+use wiremesh_dataplane::fake::FakeKernel;
+use wiremesh_dataplane::nft::FakeNft;
+use wiremesh_datastore::fake::FakeDatastore;
 
 fn cluster(deny: &[&str], hep_node: &str) -> ClusterSnapshot {
     let mut s = snapshot([node(1), node(2), node(3)], true);
@@ -62,9 +62,9 @@ impl H {
     fn reconciler(
         &self,
     ) -> Reconciler<
-        wiremesh::dataplane::fake::FakeWireguard,
-        wiremesh::dataplane::fake::FakeLinks,
-        wiremesh::dataplane::fake::FakeRouting,
+        wiremesh_dataplane::fake::FakeWireguard,
+        wiremesh_dataplane::fake::FakeLinks,
+        wiremesh_dataplane::fake::FakeRouting,
     > {
         let mut settings = AgentSettings::new("node1", self.dir.path());
         settings.min_interval = Duration::from_millis(10);
@@ -149,7 +149,7 @@ async fn policy_is_programmed_updated_by_elements_and_removed() {
 
 #[tokio::test]
 async fn invalid_policy_objects_are_reported_once_on_the_object() {
-    use wiremesh::datastore::{ObjectProblem, ProblemObject};
+    use wiremesh_datastore::{ObjectProblem, ProblemObject};
     let mut bad = cluster(&["10.244.3.0/24"], "node1");
     bad.policy.insert(
         Kind::NetworkPolicy,
@@ -205,7 +205,7 @@ async fn invalid_policy_objects_are_reported_once_on_the_object() {
 
 #[test]
 fn etcd_policy_keys() {
-    use wiremesh::datastore::etcd::{decode_policy_key, policy_key};
+    use wiremesh_datastore::etcd::{decode_policy_key, policy_key};
     let k = policy_key(Kind::NetworkSet, "ns1/blocked");
     assert_eq!(
         k,
@@ -237,9 +237,11 @@ fn etcd_policy_keys() {
 /// the dataplane's counter reader (the fake serves configured values) and labels them.
 #[tokio::test(start_paused = true)]
 async fn the_loop_exports_the_policy_rule_counters_at_scrape_time() {
-    use wiremesh::dataplane::nft::CounterValue;
+    use wiremesh_core::dataplane::filter::CounterValue;
     let h = H::new(cluster(&["10.244.3.0/24"], "node1"));
-    let metrics = Arc::new(wiremesh::metrics::Metrics::new(Duration::from_secs(300)));
+    let metrics = Arc::new(wiremesh_agent::metrics::Metrics::new(Duration::from_secs(
+        300,
+    )));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let rx = h.tx.subscribe();
     let task = tokio::spawn(h.reconciler().with_metrics(Arc::clone(&metrics)).run(

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use support::{felix, node, snapshot};
 use tokio::sync::watch;
-use wiremesh::dataplane::fake::FakeKernel;
-use wiremesh::datastore::fake::FakeDatastore;
-use wiremesh::keys::KeyStore;
-use wiremesh::model::{ClusterSnapshot, Family, NodeResource};
-use wiremesh::reconcile::{AgentSettings, Reconciler};
+use wiremesh_agent::keystore::KeyStore;
+use wiremesh_agent::reconcile::{AgentSettings, Reconciler};
+use wiremesh_core::model::{ClusterSnapshot, Family, NodeResource};
+use wiremesh_dataplane::fake::FakeKernel;
+use wiremesh_datastore::fake::FakeDatastore;
 
 struct Harness {
     kernel: FakeKernel,
@@ -21,9 +21,9 @@ struct Harness {
 }
 
 type FakeReconciler = Reconciler<
-    wiremesh::dataplane::fake::FakeWireguard,
-    wiremesh::dataplane::fake::FakeLinks,
-    wiremesh::dataplane::fake::FakeRouting,
+    wiremesh_dataplane::fake::FakeWireguard,
+    wiremesh_dataplane::fake::FakeLinks,
+    wiremesh_dataplane::fake::FakeRouting,
 >;
 
 impl Harness {
@@ -224,7 +224,7 @@ async fn a_corrupt_key_file_is_an_error_and_tears_nothing_down() {
         .expect_err("corrupt key");
     assert!(!err.is_transient());
     assert!(
-        wiremesh::reconcile::error_chain(&err).contains("corrupt"),
+        wiremesh_core::error_chain(&err).contains("corrupt"),
         "{err}"
     );
     assert_eq!(
@@ -347,7 +347,9 @@ async fn key_collision_and_malformed_nodes_are_in_the_status() {
 #[tokio::test(start_paused = true)]
 async fn the_loop_records_metrics_readiness_and_convergence() {
     let h = Harness::new(ClusterSnapshot::default());
-    let metrics = Arc::new(wiremesh::metrics::Metrics::new(Duration::from_secs(300)));
+    let metrics = Arc::new(wiremesh_agent::metrics::Metrics::new(Duration::from_secs(
+        300,
+    )));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let loop_task = tokio::spawn(h.reconciler().with_metrics(Arc::clone(&metrics)).run(
         h.tx.subscribe(),
@@ -421,7 +423,7 @@ async fn the_loop_records_metrics_readiness_and_convergence() {
 
 #[tokio::test(start_paused = true)]
 async fn object_problems_are_reported_through_the_datastore_once() {
-    use wiremesh::datastore::ProblemObject;
+    use wiremesh_datastore::ProblemObject;
     let mut snap = cluster(true);
     snap.nodes
         .get_mut("node3")

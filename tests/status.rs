@@ -5,12 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use wiremesh::dataplane::Backend;
-use wiremesh::dataplane::wg::{DeviceState, PeerState};
-use wiremesh::mesh::{PeerSpec, SkipReason, SkippedNode};
-use wiremesh::model::{Family, NodeResource, WgKey};
-use wiremesh::reconcile::{AgentStatus, DeviceStatus, PeerStatus};
-use wiremesh::status::{self, Handshake, Level};
+use wiremesh::cli::status::{self, Handshake, Level};
+use wiremesh_agent::status_file::{AgentStatus, DeviceStatus, PeerStatus};
+use wiremesh_core::dataplane::wireguard::{DeviceState, PeerState};
+use wiremesh_core::mesh::{PeerSpec, SkipReason, SkippedNode};
+use wiremesh_core::model::{Family, NodeResource, WgKey};
+use wiremesh_dataplane::Backend;
 
 const NOW: u64 = 1_800_000_000;
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use wiremesh::lab::{self, Lab, UpOptions};
+use wiremesh::cli::lab::{self, Lab, UpOptions};
 
 /// Removes the lab on drop, so a failing test leaves nothing behind.
 pub struct Guard(pub String);

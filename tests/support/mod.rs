@@ -6,10 +6,10 @@ pub mod lab;
 
 use std::collections::BTreeMap;
 
-use wiremesh::config::FelixConfigurationSpec;
-use wiremesh::keys::PrivateKey;
-use wiremesh::mesh::{Inputs, LocalFacts};
-use wiremesh::model::{ClusterSnapshot, Family, NodeResource};
+use wiremesh_core::config::FelixConfigurationSpec;
+use wiremesh_core::keys::PrivateKey;
+use wiremesh_core::mesh::{Inputs, LocalFacts};
+use wiremesh_core::model::{ClusterSnapshot, Family, NodeResource};
 
 /// True when the test may run: as root, or false (with a printed notice) when not root and
 /// `WIREMESH_SKIP_ROOT_TESTS=1`; otherwise it fails loudly rather than skip silently.
@@ -76,7 +76,7 @@ pub fn snapshot(nodes: impl IntoIterator<Item = NodeResource>, enabled: bool) ->
 /// Inputs for `node<local>` with IPv4 WireGuard on.
 pub fn inputs(local: u8, nodes: impl IntoIterator<Item = NodeResource>) -> Inputs {
     let (settings, errors) =
-        wiremesh::config::WireguardSettings::merge(&[("default", &felix(true))]);
+        wiremesh_core::config::WireguardSettings::merge(&[("default", &felix(true))]);
     assert!(errors.is_empty());
     Inputs {
         local: LocalFacts {

@@ -1,0 +1,177 @@
+//! Which WireGuard implementation drives the devices: the kernel module when present, else
+//! wireguard-go; and read-only access to either for `wiremesh status`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use rtnetlink::Handle;
+use wiremesh_core::dataplane::wireguard::{DeviceState, WgOp};
+
+use super::kernel::KernelWireguard;
+use super::userspace::{UserspaceConfig, UserspaceWireguard};
+use super::{WireguardDataplane, WireguardStats};
+use crate::{Backend, DataplaneError};
+
+/// Whether the WireGuard kernel module is loaded (after a best-effort `modprobe wireguard`).
+pub fn kernel_wireguard_available() -> bool {
+    if Path::new("/sys/module/wireguard").exists() {
+        return true;
+    }
+    let _ = std::process::Command::new("modprobe")
+        .arg("wireguard")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    Path::new("/sys/module/wireguard").exists()
+}
+
+/// Whether `binary` is runnable: an existing path, or a bare name found in `PATH`.
+pub fn find_binary(binary: &Path) -> Option<std::path::PathBuf> {
+    if binary.components().count() > 1 {
+        return binary.is_file().then(|| binary.to_path_buf());
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(binary))
+        .find(|p| p.is_file())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// The kernel module when present, else wireguard-go.
+    #[default]
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Kernel => "kernel",
+            BackendChoice::Userspace => "userspace",
+        })
+    }
+}
+
+impl BackendChoice {
+    /// Every choice as it is written on the command line.
+    pub const NAMES: [&'static str; 3] = ["auto", "kernel", "userspace"];
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(BackendChoice::Auto),
+            "kernel" => Ok(BackendChoice::Kernel),
+            "userspace" => Ok(BackendChoice::Userspace),
+            other => Err(format!("{other:?} is not auto, kernel or userspace")),
+        }
+    }
+}
+
+/// Either WireGuard backend behind one type.
+pub enum AnyWireguard {
+    Kernel(KernelWireguard),
+    Userspace(UserspaceWireguard),
+}
+
+/// Picks the backend. `Auto`: the kernel module if loadable, else wireguard-go if found.
+pub fn select_backend(
+    choice: BackendChoice,
+    handle: Handle,
+    userspace: UserspaceConfig,
+) -> Result<AnyWireguard, DataplaneError> {
+    let kernel = || kernel_wireguard_available();
+    let userspace_ok = || find_binary(&userspace.binary).is_some();
+    let missing_go = || {
+        format!(
+            "{} not found; install wireguard-go (Debian/Ubuntu: apt-get install wireguard-go) or set its path",
+            userspace.binary.display()
+        )
+    };
+    match choice {
+        BackendChoice::Kernel if kernel() => Ok(AnyWireguard::Kernel(KernelWireguard::new(handle))),
+        BackendChoice::Kernel => Err(DataplaneError::NoBackend(
+            "the wireguard kernel module is not available (modprobe wireguard failed; kernel 5.6+ has it built in)".into(),
+        )),
+        BackendChoice::Userspace if userspace_ok() => Ok(AnyWireguard::Userspace(UserspaceWireguard::with_config(handle, userspace))),
+        BackendChoice::Userspace => Err(DataplaneError::NoBackend(missing_go())),
+        BackendChoice::Auto if kernel() => Ok(AnyWireguard::Kernel(KernelWireguard::new(handle))),
+        BackendChoice::Auto if userspace_ok() => Ok(AnyWireguard::Userspace(UserspaceWireguard::with_config(handle, userspace))),
+        BackendChoice::Auto => Err(DataplaneError::NoBackend(format!(
+            "no wireguard kernel module and {}",
+            missing_go()
+        ))),
+    }
+}
+
+#[async_trait]
+impl WireguardStats for AnyWireguard {
+    async fn read_devices(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
+        match self {
+            AnyWireguard::Kernel(k) => k.read_devices(names).await,
+            AnyWireguard::Userspace(u) => u.read_devices(names).await,
+        }
+    }
+}
+
+#[async_trait]
+impl WireguardDataplane for AnyWireguard {
+    fn backend(&self) -> Backend {
+        match self {
+            AnyWireguard::Kernel(k) => k.backend(),
+            AnyWireguard::Userspace(u) => u.backend(),
+        }
+    }
+
+    async fn apply(&mut self, ops: &[WgOp]) -> Result<(), DataplaneError> {
+        match self {
+            AnyWireguard::Kernel(k) => k.apply(ops).await,
+            AnyWireguard::Userspace(u) => u.apply(ops).await,
+        }
+    }
+
+    fn stats_reader(&self) -> Option<Arc<dyn WireguardStats>> {
+        match self {
+            AnyWireguard::Kernel(k) => k.stats_reader(),
+            AnyWireguard::Userspace(u) => u.stats_reader(),
+        }
+    }
+}
+
+/// The devices among `names` as they are now, read-only, through `backend` (both backends
+/// when it is unknown). For `wiremesh status`, which must not
+/// create or change anything.
+pub async fn read_devices_once(
+    backend: Option<Backend>,
+    names: &BTreeSet<String>,
+) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
+    let handle = crate::netlink::netlink_handle()?;
+    let mut out = BTreeMap::new();
+    if backend != Some(Backend::Kernel) {
+        out.extend(
+            UserspaceWireguard::new(handle.clone())
+                .read_devices(names)
+                .await?,
+        );
+    }
+    if backend != Some(Backend::Userspace) {
+        for (name, state) in KernelWireguard::new(handle).read_devices(names).await? {
+            out.entry(name).or_insert(state);
+        }
+    }
+    Ok(out)
+}

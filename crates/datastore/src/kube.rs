@@ -1,0 +1,1282 @@
+//! The Kubernetes datastore (Calico's "KDD" layout).
+//!
+//! | what | where |
+//! |---|---|
+//! | node | core/v1 `Node`: pod CIDRs from `spec.podCIDRs` (else `spec.podCIDR`); underlay from the `projectcalico.org/IPv4Address` / `IPv6Address` annotation (prefix dropped), else the `InternalIP` of that family |
+//! | WireGuard fields | `Node.metadata.annotations`: [`ANNOTATION_PUBLIC_KEY`], [`ANNOTATION_PUBLIC_KEY_V6`], [`ANNOTATION_INTERFACE_V4`], [`ANNOTATION_INTERFACE_V6`] |
+//! | settings | `felixconfigurations.projectcalico.org/v3` (cluster-scoped; `default`, `node.<name>`) |
+//! | host-endpoint policy (with [`KubeDatastore::with_policy`]) | the six `projectcalico.org/v3` kinds of [`Kind::ALL`], namespaced ones in every namespace |
+//!
+//! Every kind is list-watched with kube-runtime's `watcher`. Its `Init` / `InitApply` /
+//! `InitDone` events are buffered, and the cache of that kind is replaced in one step at
+//! `InitDone`, so a re-list (after a 410 Gone or any desync) never shows a partial cache. The
+//! snapshot is sent only once every kind has been listed (`synced`), and only when it changed.
+//!
+//! Policy objects are kept as the raw JSON the etcd adapter keeps (see [`policy_entry`]), so the
+//! reconciler validates and renders them identically on both datastores.
+//!
+//! FelixConfigurations are read as untyped objects: one object whose spec does not decode is kept
+//! with its error (and reported) instead of failing the whole list.
+//!
+//! At start the adapter creates an empty FelixConfiguration `default` if none exists (as
+//! calico-node does), so that `kubectl patch felixconfiguration default` works on a new cluster.
+//!
+//! Publishing is a JSON merge patch of `metadata.annotations` with only the four WireGuard keys
+//! that differ (`null` deletes one), never a full update, so other writers' fields are untouched;
+//! nothing is sent when the node already carries our values.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::StreamExt as _;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Config, ResourceExt as _};
+use serde_json::{Map, Value};
+use tracing::{debug, info, warn};
+
+use super::{Datastore, DatastoreError, ObjectProblem, ProblemObject, ReadScope, SnapshotSender};
+use wiremesh_core::config::FelixConfigurationSpec;
+use wiremesh_core::model::{ClusterSnapshot, Family, NodeResource, PublishedWireguard};
+use wiremesh_core::policy::{Kind, RawPolicyResources};
+
+pub const ANNOTATION_PUBLIC_KEY: &str = "projectcalico.org/WireguardPublicKey";
+pub const ANNOTATION_PUBLIC_KEY_V6: &str = "projectcalico.org/WireguardPublicKeyV6";
+pub const ANNOTATION_INTERFACE_V4: &str = "projectcalico.org/IPv4WireguardInterfaceAddr";
+pub const ANNOTATION_INTERFACE_V6: &str = "projectcalico.org/IPv6WireguardInterfaceAddr";
+/// Calico's node address annotations (written by calico-node's autodetection, or by hand).
+pub const ANNOTATION_IPV4_ADDRESS: &str = "projectcalico.org/IPv4Address";
+pub const ANNOTATION_IPV6_ADDRESS: &str = "projectcalico.org/IPv6Address";
+
+/// The CRD the agent needs besides core Nodes.
+pub const FELIX_CONFIGURATION_CRD: &str = "felixconfigurations.projectcalico.org";
+
+const CALICO_GROUP: &str = "projectcalico.org";
+const CALICO_VERSION: &str = "v3";
+
+/// The `projectcalico.org/v3` FelixConfiguration resource, for untyped access.
+pub fn felix_configuration_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(CALICO_GROUP, CALICO_VERSION, "FelixConfiguration"),
+        "felixconfigurations",
+    )
+}
+
+/// A policy kind's `projectcalico.org/v3` resource, for untyped access (the same kind and plural
+/// as the CRD generated from `wiremesh_core::wire`; a test checks they agree).
+pub fn policy_resource(kind: Kind) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(CALICO_GROUP, CALICO_VERSION, &kind.to_string()),
+        kind.plural(),
+    )
+}
+
+/// The CRD behind a policy kind, e.g. `globalnetworksets.projectcalico.org`.
+pub fn policy_crd(kind: Kind) -> String {
+    format!("{}.{CALICO_GROUP}", kind.plural())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pure decoding
+// ---------------------------------------------------------------------------------------------
+
+fn non_empty(value: Option<&String>) -> Option<String> {
+    value
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// `10.0.0.1/24` -> `10.0.0.1`; anything that is not an address with a prefix is kept as written
+/// (so a malformed value is reported by `mesh`, not lost).
+fn drop_prefix(text: String) -> String {
+    match text.parse::<IpNet>() {
+        Ok(net) => net.addr().to_string(),
+        Err(_) => text,
+    }
+}
+
+/// Turns a Kubernetes Node into the raw node data the mesh reads. Never fails: fields are kept as
+/// text and validated later.
+pub fn decode_node(node: &Node) -> NodeResource {
+    let annotations = node.annotations();
+    let annotation = |key: &str| non_empty(annotations.get(key));
+    let spec = node.spec.as_ref();
+    let mut pod_cidrs: Vec<String> = spec
+        .and_then(|s| s.pod_cidrs.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect();
+    if pod_cidrs.is_empty()
+        && let Some(cidr) = non_empty(spec.and_then(|s| s.pod_cidr.as_ref()))
+    {
+        pod_cidrs.push(cidr);
+    }
+    let internal_ip = |family: Family| -> Option<String> {
+        node.status
+            .as_ref()?
+            .addresses
+            .as_ref()?
+            .iter()
+            .filter(|a| a.type_ == "InternalIP")
+            .map(|a| a.address.trim())
+            .find(|a| {
+                a.parse::<IpAddr>()
+                    .is_ok_and(|ip| Family::of_addr(&ip) == family)
+            })
+            .map(str::to_string)
+    };
+    NodeResource {
+        name: node.name_any(),
+        ipv4_address: annotation(ANNOTATION_IPV4_ADDRESS)
+            .map(drop_prefix)
+            .or_else(|| internal_ip(Family::V4)),
+        ipv6_address: annotation(ANNOTATION_IPV6_ADDRESS)
+            .map(drop_prefix)
+            .or_else(|| internal_ip(Family::V6)),
+        pod_cidrs,
+        wireguard_public_key: annotation(ANNOTATION_PUBLIC_KEY),
+        wireguard_public_key_v6: annotation(ANNOTATION_PUBLIC_KEY_V6),
+        wireguard_interface_ipv4_address: annotation(ANNOTATION_INTERFACE_V4),
+        wireguard_interface_ipv6_address: annotation(ANNOTATION_INTERFACE_V6),
+        decode_error: None,
+    }
+}
+
+/// Decodes an untyped FelixConfiguration's spec (unknown fields ignored; no spec = empty spec).
+pub fn decode_felix_configuration(
+    object: &DynamicObject,
+) -> Result<FelixConfigurationSpec, String> {
+    match object.data.get("spec") {
+        None | Some(Value::Null) => Ok(FelixConfigurationSpec::default()),
+        Some(spec) => serde_json::from_value(spec.clone())
+            .map_err(|e| format!("FelixConfiguration spec does not decode: {e}")),
+    }
+}
+
+/// kubectl's copy of the applied manifest: server-side bookkeeping, not part of the object.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// A policy object as the snapshot keeps it: its key (`name`, or `namespace/name` for namespaced
+/// kinds, as in Calico's etcd keys) and its JSON as written by its author, i.e. what the etcd
+/// adapter reads from the key's value: `apiVersion`, `kind`, `metadata` with `name`,
+/// `namespace`, `labels` and `annotations`, and `spec`. Server bookkeeping (`uid`,
+/// `resourceVersion`, `generation`, `creationTimestamp`, `managedFields`, kubectl's last-applied
+/// copy) is left out: validation ignores it, and it would make both datastores differ.
+pub fn policy_entry(kind: Kind, object: &DynamicObject) -> (String, Value) {
+    let meta = &object.metadata;
+    let name = meta.name.clone().unwrap_or_default();
+    // Listed across all namespaces, a namespaced object always has one; `default` as kubectl.
+    let namespace = kind
+        .namespaced()
+        .then(|| meta.namespace.clone().unwrap_or_else(|| "default".into()));
+    let key = match &namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.clone(),
+    };
+    let mut metadata = Map::new();
+    metadata.insert("name".into(), Value::String(name));
+    if let Some(ns) = namespace {
+        metadata.insert("namespace".into(), Value::String(ns));
+    }
+    if let Some(labels) = meta.labels.as_ref().filter(|l| !l.is_empty()) {
+        metadata.insert("labels".into(), string_map(labels.iter()));
+    }
+    if let Some(annotations) = meta.annotations.as_ref() {
+        let kept: Vec<_> = annotations
+            .iter()
+            .filter(|(k, _)| k.as_str() != LAST_APPLIED_ANNOTATION)
+            .collect();
+        if !kept.is_empty() {
+            metadata.insert("annotations".into(), string_map(kept.into_iter()));
+        }
+    }
+    let mut value = Map::new();
+    value.insert(
+        "apiVersion".into(),
+        Value::String(format!("{CALICO_GROUP}/{CALICO_VERSION}")),
+    );
+    value.insert("kind".into(), Value::String(kind.to_string()));
+    value.insert("metadata".into(), Value::Object(metadata));
+    if let Some(spec) = object.data.get("spec") {
+        value.insert("spec".into(), spec.clone());
+    }
+    (key, Value::Object(value))
+}
+
+/// A watched policy object: the raw JSON for the snapshot, and its UID so that Events about it
+/// match it (`kubectl describe` selects Events by the object's UID).
+#[derive(Debug, Clone, PartialEq)]
+struct PolicyObject {
+    value: Value,
+    uid: Option<String>,
+}
+
+fn policy_cache_entry(kind: Kind, object: &DynamicObject) -> (String, PolicyObject) {
+    let (key, value) = policy_entry(kind, object);
+    let uid = object.metadata.uid.clone();
+    (key, PolicyObject { value, uid })
+}
+
+fn string_map<'a>(entries: impl Iterator<Item = (&'a String, &'a String)>) -> Value {
+    Value::Object(
+        entries
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect(),
+    )
+}
+
+/// The merge patch that makes `annotations` carry `published`: only the differing keys, a
+/// `null` for each to remove. `None` when nothing differs.
+pub fn annotation_patch(
+    annotations: &BTreeMap<String, String>,
+    published: &PublishedWireguard,
+) -> Option<Value> {
+    let wanted: [(&str, Option<String>); 4] = [
+        (
+            ANNOTATION_PUBLIC_KEY,
+            published.public_key_v4.map(|k| k.to_string()),
+        ),
+        (
+            ANNOTATION_PUBLIC_KEY_V6,
+            published.public_key_v6.map(|k| k.to_string()),
+        ),
+        (
+            ANNOTATION_INTERFACE_V4,
+            published.interface_ipv4_address.map(|a| a.to_string()),
+        ),
+        (
+            ANNOTATION_INTERFACE_V6,
+            published.interface_ipv6_address.map(|a| a.to_string()),
+        ),
+    ];
+    let mut changes = Map::new();
+    for (key, want) in wanted {
+        let have = annotations.get(key);
+        match (&want, have) {
+            (Some(w), Some(h)) if w == h => {}
+            (None, None) => {}
+            (Some(w), _) => {
+                changes.insert(key.to_string(), Value::String(w.clone()));
+            }
+            (None, Some(_)) => {
+                changes.insert(key.to_string(), Value::Null);
+            }
+        }
+    }
+    (!changes.is_empty()).then(|| serde_json::json!({ "metadata": { "annotations": changes } }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The caches
+// ---------------------------------------------------------------------------------------------
+
+/// One kind's cache: `current` is `None` until the first complete list; `pending` collects a
+/// (re-)list until `InitDone` swaps it in.
+#[derive(Debug)]
+struct Cache<V> {
+    current: Option<BTreeMap<String, V>>,
+    pending: Option<BTreeMap<String, V>>,
+}
+
+impl<V> Default for Cache<V> {
+    fn default() -> Self {
+        Cache {
+            current: None,
+            pending: None,
+        }
+    }
+}
+
+impl<V: PartialEq> Cache<V> {
+    /// Applies one watcher event; true when `current` may have changed.
+    fn apply<K>(&mut self, event: Event<K>, decode: impl Fn(&K) -> (String, V)) -> bool {
+        match event {
+            Event::Init => {
+                self.pending = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(object) => {
+                let (name, value) = decode(&object);
+                self.pending.get_or_insert_default().insert(name, value);
+                false
+            }
+            Event::InitDone => {
+                let listed = self.pending.take().unwrap_or_default();
+                let changed = self.current.as_ref() != Some(&listed);
+                self.current = Some(listed);
+                changed
+            }
+            Event::Apply(object) => {
+                let (name, value) = decode(&object);
+                let current = self.current.get_or_insert_default();
+                if current.get(&name) == Some(&value) {
+                    false
+                } else {
+                    current.insert(name, value);
+                    true
+                }
+            }
+            Event::Delete(object) => {
+                let (name, _) = decode(&object);
+                self.current
+                    .as_mut()
+                    .is_some_and(|current| current.remove(&name).is_some())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    nodes: Cache<NodeResource>,
+    felix: Cache<FelixObject>,
+    /// One cache per watched policy kind; none when policy is not watched.
+    policy: BTreeMap<Kind, Cache<PolicyObject>>,
+}
+
+impl State {
+    fn new(policy_kinds: &[Kind]) -> State {
+        State {
+            policy: policy_kinds
+                .iter()
+                .map(|kind| (*kind, Cache::default()))
+                .collect(),
+            ..State::default()
+        }
+    }
+
+    /// The snapshot, once every watched kind has been listed.
+    fn snapshot(&self) -> Option<ClusterSnapshot> {
+        let mut policy = RawPolicyResources::default();
+        for (kind, cache) in &self.policy {
+            // Kinds without objects are left out, as the etcd adapter's list leaves them.
+            for (key, object) in cache.current.as_ref()? {
+                policy.insert(*kind, key.clone(), object.value.clone());
+            }
+        }
+        Some(ClusterSnapshot {
+            nodes: self.nodes.current.clone()?,
+            felix_configurations: self
+                .felix
+                .current
+                .as_ref()?
+                .iter()
+                .map(|(name, object)| (name.clone(), object.spec.clone()))
+                .collect(),
+            policy,
+            synced: true,
+        })
+    }
+
+    /// The UID of every listed FelixConfiguration and policy object, so Events about them
+    /// carry it (`kubectl describe` finds Events by UID).
+    fn uids(&self) -> Uids {
+        let felix = self
+            .felix
+            .current
+            .iter()
+            .flatten()
+            .filter_map(|(name, object)| {
+                Some((
+                    ProblemObject::FelixConfiguration(name.clone()),
+                    object.uid.clone()?,
+                ))
+            });
+        let policy = self.policy.iter().flat_map(|(kind, cache)| {
+            cache.current.iter().flatten().filter_map(|(key, object)| {
+                let (namespace, name) = match key.split_once('/') {
+                    Some((ns, name)) => (Some(ns.to_string()), name.to_string()),
+                    None => (None, key.clone()),
+                };
+                let problem = ProblemObject::Policy {
+                    kind: *kind,
+                    namespace,
+                    name,
+                };
+                Some((problem, object.uid.clone()?))
+            })
+        });
+        felix.chain(policy).collect()
+    }
+}
+
+type Uids = BTreeMap<ProblemObject, String>;
+
+/// A FelixConfiguration as cached: its decoded spec (or why it does not decode) and its UID.
+#[derive(Debug, Clone, PartialEq)]
+struct FelixObject {
+    spec: Result<FelixConfigurationSpec, String>,
+    uid: Option<String>,
+}
+
+fn node_entry(node: &Node) -> (String, NodeResource) {
+    let decoded = decode_node(node);
+    (decoded.name.clone(), decoded)
+}
+
+fn felix_entry(object: &DynamicObject) -> (String, FelixObject) {
+    let spec = decode_felix_configuration(object);
+    if let Err(error) = &spec {
+        warn!(felixconfiguration = %object.name_any(), %error, "FelixConfiguration does not decode");
+    }
+    let uid = object.metadata.uid.clone();
+    (object.name_any(), FelixObject { spec, uid })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+fn boxed(
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
+/// The API status behind a client error, if the server answered with one.
+fn api_status(error: &kube::Error) -> Option<&kube::core::Status> {
+    match error {
+        kube::Error::Api(status) => Some(status),
+        _ => None,
+    }
+}
+
+/// 404, by reason or by code: kube's own `is_not_found` needs the reason, which a plain-text
+/// answer (e.g. the API server's "404 page not found" for a CRD that is not installed) lacks.
+fn not_found(status: &kube::core::Status) -> bool {
+    status.code == 404 || status.reason == "NotFound"
+}
+
+fn forbidden(status: &kube::core::Status) -> bool {
+    status.code == 403 || status.reason == "Forbidden"
+}
+
+/// Turns a client error of `verb` on `resource` into the datastore error: a 403 becomes
+/// [`DatastoreError::Forbidden`], anything else `otherwise`.
+fn classify(
+    error: kube::Error,
+    verb: &str,
+    resource: &str,
+    otherwise: impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> DatastoreError,
+) -> DatastoreError {
+    match api_status(&error) {
+        Some(status) if forbidden(status) => DatastoreError::Forbidden {
+            verb: verb.to_string(),
+            resource: resource.to_string(),
+            message: status.message.clone(),
+        },
+        _ => otherwise(boxed(error)),
+    }
+}
+
+/// Whether a watcher error is fatal: a missing CRD (404 on the list) or an RBAC denial. Other
+/// errors (410 Gone, disconnects, timeouts) are retried by the watcher, with back-off.
+fn fatal_watch_error(
+    error: &watcher::Error,
+    resource: &str,
+    crd: Option<&str>,
+) -> Option<DatastoreError> {
+    let (verb, status) = match error {
+        watcher::Error::InitialListFailed(e) => ("list", api_status(e)?),
+        watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
+            ("watch", api_status(e)?)
+        }
+        watcher::Error::WatchError(status) => ("watch", &**status),
+        watcher::Error::NoResourceVersion => return None,
+    };
+    if forbidden(status) {
+        return Some(DatastoreError::Forbidden {
+            verb: verb.to_string(),
+            resource: resource.to_string(),
+            message: status.message.clone(),
+        });
+    }
+    // A collection is 404 only when its type does not exist: the CRD is not installed, or was
+    // deleted while we watched (the watch then restarts into 404s, never into a re-list).
+    if not_found(status)
+        && let Some(crd) = crd
+    {
+        return Some(DatastoreError::MissingCrd {
+            crd: crd.to_string(),
+        });
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// The adapter
+// ---------------------------------------------------------------------------------------------
+
+/// The Kubernetes datastore adapter.
+#[derive(Clone)]
+pub struct KubeDatastore {
+    client: Client,
+    recorder: Recorder,
+    /// Also list-watch the policy kinds (the agent's `--host-policy`).
+    watch_policy: bool,
+    /// Written by `run`, read by `report`.
+    uids: Arc<Mutex<Uids>>,
+}
+
+/// The Events' reporting controller.
+pub const EVENT_CONTROLLER: &str = "wiremesh";
+
+/// Where an Event about `object` is attached. A Node's reference carries its name as UID, as the
+/// kubelet's do, so that `kubectl describe node` lists our Events.
+pub fn event_reference(object: &ProblemObject) -> ObjectReference {
+    match object {
+        ProblemObject::Node(name) => ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(name.clone()),
+            uid: Some(name.clone()),
+            ..ObjectReference::default()
+        },
+        ProblemObject::FelixConfiguration(name) => ObjectReference {
+            api_version: Some(format!("{CALICO_GROUP}/{CALICO_VERSION}")),
+            kind: Some("FelixConfiguration".into()),
+            name: Some(name.clone()),
+            ..ObjectReference::default()
+        },
+        ProblemObject::Policy {
+            kind,
+            namespace,
+            name,
+        } => ObjectReference {
+            api_version: Some(format!("{CALICO_GROUP}/{CALICO_VERSION}")),
+            kind: Some(kind.to_string()),
+            // The Event lands in the object's namespace (cluster-scoped: `default`).
+            namespace: namespace.clone(),
+            name: Some(name.clone()),
+            ..ObjectReference::default()
+        },
+    }
+}
+
+/// The Event for a problem: a Warning whose reason names the problem.
+pub fn problem_event(problem: &ObjectProblem) -> KubeEvent {
+    KubeEvent {
+        type_: EventType::Warning,
+        reason: problem.reason.clone(),
+        note: Some(problem.message.chars().take(1024).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    }
+}
+
+impl KubeDatastore {
+    /// A client from `kubeconfig` (its current context, or `context`), or else inferred
+    /// (in-cluster service account, then `KUBECONFIG` / `~/.kube/config`, with `context`).
+    pub async fn connect(
+        kubeconfig: Option<&Path>,
+        context: Option<&str>,
+    ) -> Result<Self, DatastoreError> {
+        let endpoint = match (kubeconfig, context) {
+            (Some(p), None) => format!("kubeconfig {}", p.display()),
+            (Some(p), Some(c)) => format!("kubeconfig {} context {c}", p.display()),
+            (None, None) => "in-cluster Kubernetes API".to_string(),
+            (None, Some(c)) => format!("kubeconfig context {c}"),
+        };
+        let options = KubeConfigOptions {
+            context: context.map(str::to_string),
+            ..KubeConfigOptions::default()
+        };
+        let connect_error = |source| DatastoreError::Connect {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let config = match kubeconfig {
+            Some(path) => {
+                let file = Kubeconfig::read_from(path).map_err(|e| connect_error(boxed(e)))?;
+                Config::from_custom_kubeconfig(file, &options)
+                    .await
+                    .map_err(|e| connect_error(boxed(e)))?
+            }
+            None if context.is_some() => Config::from_kubeconfig(&options)
+                .await
+                .map_err(|e| connect_error(boxed(e)))?,
+            None => Config::infer().await.map_err(|e| connect_error(boxed(e)))?,
+        };
+        let client = Client::try_from(config).map_err(|e| connect_error(boxed(e)))?;
+        Ok(Self::from_client(client))
+    }
+
+    /// An adapter over an existing client (tests use kube's mock transport). It watches Nodes
+    /// and FelixConfigurations; see [`KubeDatastore::with_policy`] for the policy kinds.
+    pub fn from_client(client: Client) -> Self {
+        let recorder = Recorder::new(client.clone(), Reporter::from(EVENT_CONTROLLER));
+        KubeDatastore {
+            client,
+            recorder,
+            watch_policy: false,
+            uids: Arc::default(),
+        }
+    }
+
+    /// Whether to list-watch the six policy kinds too. Off, the agent needs neither their CRDs
+    /// nor RBAC on them, and the snapshot's policy stays empty.
+    pub fn with_policy(mut self, watch_policy: bool) -> Self {
+        self.watch_policy = watch_policy;
+        self
+    }
+
+    /// The policy kinds this adapter watches.
+    fn policy_kinds(&self) -> &'static [Kind] {
+        if self.watch_policy { &Kind::ALL } else { &[] }
+    }
+
+    /// [`event_reference`], with the UID of a watched FelixConfiguration or policy object when
+    /// known (a Node's is its name, as the kubelet does).
+    fn reference(&self, object: &ProblemObject) -> ObjectReference {
+        let mut reference = event_reference(object);
+        if !matches!(object, ProblemObject::Node(_))
+            && let Ok(uids) = self.uids.lock()
+        {
+            reference.uid = uids.get(object).cloned();
+        }
+        reference
+    }
+
+    /// Every policy object of the six kinds, read once (no watch, no write), keyed and shaped
+    /// as the watchers keep them.
+    async fn list_policy(&self) -> Result<RawPolicyResources, DatastoreError> {
+        let mut raw = RawPolicyResources::default();
+        for kind in Kind::ALL {
+            let crd = policy_crd(kind);
+            let api: Api<DynamicObject> =
+                Api::all_with(self.client.clone(), &policy_resource(kind));
+            let list = api
+                .list(&kube::api::ListParams::default())
+                .await
+                .map_err(|e| match api_status(&e) {
+                    Some(status) if not_found(status) => {
+                        DatastoreError::MissingCrd { crd: crd.clone() }
+                    }
+                    _ => classify(e, "list", &crd, |source| DatastoreError::List {
+                        what: crd.clone(),
+                        source,
+                    }),
+                })?;
+            for object in &list.items {
+                let (key, value) = policy_entry(kind, object);
+                raw.insert(kind, key, value);
+            }
+        }
+        Ok(raw)
+    }
+
+    /// Every FelixConfiguration, read once (no watch, no write).
+    async fn list_felix_configurations(
+        &self,
+    ) -> Result<BTreeMap<String, Result<FelixConfigurationSpec, String>>, DatastoreError> {
+        let api: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &felix_configuration_resource());
+        let list =
+            api.list(&kube::api::ListParams::default())
+                .await
+                .map_err(|e| match api_status(&e) {
+                    Some(status) if not_found(status) => DatastoreError::MissingCrd {
+                        crd: FELIX_CONFIGURATION_CRD.into(),
+                    },
+                    _ => classify(e, "list", FELIX_CONFIGURATION_CRD, |source| {
+                        DatastoreError::List {
+                            what: FELIX_CONFIGURATION_CRD.into(),
+                            source,
+                        }
+                    }),
+                })?;
+        Ok(list
+            .items
+            .iter()
+            .map(|object| {
+                let (name, entry) = felix_entry(object);
+                (name, entry.spec)
+            })
+            .collect())
+    }
+
+    /// Every Node as this adapter decodes it, read once (no watch, no write).
+    async fn list_nodes(&self) -> Result<BTreeMap<String, NodeResource>, DatastoreError> {
+        let nodes = Api::<Node>::all(self.client.clone())
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| {
+                classify(e, "list", "nodes", |source| DatastoreError::List {
+                    what: "nodes".into(),
+                    source,
+                })
+            })?;
+        Ok(nodes.items.iter().map(node_entry).collect())
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Creates an empty FelixConfiguration `default` unless one exists, as calico-node does, so
+    /// that `kubectl patch felixconfiguration default ...` works on a fresh cluster. A missing
+    /// CRD is fatal; being denied is only logged (an administrator can create it).
+    pub async fn ensure_default_felix_configuration(&self) -> Result<(), DatastoreError> {
+        let api: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &felix_configuration_resource());
+        let object: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "projectcalico.org/v3",
+            "kind": "FelixConfiguration",
+            "metadata": { "name": "default" },
+            "spec": {}
+        }))
+        .map_err(|e| DatastoreError::Publish {
+            node: "FelixConfiguration default".into(),
+            source: boxed(e),
+        })?;
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => {
+                info!("created FelixConfiguration default (empty: Calico's defaults)");
+                Ok(())
+            }
+            Err(error) => match api_status(&error) {
+                Some(status) if status.code == 409 || status.reason == "AlreadyExists" => Ok(()),
+                Some(status) if not_found(status) => Err(DatastoreError::MissingCrd {
+                    crd: FELIX_CONFIGURATION_CRD.into(),
+                }),
+                _ => {
+                    warn!(error = %error, "could not create FelixConfiguration default; create it to configure the cluster");
+                    Ok(())
+                }
+            },
+        }
+    }
+}
+
+enum Item {
+    Node(Box<Result<Event<Node>, watcher::Error>>),
+    Felix(Box<Result<Event<DynamicObject>, watcher::Error>>),
+    Policy(Kind, Box<Result<Event<DynamicObject>, watcher::Error>>),
+}
+
+#[async_trait]
+impl Datastore for KubeDatastore {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn read_once(&self, scope: ReadScope) -> Result<ClusterSnapshot, DatastoreError> {
+        let mut snapshot = ClusterSnapshot {
+            synced: true,
+            ..ClusterSnapshot::default()
+        };
+        if scope.nodes {
+            snapshot.nodes = self.list_nodes().await?;
+        }
+        if scope.configuration {
+            snapshot.felix_configurations = self.list_felix_configurations().await?;
+        }
+        if scope.policy {
+            snapshot.policy = self.list_policy().await?;
+        }
+        Ok(snapshot)
+    }
+
+    async fn run(&self, cache: SnapshotSender) -> Result<(), DatastoreError> {
+        self.ensure_default_felix_configuration().await?;
+        let nodes = watcher::watcher(
+            Api::<Node>::all(self.client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .map(|item| Item::Node(Box::new(item)))
+        .boxed();
+        let felix_api: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &felix_configuration_resource());
+        let felix = watcher::watcher(felix_api, watcher::Config::default())
+            .default_backoff()
+            .map(|item| Item::Felix(Box::new(item)))
+            .boxed();
+        let mut streams = vec![nodes, felix];
+        // Namespaced kinds are watched across all namespaces.
+        for &kind in self.policy_kinds() {
+            let api: Api<DynamicObject> =
+                Api::all_with(self.client.clone(), &policy_resource(kind));
+            streams.push(
+                watcher::watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .map(move |item| Item::Policy(kind, Box::new(item)))
+                    .boxed(),
+            );
+        }
+        let mut events = futures::stream::select_all(streams);
+        let mut state = State::new(self.policy_kinds());
+        while let Some(item) = events.next().await {
+            let changed = match item {
+                Item::Node(item) => match *item {
+                    Ok(event) => state.nodes.apply(event, node_entry),
+                    Err(error) => {
+                        if let Some(fatal) = fatal_watch_error(&error, "nodes", None) {
+                            return Err(fatal);
+                        }
+                        warn!(error = %error, "watching nodes failed; the watcher re-lists or resumes");
+                        false
+                    }
+                },
+                Item::Felix(item) => match *item {
+                    Ok(event) => state.felix.apply(event, felix_entry),
+                    Err(error) => {
+                        if let Some(fatal) = fatal_watch_error(
+                            &error,
+                            FELIX_CONFIGURATION_CRD,
+                            Some(FELIX_CONFIGURATION_CRD),
+                        ) {
+                            return Err(fatal);
+                        }
+                        warn!(error = %error, "watching FelixConfigurations failed; the watcher re-lists or resumes");
+                        false
+                    }
+                },
+                Item::Policy(kind, item) => match *item {
+                    Ok(event) => state
+                        .policy
+                        .get_mut(&kind)
+                        .is_some_and(|c| c.apply(event, |o| policy_cache_entry(kind, o))),
+                    Err(error) => {
+                        let crd = policy_crd(kind);
+                        if let Some(fatal) = fatal_watch_error(&error, &crd, Some(&crd)) {
+                            return Err(fatal);
+                        }
+                        warn!(error = %error, %kind, "watching policy resources failed; the watcher re-lists or resumes");
+                        false
+                    }
+                },
+            };
+            if !changed {
+                continue;
+            }
+            let Some(snapshot) = state.snapshot() else {
+                continue;
+            };
+            // Before the snapshot goes out, so problems found in it can name the UIDs.
+            if let Ok(mut uids) = self.uids.lock() {
+                *uids = state.uids();
+            }
+            let sent = cache.send_if_modified(|snap| {
+                if *snap == snapshot {
+                    false
+                } else {
+                    *snap = snapshot;
+                    true
+                }
+            });
+            if sent {
+                debug!("snapshot updated");
+            }
+        }
+        Err(DatastoreError::Watch {
+            what: "nodes and projectcalico.org resources".into(),
+            source: "the watch streams ended".into(),
+        })
+    }
+
+    async fn publish(
+        &self,
+        node: &str,
+        published: &PublishedWireguard,
+    ) -> Result<(), DatastoreError> {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let publish_error = |source| DatastoreError::Publish {
+            node: node.to_string(),
+            source,
+        };
+        let current = api
+            .get_opt(node)
+            .await
+            .map_err(|e| classify(e, "get", "nodes", publish_error))?
+            .ok_or_else(|| DatastoreError::NodeNotFound {
+                node: node.to_string(),
+            })?;
+        let Some(patch) = annotation_patch(current.annotations(), published) else {
+            debug!(node, "published WireGuard annotations already current");
+            return Ok(());
+        };
+        api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| match api_status(&e) {
+                Some(status) if not_found(status) => DatastoreError::NodeNotFound {
+                    node: node.to_string(),
+                },
+                _ => classify(e, "patch", "nodes", publish_error),
+            })?;
+        info!(node, "published WireGuard annotations");
+        Ok(())
+    }
+
+    /// One Warning Event per problem, sent in the background; kube-runtime's `Recorder` folds
+    /// repeats of the same event into a series (one patch) rather than new objects.
+    async fn report(&self, problems: &[ObjectProblem]) {
+        let recorder = self.recorder.clone();
+        let events: Vec<(ObjectProblem, ObjectReference)> = problems
+            .iter()
+            .map(|problem| (problem.clone(), self.reference(&problem.object)))
+            .collect();
+        tokio::spawn(async move {
+            for (problem, reference) in events {
+                if let Err(error) = recorder.publish(&problem_event(&problem), &reference).await {
+                    warn!(error = %error, object = ?problem.object, reason = %problem.reason, "could not record a Kubernetes Event");
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{NodeAddress, NodeSpec, NodeStatus};
+    use kube::api::ObjectMeta;
+
+    fn k8s_node(name: &str, annotations: &[(&str, &str)], addresses: &[(&str, &str)]) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NodeSpec {
+                pod_cidr: Some("10.244.9.0/24".into()),
+                ..NodeSpec::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(
+                    addresses
+                        .iter()
+                        .map(|(t, a)| NodeAddress {
+                            type_: t.to_string(),
+                            address: a.to_string(),
+                        })
+                        .collect(),
+                ),
+                ..NodeStatus::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn node_falls_back_to_internal_ips_by_family_and_pod_cidr() {
+        let node = k8s_node(
+            "n",
+            &[
+                (ANNOTATION_PUBLIC_KEY, " k "),
+                (ANNOTATION_PUBLIC_KEY_V6, ""),
+            ],
+            &[
+                ("ExternalIP", "203.0.113.1"),
+                ("InternalIP", "fd00::5"),
+                ("InternalIP", "192.0.2.5"),
+            ],
+        );
+        let decoded = decode_node(&node);
+        assert_eq!(decoded.name, "n");
+        assert_eq!(decoded.ipv4_address.as_deref(), Some("192.0.2.5"));
+        assert_eq!(decoded.ipv6_address.as_deref(), Some("fd00::5"));
+        assert_eq!(decoded.pod_cidrs, vec!["10.244.9.0/24".to_string()]);
+        assert_eq!(decoded.wireguard_public_key.as_deref(), Some("k"));
+        assert_eq!(decoded.wireguard_public_key_v6, None);
+    }
+
+    #[test]
+    fn node_prefers_calico_address_annotation_and_keeps_malformed_text() {
+        let node = k8s_node(
+            "n",
+            &[
+                (ANNOTATION_IPV4_ADDRESS, "198.51.100.7/24"),
+                (ANNOTATION_IPV6_ADDRESS, "not-an-address"),
+                (ANNOTATION_INTERFACE_V4, "10.244.9.1"),
+            ],
+            &[("InternalIP", "192.0.2.5"), ("InternalIP", "fd00::5")],
+        );
+        let decoded = decode_node(&node);
+        assert_eq!(decoded.ipv4_address.as_deref(), Some("198.51.100.7"));
+        assert_eq!(decoded.ipv6_address.as_deref(), Some("not-an-address"));
+        assert_eq!(
+            decoded.wireguard_interface_ipv4_address.as_deref(),
+            Some("10.244.9.1")
+        );
+    }
+
+    #[test]
+    fn pod_cidrs_win_over_pod_cidr() {
+        let mut node = k8s_node("n", &[], &[]);
+        if let Some(spec) = node.spec.as_mut() {
+            spec.pod_cidrs = Some(vec!["10.244.1.0/24".into(), "fd00:244:1::/64".into()]);
+        }
+        assert_eq!(
+            decode_node(&node).pod_cidrs,
+            vec!["10.244.1.0/24".to_string(), "fd00:244:1::/64".to_string()]
+        );
+    }
+
+    #[test]
+    fn felix_configuration_decoding_keeps_errors_per_object() {
+        let ok: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "FelixConfiguration",
+            "metadata": {"name": "default"},
+            "spec": {"wireguardEnabled": true, "bpfEnabled": false}
+        }))
+        .expect("object");
+        assert_eq!(
+            decode_felix_configuration(&ok).map(|s| s.wireguard_enabled),
+            Ok(Some(true))
+        );
+        let bad: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "FelixConfiguration",
+            "metadata": {"name": "node.x"},
+            "spec": {"wireguardEnabled": "yes please"}
+        }))
+        .expect("object");
+        assert!(decode_felix_configuration(&bad).is_err());
+        let empty: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "FelixConfiguration",
+            "metadata": {"name": "node.y"}
+        }))
+        .expect("object");
+        assert_eq!(
+            decode_felix_configuration(&empty),
+            Ok(FelixConfigurationSpec::default())
+        );
+    }
+
+    #[test]
+    fn annotation_patch_touches_only_differing_keys() {
+        let key: wiremesh_core::model::WgKey = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
+            .parse()
+            .expect("key");
+        let published = PublishedWireguard {
+            public_key_v4: Some(key),
+            ..PublishedWireguard::default()
+        };
+        let mut annotations = BTreeMap::new();
+        annotations.insert("other".to_string(), "x".to_string());
+        annotations.insert(ANNOTATION_INTERFACE_V4.to_string(), "10.0.0.1".to_string());
+        assert_eq!(
+            annotation_patch(&annotations, &published),
+            Some(serde_json::json!({"metadata": {"annotations": {
+                ANNOTATION_PUBLIC_KEY: key.to_string(),
+                ANNOTATION_INTERFACE_V4: null,
+            }}}))
+        );
+        annotations.remove(ANNOTATION_INTERFACE_V4);
+        annotations.insert(ANNOTATION_PUBLIC_KEY.to_string(), key.to_string());
+        assert_eq!(annotation_patch(&annotations, &published), None);
+    }
+
+    fn names(state: &State) -> Option<Vec<String>> {
+        state
+            .snapshot()
+            .map(|s| s.nodes.keys().cloned().collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn snapshot_only_after_every_list_and_relist_replaces_atomically() {
+        let mut state = State::default();
+        let node = |name: &str| k8s_node(name, &[], &[]);
+        state.nodes.apply(Event::Init, node_entry);
+        state.nodes.apply(Event::InitApply(node("a")), node_entry);
+        state.nodes.apply(Event::InitApply(node("b")), node_entry);
+        assert_eq!(names(&state), None, "nodes not listed completely yet");
+        assert!(state.nodes.apply(Event::InitDone, node_entry));
+        assert_eq!(names(&state), None, "FelixConfigurations not listed yet");
+        state.felix.apply(Event::<DynamicObject>::Init, felix_entry);
+        assert!(
+            state
+                .felix
+                .apply(Event::<DynamicObject>::InitDone, felix_entry)
+        );
+        assert_eq!(names(&state), Some(vec!["a".into(), "b".into()]));
+
+        // A re-list (after 410 Gone): until InitDone the old cache stays whole.
+        state.nodes.apply(Event::Init, node_entry);
+        state.nodes.apply(Event::InitApply(node("c")), node_entry);
+        assert_eq!(names(&state), Some(vec!["a".into(), "b".into()]));
+        assert!(state.nodes.apply(Event::InitDone, node_entry));
+        assert_eq!(names(&state), Some(vec!["c".into()]));
+
+        // Watch events after the list.
+        assert!(state.nodes.apply(Event::Apply(node("d")), node_entry));
+        assert!(!state.nodes.apply(Event::Apply(node("d")), node_entry));
+        assert!(state.nodes.apply(Event::Delete(node("c")), node_entry));
+        assert!(!state.nodes.apply(Event::Delete(node("c")), node_entry));
+        assert_eq!(names(&state), Some(vec!["d".into()]));
+    }
+
+    #[test]
+    fn policy_resources_match_the_generated_crds() {
+        use kube::CustomResourceExt as _;
+        use wiremesh_core::wire as api;
+        for kind in Kind::ALL {
+            let (resource, crd) = match kind {
+                Kind::GlobalNetworkPolicy => (
+                    ApiResource::erase::<api::GlobalNetworkPolicy>(&()),
+                    api::GlobalNetworkPolicy::crd(),
+                ),
+                Kind::NetworkPolicy => (
+                    ApiResource::erase::<api::NetworkPolicy>(&()),
+                    api::NetworkPolicy::crd(),
+                ),
+                Kind::Tier => (ApiResource::erase::<api::Tier>(&()), api::Tier::crd()),
+                Kind::HostEndpoint => (
+                    ApiResource::erase::<api::HostEndpoint>(&()),
+                    api::HostEndpoint::crd(),
+                ),
+                Kind::GlobalNetworkSet => (
+                    ApiResource::erase::<api::GlobalNetworkSet>(&()),
+                    api::GlobalNetworkSet::crd(),
+                ),
+                Kind::NetworkSet => (
+                    ApiResource::erase::<api::NetworkSet>(&()),
+                    api::NetworkSet::crd(),
+                ),
+            };
+            assert_eq!(policy_resource(kind), resource, "{kind}");
+            assert_eq!(Some(policy_crd(kind)), crd.metadata.name, "{kind}");
+            assert_eq!(
+                kind.namespaced(),
+                crd.spec.scope == "Namespaced",
+                "{kind} scope"
+            );
+        }
+        assert_eq!(
+            policy_crd(Kind::GlobalNetworkSet),
+            "globalnetworksets.projectcalico.org"
+        );
+    }
+
+    fn dynamic(value: Value) -> DynamicObject {
+        serde_json::from_value(value).expect("object")
+    }
+
+    #[test]
+    fn policy_entry_keys_and_keeps_only_what_the_author_wrote() {
+        // As the API server returns it: bookkeeping added to what was applied.
+        let served = dynamic(serde_json::json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+            "metadata": {
+                "name": "allow-dns", "namespace": "ns1",
+                "uid": "0b6c1f8e-0000-4000-8000-000000000001",
+                "resourceVersion": "4711", "generation": 3,
+                "creationTimestamp": "2024-01-01T00:00:00Z",
+                "labels": {"team": "net"},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"big\":1}",
+                    "owner": "ops"
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Update"}]
+            },
+            "spec": {"selector": "all()", "egress": [{"action": "Allow", "protocol": "UDP"}]}
+        }));
+        let (key, value) = policy_entry(Kind::NetworkPolicy, &served);
+        assert_eq!(key, "ns1/allow-dns");
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+                "metadata": {
+                    "name": "allow-dns", "namespace": "ns1",
+                    "labels": {"team": "net"}, "annotations": {"owner": "ops"}
+                },
+                "spec": {"selector": "all()", "egress": [{"action": "Allow", "protocol": "UDP"}]}
+            })
+        );
+
+        // Cluster-scoped: the key is the name, no namespace even if one were sent; no spec, none.
+        let set = dynamic(serde_json::json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+            "metadata": {"name": "blocked", "resourceVersion": "9",
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}}
+        }));
+        assert_eq!(
+            policy_entry(Kind::GlobalNetworkSet, &set),
+            (
+                "blocked".to_string(),
+                serde_json::json!({
+                    "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+                    "metadata": {"name": "blocked"}
+                })
+            )
+        );
+    }
+
+    #[test]
+    fn policy_kinds_hold_the_snapshot_until_listed_and_relist_replaces() {
+        let mut state = State::new(&[Kind::GlobalNetworkSet, Kind::NetworkSet]);
+        let entry = |kind: Kind| move |o: &DynamicObject| policy_cache_entry(kind, o);
+        let set = |name: &str, net: &str| {
+            dynamic(serde_json::json!({
+                "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+                "metadata": {"name": name}, "spec": {"nets": [net]}
+            }))
+        };
+        state.nodes.apply(Event::Init, node_entry);
+        state.nodes.apply(Event::InitDone, node_entry);
+        state.felix.apply(Event::Init, felix_entry);
+        state.felix.apply(Event::InitDone, felix_entry);
+        let gns = state
+            .policy
+            .get_mut(&Kind::GlobalNetworkSet)
+            .expect("cache");
+        gns.apply(Event::Init, entry(Kind::GlobalNetworkSet));
+        gns.apply(
+            Event::InitApply(set("a", "10.0.0.0/8")),
+            entry(Kind::GlobalNetworkSet),
+        );
+        assert!(gns.apply(Event::InitDone, entry(Kind::GlobalNetworkSet)));
+        assert_eq!(state.snapshot(), None, "NetworkSets not listed yet");
+        let ns = state.policy.get_mut(&Kind::NetworkSet).expect("cache");
+        ns.apply(Event::Init, entry(Kind::NetworkSet));
+        ns.apply(Event::InitDone, entry(Kind::NetworkSet));
+        let snapshot = state.snapshot().expect("every kind listed");
+        let mut want = RawPolicyResources::default();
+        want.insert(
+            Kind::GlobalNetworkSet,
+            "a".into(),
+            policy_entry(Kind::GlobalNetworkSet, &set("a", "10.0.0.0/8")).1,
+        );
+        assert_eq!(snapshot.policy, want, "an empty kind is left out");
+
+        // A re-list replaces the kind in one step.
+        let gns = state
+            .policy
+            .get_mut(&Kind::GlobalNetworkSet)
+            .expect("cache");
+        gns.apply(Event::Init, entry(Kind::GlobalNetworkSet));
+        gns.apply(
+            Event::InitApply(set("b", "192.0.2.0/24")),
+            entry(Kind::GlobalNetworkSet),
+        );
+        assert_eq!(state.snapshot().map(|s| s.policy), Some(want));
+        let gns = state
+            .policy
+            .get_mut(&Kind::GlobalNetworkSet)
+            .expect("cache");
+        assert!(gns.apply(Event::InitDone, entry(Kind::GlobalNetworkSet)));
+        let keys: Vec<String> = state
+            .snapshot()
+            .and_then(|s| s.policy.objects.get(&Kind::GlobalNetworkSet).cloned())
+            .map(|m| m.into_keys().collect())
+            .unwrap_or_default();
+        assert_eq!(keys, vec!["b".to_string()]);
+    }
+}

@@ -1,0 +1,298 @@
+//! `lab verify`: ping every ordered pair of pods while capturing the underlay bridge, then check
+//! per pair that traffic flowed and, where encryption is expected, that none of it was clear.
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::sys::{self, wait_until};
+use super::{Lab, LabError, NodeState};
+
+/// What `verify` should expect of the underlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerifyExpect {
+    /// From the effective FelixConfiguration (`default` + `node.<name>`) of both nodes.
+    Auto,
+    Encrypted,
+    Clear,
+}
+
+/// What was expected of one pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Expectation {
+    Encrypted,
+    Clear,
+}
+
+impl fmt::Display for Expectation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Expectation::Encrypted => "encrypted",
+            Expectation::Clear => "clear",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairResult {
+    pub from: String,
+    pub to: String,
+    pub expected: Expectation,
+    pub sent: u32,
+    pub received: u32,
+    /// Packets between the two pod addresses seen on the underlay.
+    pub clear_packets: u64,
+    /// UDP packets between the two nodes on their WireGuard ports.
+    pub wireguard_packets: u64,
+    pub ok: bool,
+    /// Why the pair failed (empty when ok).
+    pub problem: String,
+}
+
+impl fmt::Display for PairResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} -> {}  {}  {} ({} clear, {} wireguard packets; {}/{} replies)",
+            self.from,
+            self.to,
+            if self.ok { "ok  " } else { "FAIL" },
+            self.expected,
+            self.clear_packets,
+            self.wireguard_packets,
+            self.received,
+            self.sent
+        )?;
+        if !self.ok {
+            write!(f, ": {}", self.problem)?;
+        }
+        Ok(())
+    }
+}
+
+/// Effective WireGuard expectation and port of every node, from etcd.
+async fn effective(lab: &Lab) -> Result<Vec<(u32, bool, u16)>, LabError> {
+    let names: Vec<(u32, String)> = lab
+        .state
+        .nodes
+        .values()
+        .map(|n| (n.index, n.name.clone()))
+        .collect();
+    if let Some(kubeconfig) = &lab.state.kubeconfig {
+        let client = super::k8s::client(kubeconfig).await?;
+        let configs = super::k8s::felix_configurations(&client).await?;
+        let mut out = Vec::new();
+        for (index, name) in names {
+            let (settings, errors) = wiremesh_core::mesh::effective_settings(&name, &configs);
+            for e in errors {
+                warn!(node = %name, error = %e, "ignored as the agent ignores it");
+            }
+            out.push((index, settings.v4.enabled, settings.v4.listening_port));
+        }
+        return Ok(out);
+    }
+    lab.with_store("reading FelixConfiguration", move |mut w| async move {
+        let mut out = Vec::new();
+        for (index, name) in names {
+            let (settings, errors) = w.effective_settings(&name).await?;
+            for e in errors {
+                warn!(node = %name, error = %e, "ignored as the agent ignores it");
+            }
+            out.push((index, settings.v4.enabled, settings.v4.listening_port));
+        }
+        Ok(out)
+    })
+    .await
+}
+
+struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    fn start(hub: &str, dir: &Path) -> Result<Capture, LabError> {
+        let file = dir.join("underlay.pcap");
+        let err_path = dir.join("tcpdump.log");
+        let _ = fs::remove_file(&file);
+        let err = fs::File::create(&err_path).map_err(|source| LabError::Io {
+            step: "creating capture log".into(),
+            path: err_path.clone(),
+            source,
+        })?;
+        // -Z root: Debian's tcpdump otherwise drops to user tcpdump before opening the file.
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                hub,
+                "tcpdump",
+                "-i",
+                "br0",
+                "-nn",
+                "-U",
+                "--immediate-mode",
+                "-Z",
+                "root",
+                "-w",
+            ])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .map_err(|source| LabError::Spawn {
+                step: "starting capture".into(),
+                object: "br0".into(),
+                source,
+            })?;
+        let mut capture = Capture { child, file };
+        let listening = wait_until(Duration::from_secs(5), || {
+            fs::read_to_string(&err_path).is_ok_and(|t| t.contains("listening on"))
+        });
+        if !listening {
+            capture.stop();
+            let detail = fs::read_to_string(&err_path).unwrap_or_default();
+            return Err(LabError::Timeout {
+                step: "waiting for tcpdump to capture".into(),
+                object: format!("br0 in {hub}: {}", detail.trim()),
+            });
+        }
+        Ok(capture)
+    }
+
+    /// SIGINT lets tcpdump flush; SIGKILL only if it will not stop.
+    fn stop(&mut self) {
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGINT);
+        let exited = wait_until(Duration::from_secs(5), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            warn!("tcpdump ignored SIGINT; killing it");
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn count(&self, filter: &str) -> Result<u64, LabError> {
+        let file = self.file.display().to_string();
+        let output = sys::run(
+            "reading capture",
+            filter,
+            "tcpdump",
+            &["-r", &file, "-nn", filter],
+        )?;
+        Ok(String::from_utf8_lossy(&output.stdout).lines().count() as u64)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.stop();
+        }
+    }
+}
+
+/// Checks every ordered pair of nodes; see the module comment.
+pub async fn verify(
+    lab: &Lab,
+    expect: VerifyExpect,
+    count: u32,
+) -> Result<Vec<PairResult>, LabError> {
+    let nodes: Vec<NodeState> = lab.state.nodes.values().cloned().collect();
+    let config = effective(lab).await?;
+    let lookup = |i: u32| {
+        config
+            .iter()
+            .find(|(index, _, _)| *index == i)
+            .map(|&(_, on, port)| (on, port))
+    };
+
+    let dir = lab.state.dir.join("verify");
+    fs::create_dir_all(&dir).map_err(|source| LabError::Io {
+        step: "creating verify dir".into(),
+        path: dir.clone(),
+        source,
+    })?;
+    let mut capture = Capture::start(&lab.state.hub_netns, &dir)?;
+    let mut pings = Vec::new();
+    for from in &nodes {
+        for to in nodes.iter().filter(|n| n.index != from.index) {
+            let result = lab.ping(&from.pod_name, &to.pod_name, count)?;
+            info!(from = %from.pod_name, to = %to.pod_name, received = result.received, "ping");
+            pings.push((from, to, result));
+        }
+    }
+    capture.stop();
+
+    let mut results = Vec::new();
+    for (from, to, ping) in pings {
+        let (from_on, from_port) =
+            lookup(from.index).unwrap_or((false, wiremesh_core::config::DEFAULT_PORT_V4));
+        let (to_on, to_port) =
+            lookup(to.index).unwrap_or((false, wiremesh_core::config::DEFAULT_PORT_V4));
+        let expected = match expect {
+            VerifyExpect::Encrypted => Expectation::Encrypted,
+            VerifyExpect::Clear => Expectation::Clear,
+            VerifyExpect::Auto if from_on && to_on => Expectation::Encrypted,
+            VerifyExpect::Auto => Expectation::Clear,
+        };
+        let clear_packets =
+            capture.count(&format!("host {} and host {}", from.pod_ip, to.pod_ip))?;
+        let wireguard_packets = capture.count(&format!(
+            "udp and host {} and host {} and (port {from_port} or port {to_port})",
+            from.underlay_ip, to.underlay_ip
+        ))?;
+        let mut problems = Vec::new();
+        if ping.received == 0 {
+            problems.push(format!("{} unreachable from {}", to.pod_ip, from.pod_name));
+        }
+        if expected == Expectation::Encrypted {
+            if clear_packets > 0 {
+                problems.push(format!("{clear_packets} clear pod packets on the underlay"));
+            }
+            if wireguard_packets == 0 {
+                problems.push("no WireGuard packets between the nodes".into());
+            }
+        }
+        results.push(PairResult {
+            from: from.name.clone(),
+            to: to.name.clone(),
+            expected,
+            sent: ping.sent,
+            received: ping.received,
+            clear_packets,
+            wireguard_packets,
+            ok: problems.is_empty(),
+            problem: problems.join("; "),
+        });
+    }
+    // A failed run keeps its capture for a look with tcpdump -r.
+    if results.iter().all(|r| r.ok) {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    Ok(results)
+}
+
+/// `N/M pairs ok` and whether all hold.
+pub fn summary(results: &[PairResult]) -> (String, bool) {
+    let ok = results.iter().filter(|r| r.ok).count();
+    let all = ok == results.len();
+    (
+        format!(
+            "{ok}/{} pairs ok{}",
+            results.len(),
+            if all { "" } else { "; verification FAILED" }
+        ),
+        all,
+    )
+}
