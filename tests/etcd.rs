@@ -577,8 +577,8 @@ async fn writer_shapes_and_effective_settings() {
     );
 
     // Effective settings: defaults, `default`, then `node.<name>`; a broken object is left out.
-    let (settings, errors) = w.effective_settings("n1").await.expect("effective");
-    assert!(!settings.v4.enabled && errors.is_empty());
+    let n1 = w.effective_config("n1").await.expect("effective");
+    assert!(!n1.wireguard.v4.enabled && n1.errors.is_empty());
     assert_eq!(
         w.get_felix_configuration("default").await.expect("get"),
         None
@@ -605,14 +605,14 @@ async fn writer_shapes_and_effective_settings() {
         .expect("exists")
         .expect("decodes");
     assert_eq!(default.wireguard_listening_port, Some(51830));
-    let (n1, errors) = w.effective_settings("n1").await.expect("n1");
-    assert!(n1.v4.enabled && errors.is_empty());
-    assert_eq!(n1.v4.listening_port, 51830);
-    let (n2, _) = w.effective_settings("n2").await.expect("n2");
+    let n1 = w.effective_config("n1").await.expect("n1");
+    assert!(n1.wireguard.v4.enabled && n1.errors.is_empty());
+    assert_eq!(n1.wireguard.v4.listening_port, 51830);
+    let n2 = w.effective_config("n2").await.expect("n2").wireguard;
     assert!(!n2.v4.enabled);
     assert_eq!(n2.v4.listening_port, 51830);
-    let (n3, errors) = w.effective_settings("n3").await.expect("n3");
-    assert!(n3.v4.enabled);
-    assert_eq!(errors.len(), 1, "{errors:?}");
-    assert_eq!(errors[0].object, "node.n3");
+    let n3 = w.effective_config("n3").await.expect("n3");
+    assert!(n3.wireguard.v4.enabled);
+    assert_eq!(n3.errors.len(), 1, "{:?}", n3.errors);
+    assert_eq!(n3.errors[0].object, "node.n3");
 }

@@ -18,7 +18,8 @@ use tower_test::mock::{Handle, SendResponse};
 
 use common::TestEtcd;
 use wiremesh_core::model::{ClusterSnapshot, PublishedWireguard, WgKey};
-use wiremesh_core::policy::{Kind, PolicyResources, RawPolicyResources};
+use wiremesh_core::policy::PolicyResources;
+use wiremesh_core::wire::{Kind, RawPolicyResources};
 use wiremesh_datastore::etcd::{EtcdDatastore, EtcdWriter, policy_key};
 use wiremesh_datastore::kube::{
     ANNOTATION_INTERFACE_V4, ANNOTATION_INTERFACE_V6, ANNOTATION_PUBLIC_KEY,

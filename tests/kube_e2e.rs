@@ -166,7 +166,7 @@ async fn check_rbac(client: &Client) {
         );
     }
     // Every policy kind the agent watches with host policy on.
-    for kind in wiremesh_core::policy::Kind::ALL {
+    for kind in wiremesh_core::wire::Kind::ALL {
         for verb in ["list", "watch"] {
             assert!(
                 allowed(client, verb, "projectcalico.org", kind.plural()).await,
@@ -485,7 +485,7 @@ async fn kubernetes_lab_policy_against_the_api_stand_in() {
     })
     .await;
 
-    let manifest = wiremesh_core::policy::manifest::Manifest::parse(
+    let manifest = wiremesh_core::manifest::Manifest::parse(
         "policy.yaml",
         "
 apiVersion: projectcalico.org/v3

@@ -12,7 +12,7 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::apiserver::ApiServer;
 use wiremesh_core::model::{ClusterSnapshot, PublishedWireguard, WgKey};
-use wiremesh_core::policy::Kind;
+use wiremesh_core::wire::Kind;
 use wiremesh_datastore::kube::{KubeDatastore, policy_resource};
 use wiremesh_datastore::{Datastore as _, DatastoreError, ObjectProblem, ProblemObject};
 

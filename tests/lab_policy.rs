@@ -12,7 +12,7 @@ use support::root_or_skip;
 use wiremesh::cli::lab::{self, Lab};
 
 mod support;
-use wiremesh_core::policy::manifest::Manifest;
+use wiremesh_core::manifest::Manifest;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 

@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use wiremesh::netns::Netns;
 use wiremesh_core::dataplane::filter::{NftOp, plan};
 use wiremesh_core::policy::render::{FilterSpec, render};
-use wiremesh_core::policy::{Kind, PolicyInputs, PolicyResources, RawPolicyResources, compile};
+use wiremesh_core::policy::{PolicyInputs, PolicyResources, compile};
+use wiremesh_core::wire::{Kind, RawPolicyResources};
 use wiremesh_dataplane::nft::{FilterDataplane, KernelNft};
 
 /// The host endpoint on `a` serves `web` on TCP `port`; one policy allows the named port.

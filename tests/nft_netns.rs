@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 use wiremesh::netns::Netns;
 use wiremesh_core::dataplane::filter::{NftOp, plan};
 use wiremesh_core::policy::render::{FilterSpec, render};
-use wiremesh_core::policy::{Kind, PolicyInputs, PolicyResources, RawPolicyResources, compile};
+use wiremesh_core::policy::{PolicyInputs, PolicyResources, compile};
+use wiremesh_core::wire::{Kind, RawPolicyResources};
 use wiremesh_dataplane::nft::{FilterDataplane, KernelNft};
 
 const FOREIGN: &str = "table ip foreign {\n\tset keep { type ipv4_addr; elements = { 10.98.0.77 } }\n\tchain input {\n\t\ttype filter hook input priority 10; policy accept;\n\t\tip saddr @keep counter\n\t}\n}\n";

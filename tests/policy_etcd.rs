@@ -9,7 +9,7 @@ use common::TestEtcd;
 use serde_json::json;
 use tokio::sync::watch;
 use wiremesh_core::model::ClusterSnapshot;
-use wiremesh_core::policy::Kind;
+use wiremesh_core::wire::Kind;
 use wiremesh_datastore::Datastore;
 use wiremesh_datastore::etcd::{EtcdDatastore, EtcdWriter, policy_key};
 

@@ -26,11 +26,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::netns::{Netns, NetnsError};
-use wiremesh_agent::reconcile::{AgentSettings, Outcome, ReconcileError, Reconciler};
-use wiremesh_core::config::{DEFAULT_FWMARK, FelixConfigurationSpec};
+use wiremesh_agent::outcome::{Outcome, ReconcileError};
+use wiremesh_agent::reconcile::Reconciler;
+use wiremesh_agent::settings::AgentSettings;
+use wiremesh_core::config::DEFAULT_FWMARK;
 use wiremesh_core::dataplane::wireguard::{DeviceState, WgOp};
 use wiremesh_core::keys::PrivateKey;
 use wiremesh_core::model::{ClusterSnapshot, NodeResource, PublishedWireguard, WgKey};
+use wiremesh_core::wire::FelixConfigurationSpec;
 use wiremesh_dataplane::link::NetlinkLinks;
 use wiremesh_dataplane::netlink::netlink_handle;
 use wiremesh_dataplane::route::NetlinkRouting;

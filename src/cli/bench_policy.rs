@@ -10,7 +10,8 @@ use crate::netns::Netns;
 use wiremesh_core::dataplane::filter::{NftOp, plan};
 use wiremesh_core::policy::program::{PolicyInputs, compile};
 use wiremesh_core::policy::render::{FilterSpec, render};
-use wiremesh_core::policy::resources::{Kind, PolicyResources, RawPolicyResources};
+use wiremesh_core::policy::resources::PolicyResources;
+use wiremesh_core::wire::{Kind, RawPolicyResources};
 use wiremesh_dataplane::nft::{FilterDataplane, KernelNft};
 
 #[derive(Debug, Clone, clap::Args)]

@@ -7,13 +7,14 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use serde::Serialize;
+use wiremesh_core::manifest::Manifest;
 use wiremesh_core::policy::analysis::{Finding, unused};
 use wiremesh_core::policy::explain::{Packet, PacketPath, Verdict, explain};
-use wiremesh_core::policy::manifest::Manifest;
 use wiremesh_core::policy::model::Protocol;
-use wiremesh_core::policy::program::{FailsafePort, PolicyInputs, PolicySettings, compile};
-use wiremesh_core::policy::resources::{PolicyResources, RawPolicyResources};
+use wiremesh_core::policy::program::{PolicyInputs, PolicySettings, compile};
+use wiremesh_core::policy::resources::PolicyResources;
 use wiremesh_core::selector::Scope;
+use wiremesh_core::wire::RawPolicyResources;
 use wiremesh_datastore::{DatastoreError, ReadScope};
 
 use super::DatastoreArgs;
@@ -267,19 +268,6 @@ pub async fn run(cmd: PolicyCommand) -> Result<i32, PolicyToolError> {
                     })?;
                 let m = Manifest::parse(&path.display().to_string(), &text);
                 report.objects += m.objects.len();
-                for o in m.objects.iter().filter(|o| o.kind.is_none()) {
-                    for field in ["failsafeInboundHostPorts", "failsafeOutboundHostPorts"] {
-                        if let Some(v) = o.value.pointer(&format!("/spec/{field}"))
-                            && let Err(e) = FailsafePort::from_json(v)
-                        {
-                            report.problems.push(format!(
-                                "{}: FelixConfiguration {:?}: spec.{field}{e}",
-                                o.field_position(&format!("spec.{field}")),
-                                o.key
-                            ));
-                        }
-                    }
-                }
                 report.problems.extend(m.validate().1);
             }
             output::print(&report, output.format, CheckReport::text)?;

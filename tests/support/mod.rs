@@ -6,10 +6,10 @@ pub mod lab;
 
 use std::collections::BTreeMap;
 
-use wiremesh_core::config::FelixConfigurationSpec;
 use wiremesh_core::keys::PrivateKey;
 use wiremesh_core::mesh::{Inputs, LocalFacts};
 use wiremesh_core::model::{ClusterSnapshot, Family, NodeResource};
+use wiremesh_core::wire::FelixConfigurationSpec;
 
 /// True when the test may run: as root, or false (with a printed notice) when not root and
 /// `WIREMESH_SKIP_ROOT_TESTS=1`; otherwise it fails loudly rather than skip silently.
@@ -75,9 +75,9 @@ pub fn snapshot(nodes: impl IntoIterator<Item = NodeResource>, enabled: bool) ->
 
 /// Inputs for `node<local>` with IPv4 WireGuard on.
 pub fn inputs(local: u8, nodes: impl IntoIterator<Item = NodeResource>) -> Inputs {
-    let (settings, errors) =
-        wiremesh_core::config::WireguardSettings::merge(&[("default", &felix(true))]);
-    assert!(errors.is_empty());
+    let config = wiremesh_core::config::EffectiveConfig::merge(&[("default", &felix(true))]);
+    assert!(config.errors.is_empty());
+    let settings = config.wireguard;
     Inputs {
         local: LocalFacts {
             node_name: format!("node{local}"),

@@ -21,7 +21,8 @@ use wiremesh_dataplane::wireguard::backend::{BackendChoice, select_backend};
 use wiremesh_dataplane::wireguard::userspace::UserspaceConfig;
 use wiremesh_datastore::{DatastoreConfig, DatastoreError};
 
-use crate::reconcile::{AgentSettings, Reconciler, stale_after};
+use crate::reconcile::Reconciler;
+use crate::settings::{AgentSettings, stale_after};
 
 /// Everything the agent is started with (the command line builds it; runtime settings come
 /// from FelixConfiguration instead).

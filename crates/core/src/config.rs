@@ -1,11 +1,13 @@
-//! FelixConfiguration (Calico's field names and defaults) and the effective WireGuard settings
-//! derived from `default` merged with `node.<nodename>`.
+//! The effective configuration: every setting the agent reads from FelixConfiguration, built
+//! once from `default` then `node.<nodename>` over Calico's defaults, each field validated here
+//! (a bad one is reported and the layer below applies).
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-use crate::model::Family;
+use crate::model::{Family, FelixConfigurations};
+use crate::policy::program::{FailsafePort, PolicySettings};
+use crate::wire::FelixConfigurationSpec;
+use crate::wire::felix::ProtoPort;
 
 pub const DEFAULT_INTERFACE_V4: &str = "wireguard.cali";
 pub const DEFAULT_INTERFACE_V6: &str = "wg-v6.cali";
@@ -25,57 +27,129 @@ pub const MTU_OVERHEAD_V6: u32 = 80;
 /// Felix's fallback host MTU when no interface matches its pattern.
 pub const FALLBACK_HOST_MTU: u32 = 1460;
 
-/// The WireGuard-related part of Calico's `FelixConfiguration.spec`. Unknown fields are ignored
-/// so that full Calico objects decode. Every field is optional: `None` means "not set here".
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FelixConfigurationSpec {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub wireguard_enabled: Option<bool>,
-    #[serde(rename = "wireguardEnabledV6", skip_serializing_if = "Option::is_none")]
-    pub wireguard_enabled_v6: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub wireguard_interface_name: Option<String>,
-    #[serde(
-        rename = "wireguardInterfaceNameV6",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub wireguard_interface_name_v6: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub wireguard_listening_port: Option<i64>,
-    #[serde(
-        rename = "wireguardListeningPortV6",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub wireguard_listening_port_v6: Option<i64>,
-    #[serde(rename = "wireguardMTU", skip_serializing_if = "Option::is_none")]
-    pub wireguard_mtu: Option<i64>,
-    #[serde(rename = "wireguardMTUV6", skip_serializing_if = "Option::is_none")]
-    pub wireguard_mtu_v6: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub wireguard_routing_rule_priority: Option<i64>,
-    /// Go duration text, e.g. `25s`; `0` turns keepalive off.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub wireguard_keep_alive: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub wireguard_host_encryption_enabled: Option<bool>,
-    /// Host-endpoint policy (see `policy::program::FailsafePort::from_json`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub failsafe_inbound_host_ports: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub failsafe_outbound_host_ports: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_prefix: Option<String>,
-}
-
 /// A FelixConfiguration field that failed validation; it is ignored (the lower layer's value or
 /// the default applies) and reported.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("FelixConfiguration {object}: field {field}: {reason}")]
 pub struct ConfigFieldError {
     pub object: String,
-    pub field: &'static str,
+    /// The field's path in the spec, e.g. `wireguardMTU` or `failsafeInboundHostPorts[1].port`
+    /// (`spec` when the whole object does not decode).
+    pub field: String,
     pub reason: String,
+}
+
+/// Everything the agent reads from FelixConfiguration, for one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EffectiveConfig {
+    pub wireguard: WireguardSettings,
+    /// Host-endpoint policy's failsafe ports.
+    pub failsafe_inbound: Vec<FailsafePort>,
+    pub failsafe_outbound: Vec<FailsafePort>,
+    /// Prefix of `Log` rules' kernel log lines.
+    pub log_prefix: String,
+    /// The fields that were ignored, and why.
+    pub errors: Vec<ConfigFieldError>,
+}
+
+impl Default for EffectiveConfig {
+    fn default() -> Self {
+        let policy = PolicySettings::default();
+        EffectiveConfig {
+            wireguard: WireguardSettings::default(),
+            failsafe_inbound: policy.failsafe_inbound,
+            failsafe_outbound: policy.failsafe_outbound,
+            log_prefix: policy.log_prefix,
+            errors: Vec::new(),
+        }
+    }
+}
+
+impl EffectiveConfig {
+    /// The configuration of node `node_name`: defaults, then `default`, then
+    /// `node.<node_name>`. An object that does not decode is reported and its layer skipped.
+    pub fn for_node(node_name: &str, configs: &FelixConfigurations) -> EffectiveConfig {
+        let node_object = format!("node.{node_name}");
+        let mut layers = Vec::new();
+        let mut errors = Vec::new();
+        for name in ["default", node_object.as_str()] {
+            match configs.get(name) {
+                Some(Ok(spec)) => layers.push((name, spec)),
+                Some(Err(reason)) => errors.push(ConfigFieldError {
+                    object: name.to_string(),
+                    field: "spec".into(),
+                    reason: reason.clone(),
+                }),
+                None => {}
+            }
+        }
+        let mut config = EffectiveConfig::merge(&layers);
+        errors.append(&mut config.errors);
+        config.errors = errors;
+        config
+    }
+
+    /// Each layer's valid fields override the layer below; each invalid one is reported and
+    /// ignored.
+    pub fn merge(layers: &[(&str, &FelixConfigurationSpec)]) -> EffectiveConfig {
+        let mut out = EffectiveConfig::default();
+        for (object, spec) in layers {
+            let mut errors = Vec::new();
+            let mut err = |field: &str, reason: String| errors.push((field.to_string(), reason));
+            out.wireguard.apply(spec, &mut err);
+            for (field, value, target) in [
+                (
+                    "failsafeInboundHostPorts",
+                    &spec.failsafe_inbound_host_ports,
+                    &mut out.failsafe_inbound,
+                ),
+                (
+                    "failsafeOutboundHostPorts",
+                    &spec.failsafe_outbound_host_ports,
+                    &mut out.failsafe_outbound,
+                ),
+            ] {
+                if let Some(list) = value {
+                    match failsafe_ports(list) {
+                        Ok(ports) => *target = ports,
+                        Err((at, reason)) => err(&format!("{field}{at}"), reason),
+                    }
+                }
+            }
+            if let Some(prefix) = spec.log_prefix.as_ref().filter(|p| !p.is_empty()) {
+                out.log_prefix = prefix.clone();
+            }
+            out.errors
+                .extend(errors.into_iter().map(|(field, reason)| ConfigFieldError {
+                    object: (*object).to_string(),
+                    field,
+                    reason,
+                }));
+        }
+        out
+    }
+
+    /// The policy settings these give (the agent adds the WireGuard ports it listens on).
+    pub fn policy_settings(&self, wireguard_ports: Vec<u16>) -> PolicySettings {
+        PolicySettings {
+            failsafe_inbound: self.failsafe_inbound.clone(),
+            failsafe_outbound: self.failsafe_outbound.clone(),
+            wireguard_ports,
+            log_prefix: self.log_prefix.clone(),
+            ..PolicySettings::default()
+        }
+    }
+}
+
+/// A whole failsafe list, or the first bad entry (`[i].field`, why): a list is taken or left as
+/// a whole, never half.
+fn failsafe_ports(list: &[ProtoPort]) -> Result<Vec<FailsafePort>, (String, String)> {
+    list.iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            FailsafePort::try_from(entry).map_err(|(field, why)| (format!("[{i}].{field}"), why))
+        })
+        .collect()
 }
 
 /// Effective settings for one family's device.
@@ -128,87 +202,74 @@ impl WireguardSettings {
         }
     }
 
-    /// Effective settings: defaults, then `default`, then `node.<nodename>`; each valid field
-    /// overrides the layer below, each invalid one is reported and ignored.
-    pub fn merge(layers: &[(&str, &FelixConfigurationSpec)]) -> (Self, Vec<ConfigFieldError>) {
-        let mut out = WireguardSettings::default();
-        let mut errors = Vec::new();
-        for (object, spec) in layers {
-            let mut err = |field: &'static str, reason: String| {
-                errors.push(ConfigFieldError {
-                    object: (*object).to_string(),
-                    field,
-                    reason,
-                })
-            };
-            if let Some(v) = spec.wireguard_enabled {
-                out.v4.enabled = v;
-            }
-            if let Some(v) = spec.wireguard_enabled_v6 {
-                out.v6.enabled = v;
-            }
-            if let Some(name) = &spec.wireguard_interface_name {
-                match validate_interface_name(name) {
-                    Ok(()) => out.v4.interface_name = name.clone(),
-                    Err(reason) => err("wireguardInterfaceName", reason),
-                }
-            }
-            if let Some(name) = &spec.wireguard_interface_name_v6 {
-                match validate_interface_name(name) {
-                    Ok(()) => out.v6.interface_name = name.clone(),
-                    Err(reason) => err("wireguardInterfaceNameV6", reason),
-                }
-            }
-            if let Some(port) = spec.wireguard_listening_port {
-                match u16::try_from(port).ok().filter(|p| *p >= 1) {
-                    Some(p) => out.v4.listening_port = p,
-                    None => err(
-                        "wireguardListeningPort",
-                        format!("{port} is not in 1-65535"),
-                    ),
-                }
-            }
-            if let Some(port) = spec.wireguard_listening_port_v6 {
-                match u16::try_from(port).ok().filter(|p| *p >= 1) {
-                    Some(p) => out.v6.listening_port = p,
-                    None => err(
-                        "wireguardListeningPortV6",
-                        format!("{port} is not in 1-65535"),
-                    ),
-                }
-            }
-            if let Some(mtu) = spec.wireguard_mtu {
-                match validate_mtu(mtu) {
-                    Ok(m) => out.v4.mtu = m,
-                    Err(reason) => err("wireguardMTU", reason),
-                }
-            }
-            if let Some(mtu) = spec.wireguard_mtu_v6 {
-                match validate_mtu(mtu) {
-                    Ok(m) => out.v6.mtu = m,
-                    Err(reason) => err("wireguardMTUV6", reason),
-                }
-            }
-            if let Some(prio) = spec.wireguard_routing_rule_priority {
-                match u32::try_from(prio).ok().filter(|p| (1..=32765).contains(p)) {
-                    Some(p) => out.routing_rule_priority = p,
-                    None => err(
-                        "wireguardRoutingRulePriority",
-                        format!("{prio} is not in 1-32765"),
-                    ),
-                }
-            }
-            if let Some(text) = &spec.wireguard_keep_alive {
-                match parse_go_duration(text) {
-                    Ok(d) => out.keepalive = d,
-                    Err(reason) => err("wireguardKeepAlive", reason),
-                }
-            }
-            if let Some(v) = spec.wireguard_host_encryption_enabled {
-                out.host_encryption = v;
+    /// Overrides each field `spec` sets validly; reports each invalid one to `err`.
+    fn apply(&mut self, spec: &FelixConfigurationSpec, err: &mut impl FnMut(&str, String)) {
+        if let Some(v) = spec.wireguard_enabled {
+            self.v4.enabled = v;
+        }
+        if let Some(v) = spec.wireguard_enabled_v6 {
+            self.v6.enabled = v;
+        }
+        if let Some(name) = &spec.wireguard_interface_name {
+            match validate_interface_name(name) {
+                Ok(()) => self.v4.interface_name = name.clone(),
+                Err(reason) => err("wireguardInterfaceName", reason),
             }
         }
-        (out, errors)
+        if let Some(name) = &spec.wireguard_interface_name_v6 {
+            match validate_interface_name(name) {
+                Ok(()) => self.v6.interface_name = name.clone(),
+                Err(reason) => err("wireguardInterfaceNameV6", reason),
+            }
+        }
+        if let Some(port) = spec.wireguard_listening_port {
+            match u16::try_from(port).ok().filter(|p| *p >= 1) {
+                Some(p) => self.v4.listening_port = p,
+                None => err(
+                    "wireguardListeningPort",
+                    format!("{port} is not in 1-65535"),
+                ),
+            }
+        }
+        if let Some(port) = spec.wireguard_listening_port_v6 {
+            match u16::try_from(port).ok().filter(|p| *p >= 1) {
+                Some(p) => self.v6.listening_port = p,
+                None => err(
+                    "wireguardListeningPortV6",
+                    format!("{port} is not in 1-65535"),
+                ),
+            }
+        }
+        if let Some(mtu) = spec.wireguard_mtu {
+            match validate_mtu(mtu) {
+                Ok(m) => self.v4.mtu = m,
+                Err(reason) => err("wireguardMTU", reason),
+            }
+        }
+        if let Some(mtu) = spec.wireguard_mtu_v6 {
+            match validate_mtu(mtu) {
+                Ok(m) => self.v6.mtu = m,
+                Err(reason) => err("wireguardMTUV6", reason),
+            }
+        }
+        if let Some(prio) = spec.wireguard_routing_rule_priority {
+            match u32::try_from(prio).ok().filter(|p| (1..=32765).contains(p)) {
+                Some(p) => self.routing_rule_priority = p,
+                None => err(
+                    "wireguardRoutingRulePriority",
+                    format!("{prio} is not in 1-32765"),
+                ),
+            }
+        }
+        if let Some(text) = &spec.wireguard_keep_alive {
+            match parse_go_duration(text) {
+                Ok(d) => self.keepalive = d,
+                Err(reason) => err("wireguardKeepAlive", reason),
+            }
+        }
+        if let Some(v) = spec.wireguard_host_encryption_enabled {
+            self.host_encryption = v;
+        }
     }
 }
 
@@ -225,7 +286,7 @@ pub fn validate_interface_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn validate_mtu(mtu: i64) -> Result<u32, String> {
+fn validate_mtu(mtu: i32) -> Result<u32, String> {
     // 0 means auto; otherwise the IPv4 minimum (68) up to the largest jumbo frame.
     match u32::try_from(mtu) {
         Ok(0) => Ok(0),
@@ -284,7 +345,11 @@ mod tests {
 
     #[test]
     fn defaults_match_calico() {
-        let (s, errors) = WireguardSettings::merge(&[]);
+        let EffectiveConfig {
+            wireguard: s,
+            errors,
+            ..
+        } = EffectiveConfig::merge(&[]);
         assert!(errors.is_empty());
         assert!(!s.v4.enabled && !s.v6.enabled);
         assert_eq!(s.v4.interface_name, "wireguard.cali");
@@ -307,7 +372,11 @@ mod tests {
             wireguard_enabled: Some(false),
             ..Default::default()
         };
-        let (s, errors) = WireguardSettings::merge(&[("default", &default), ("node.n1", &node)]);
+        let EffectiveConfig {
+            wireguard: s,
+            errors,
+            ..
+        } = EffectiveConfig::merge(&[("default", &default), ("node.n1", &node)]);
         assert!(errors.is_empty());
         assert!(!s.v4.enabled);
         assert_eq!(s.v4.listening_port, 5000);
@@ -328,14 +397,18 @@ mod tests {
             wireguard_mtu: Some(20),
             ..Default::default()
         };
-        let (s, errors) = WireguardSettings::merge(&[("default", &default), ("node.n1", &node)]);
+        let EffectiveConfig {
+            wireguard: s,
+            errors,
+            ..
+        } = EffectiveConfig::merge(&[("default", &default), ("node.n1", &node)]);
         assert_eq!(
             s.v4.listening_port, 4000,
             "the valid lower layer still applies"
         );
         assert_eq!(s.v4.interface_name, "wireguard.cali");
         assert_eq!(s.routing_rule_priority, 99);
-        let fields: Vec<_> = errors.iter().map(|e| e.field).collect();
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
             [
@@ -356,7 +429,11 @@ mod tests {
             "wireguardKeepAlive":"1m30s","wireguardHostEncryptionEnabled":true,
             "logSeverityScreen":"Info","bpfEnabled":false}"#;
         let spec: FelixConfigurationSpec = serde_json::from_str(json).expect("decodes");
-        let (s, errors) = WireguardSettings::merge(&[("default", &spec)]);
+        let EffectiveConfig {
+            wireguard: s,
+            errors,
+            ..
+        } = EffectiveConfig::merge(&[("default", &spec)]);
         assert!(errors.is_empty());
         assert!(s.v4.enabled && s.host_encryption);
         assert_eq!((s.v4.mtu, s.v6.mtu), (1400, 1380));

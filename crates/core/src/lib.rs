@@ -7,6 +7,7 @@
 //! - [`selector`], [`policy`]: Calico's selector language and policy model, compiled per node,
 //!   explained per packet and rendered to nftables;
 //! - [`mesh`]: `desired()`, the WireGuard dataplane as a pure function of the snapshot;
+//! - [`manifest`]: YAML/JSON manifests with positions, validated as the agent validates;
 //! - [`dataplane`]: per kernel subsystem, what the kernel holds, the operations and the pure
 //!   `plan()` from desired to actual.
 //!
@@ -17,6 +18,7 @@
 pub mod config;
 pub mod dataplane;
 pub mod keys;
+pub mod manifest;
 pub mod mesh;
 pub mod model;
 pub mod policy;

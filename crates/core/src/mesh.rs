@@ -7,9 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{
-    ConfigFieldError, FamilySettings, MTU_OVERHEAD_V4, MTU_OVERHEAD_V6, WireguardSettings,
-};
+use crate::config::{FamilySettings, MTU_OVERHEAD_V4, MTU_OVERHEAD_V6, WireguardSettings};
 use crate::keys::PrivateKey;
 use crate::model::{Family, NodeResource, PublishedWireguard, WgKey};
 
@@ -191,30 +189,6 @@ impl DataplaneSpec {
     pub fn enabled(&self) -> bool {
         !self.devices.is_empty()
     }
-}
-
-/// Effective settings from a snapshot's FelixConfigurations: `default` then `node.<name>`.
-pub fn effective_settings(
-    node_name: &str,
-    configs: &BTreeMap<String, Result<crate::config::FelixConfigurationSpec, String>>,
-) -> (WireguardSettings, Vec<ConfigFieldError>) {
-    let node_object = format!("node.{node_name}");
-    let mut layers = Vec::new();
-    let mut errors = Vec::new();
-    for name in ["default", node_object.as_str()] {
-        match configs.get(name) {
-            Some(Ok(spec)) => layers.push((name, spec)),
-            Some(Err(reason)) => errors.push(ConfigFieldError {
-                object: name.to_string(),
-                field: "spec",
-                reason: reason.clone(),
-            }),
-            None => {}
-        }
-    }
-    let (settings, mut field_errors) = WireguardSettings::merge(&layers);
-    errors.append(&mut field_errors);
-    (settings, errors)
 }
 
 /// A remote node validated for one family.

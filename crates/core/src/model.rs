@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::str::FromStr;
 
 use base64::Engine as _;
@@ -13,7 +13,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::FelixConfigurationSpec;
+use crate::wire::{FelixConfigurationSpec, RawPolicyResources};
 
 /// A WireGuard public key (Curve25519 point), 32 bytes, shown as standard base64.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -223,12 +223,13 @@ impl PublishedWireguard {
 pub struct ClusterSnapshot {
     pub nodes: BTreeMap<String, NodeResource>,
     /// FelixConfiguration specs by name (`default`, `node.<name>`).
-    pub felix_configurations: BTreeMap<String, Result<FelixConfigurationSpec, String>>,
+    pub felix_configurations: FelixConfigurations,
     /// True once every initial list has completed; nothing is pruned before that.
     pub synced: bool,
     /// Host-endpoint policy resources, raw JSON per kind (validated by `policy`).
-    pub policy: crate::policy::RawPolicyResources,
+    pub policy: RawPolicyResources,
 }
 
-/// A WireGuard peer's endpoint.
-pub type Endpoint = SocketAddr;
+/// FelixConfigurations by name as a datastore holds them: the decoded spec, or why it does not
+/// decode (`config::EffectiveConfig` layers and validates them).
+pub type FelixConfigurations = BTreeMap<String, Result<FelixConfigurationSpec, String>>;

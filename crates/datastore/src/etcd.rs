@@ -41,8 +41,9 @@ use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
 use super::{Datastore, DatastoreError, ReadScope, SnapshotSender};
-use wiremesh_core::config::{ConfigFieldError, FelixConfigurationSpec, WireguardSettings};
+use wiremesh_core::config::EffectiveConfig;
 use wiremesh_core::model::{ClusterSnapshot, Family, NodeResource, PublishedWireguard};
+use wiremesh_core::wire::FelixConfigurationSpec;
 
 /// Prefix of Calico Node resources.
 pub const NODES_PREFIX: &str = "/calico/resources/v3/projectcalico.org/nodes/";
@@ -61,7 +62,7 @@ pub const POLICY_PREFIXES: [&str; 6] = [
 ];
 
 /// The etcd key of a policy resource (`name` is `namespace/name` for namespaced kinds).
-pub fn policy_key(kind: wiremesh_core::policy::Kind, name: &str) -> String {
+pub fn policy_key(kind: wiremesh_core::wire::Kind, name: &str) -> String {
     format!(
         "/calico/resources/v3/projectcalico.org/{}/{name}",
         kind.plural()
@@ -69,10 +70,10 @@ pub fn policy_key(kind: wiremesh_core::policy::Kind, name: &str) -> String {
 }
 
 /// The kind and name (`namespace/name` for namespaced kinds) of a policy resource key.
-pub fn decode_policy_key(key: &str) -> Option<(wiremesh_core::policy::Kind, String)> {
+pub fn decode_policy_key(key: &str) -> Option<(wiremesh_core::wire::Kind, String)> {
     let rest = key.strip_prefix("/calico/resources/v3/projectcalico.org/")?;
     let (plural, name) = rest.split_once('/')?;
-    let kind = wiremesh_core::policy::Kind::from_plural(plural)?;
+    let kind = wiremesh_core::wire::Kind::from_plural(plural)?;
     let parts = name.split('/').count();
     let want = if kind.namespaced() { 2 } else { 1 };
     (parts == want && name.split('/').all(|p| !p.is_empty())).then(|| (kind, name.to_string()))
@@ -280,20 +281,9 @@ pub fn decode_affinity_value(value: &[u8]) -> Result<bool, String> {
 /// Decodes a Calico FelixConfiguration object into its spec (unknown fields ignored; a missing
 /// spec is an empty spec).
 pub fn decode_felix_configuration(value: &[u8]) -> Result<FelixConfigurationSpec, String> {
-    let object = match serde_json::from_slice::<Value>(value) {
-        Ok(Value::Object(object)) => object,
-        Ok(other) => {
-            return Err(format!(
-                "FelixConfiguration value is not a JSON object but {}",
-                json_kind(&other)
-            ));
-        }
-        Err(e) => return Err(format!("FelixConfiguration value is not valid JSON: {e}")),
-    };
-    match object.get("spec") {
-        None | Some(Value::Null) => Ok(FelixConfigurationSpec::default()),
-        Some(spec) => serde_json::from_value(spec.clone())
-            .map_err(|e| format!("FelixConfiguration spec does not decode: {e}")),
+    match serde_json::from_slice::<Value>(value) {
+        Ok(object) => FelixConfigurationSpec::from_object(&object),
+        Err(e) => Err(format!("is not valid JSON: {e}")),
     }
 }
 
@@ -401,7 +391,7 @@ struct State {
     /// Counting block affinities: key -> (node, CIDR).
     affinities: BTreeMap<String, (String, IpNet)>,
     felix: BTreeMap<String, Result<FelixConfigurationSpec, String>>,
-    policy: wiremesh_core::policy::RawPolicyResources,
+    policy: wiremesh_core::wire::RawPolicyResources,
 }
 
 /// What a single key change touched, so only that part of the snapshot is recomputed.
@@ -1189,20 +1179,17 @@ impl EtcdWriter {
         Ok(value.map(|bytes| decode_felix_configuration(&bytes)))
     }
 
-    /// The WireGuard settings agent `node` runs with: FelixConfiguration `default`, then
-    /// `node.<node>`, merged as the agent merges them (an object that does not decode and an
+    /// The configuration agent `node` runs with: FelixConfiguration `default`, then
+    /// `node.<node>`, layered as the agent layers them (an object that does not decode and an
     /// invalid field are reported and left out).
-    pub async fn effective_settings(
-        &mut self,
-        node: &str,
-    ) -> Result<(WireguardSettings, Vec<ConfigFieldError>), WriteError> {
+    pub async fn effective_config(&mut self, node: &str) -> Result<EffectiveConfig, WriteError> {
         let mut configs = BTreeMap::new();
         for name in ["default".to_string(), format!("node.{node}")] {
             if let Some(spec) = self.get_felix_configuration(&name).await? {
                 configs.insert(name, spec);
             }
         }
-        Ok(wiremesh_core::mesh::effective_settings(node, &configs))
+        Ok(EffectiveConfig::for_node(node, &configs))
     }
 
     /// Sets one field of a FelixConfiguration's spec (creating the object when missing), as a

@@ -45,9 +45,9 @@ use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
 use super::{Datastore, DatastoreError, ObjectProblem, ProblemObject, ReadScope, SnapshotSender};
-use wiremesh_core::config::FelixConfigurationSpec;
 use wiremesh_core::model::{ClusterSnapshot, Family, NodeResource, PublishedWireguard};
-use wiremesh_core::policy::{Kind, RawPolicyResources};
+use wiremesh_core::wire::FelixConfigurationSpec;
+use wiremesh_core::wire::{Kind, RawPolicyResources};
 
 pub const ANNOTATION_PUBLIC_KEY: &str = "projectcalico.org/WireguardPublicKey";
 pub const ANNOTATION_PUBLIC_KEY_V6: &str = "projectcalico.org/WireguardPublicKeyV6";
@@ -157,11 +157,7 @@ pub fn decode_node(node: &Node) -> NodeResource {
 pub fn decode_felix_configuration(
     object: &DynamicObject,
 ) -> Result<FelixConfigurationSpec, String> {
-    match object.data.get("spec") {
-        None | Some(Value::Null) => Ok(FelixConfigurationSpec::default()),
-        Some(spec) => serde_json::from_value(spec.clone())
-            .map_err(|e| format!("FelixConfiguration spec does not decode: {e}")),
-    }
+    FelixConfigurationSpec::from_object(&object.data)
 }
 
 /// kubectl's copy of the applied manifest: server-side bookkeeping, not part of the object.

@@ -82,7 +82,7 @@ pub enum ProblemObject {
     FelixConfiguration(String),
     /// A host-endpoint policy resource; `namespace` only for namespaced kinds.
     Policy {
-        kind: wiremesh_core::policy::Kind,
+        kind: wiremesh_core::wire::Kind,
         namespace: Option<String>,
         name: String,
     },

@@ -11,7 +11,6 @@
 //! rewritten to the relay (and `tls-server-name` set to the real host, so TLS still checks the
 //! API server's certificate).
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -27,7 +26,7 @@ use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
 use super::{LabError, NodeState};
-use wiremesh_core::config::FelixConfigurationSpec;
+use wiremesh_core::model::FelixConfigurations;
 use wiremesh_datastore::kube::{
     ANNOTATION_IPV4_ADDRESS, KubeDatastore, decode_felix_configuration,
     felix_configuration_resource,
@@ -94,9 +93,7 @@ pub async fn merge_felix_configuration(
 }
 
 /// Every FelixConfiguration, decoded as the agent decodes them.
-pub async fn felix_configurations(
-    client: &Client,
-) -> Result<BTreeMap<String, Result<FelixConfigurationSpec, String>>, LabError> {
+pub async fn felix_configurations(client: &Client) -> Result<FelixConfigurations, LabError> {
     let list = felix_api(client)
         .list(&ListParams::default())
         .await
@@ -240,7 +237,7 @@ pub fn delete_lab_nodes_blocking(kubeconfig: &Path, lab: &str) -> Result<Vec<Str
 /// on delete is success.
 pub async fn apply_manifest(
     client: &Client,
-    manifest: &wiremesh_core::policy::manifest::Manifest,
+    manifest: &wiremesh_core::manifest::Manifest,
     delete: bool,
 ) -> Result<Vec<String>, LabError> {
     let mut touched = Vec::new();

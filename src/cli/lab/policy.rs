@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::{Lab, LabError};
-use wiremesh_core::policy::manifest::Manifest;
+use wiremesh_core::manifest::Manifest;
 use wiremesh_datastore::etcd::{felix_configuration_key, policy_key};
 
 /// Reads and validates `files`; on any problem nothing is written.

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::sys::{self, wait_until};
 use super::{Lab, LabError, NodeState};
+use wiremesh_core::config::EffectiveConfig;
 
 /// What `verify` should expect of the underlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -90,26 +91,29 @@ async fn effective(lab: &Lab) -> Result<Vec<(u32, bool, u16)>, LabError> {
         let configs = super::k8s::felix_configurations(&client).await?;
         let mut out = Vec::new();
         for (index, name) in names {
-            let (settings, errors) = wiremesh_core::mesh::effective_settings(&name, &configs);
-            for e in errors {
-                warn!(node = %name, error = %e, "ignored as the agent ignores it");
-            }
-            out.push((index, settings.v4.enabled, settings.v4.listening_port));
+            let config = EffectiveConfig::for_node(&name, &configs);
+            out.push(expectation(index, &name, config));
         }
         return Ok(out);
     }
     lab.with_store("reading FelixConfiguration", move |mut w| async move {
         let mut out = Vec::new();
         for (index, name) in names {
-            let (settings, errors) = w.effective_settings(&name).await?;
-            for e in errors {
-                warn!(node = %name, error = %e, "ignored as the agent ignores it");
-            }
-            out.push((index, settings.v4.enabled, settings.v4.listening_port));
+            let config = w.effective_config(&name).await?;
+            out.push(expectation(index, &name, config));
         }
         Ok(out)
     })
     .await
+}
+
+/// (node index, IPv4 WireGuard on, port) as the agent of `name` sees its configuration.
+fn expectation(index: u32, name: &str, config: EffectiveConfig) -> (u32, bool, u16) {
+    for e in &config.errors {
+        warn!(node = %name, error = %e, "ignored as the agent ignores it");
+    }
+    let v4 = &config.wireguard.v4;
+    (index, v4.enabled, v4.listening_port)
 }
 
 struct Capture {

@@ -11,13 +11,8 @@ use serde::Serialize;
 use crate::model::Family;
 use crate::selector::Selector;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub enum Action {
-    Allow,
-    Deny,
-    Log,
-    Pass,
-}
+/// A rule's action: the wire type is already all the domain needs.
+pub use crate::wire::common::Action;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Protocol {

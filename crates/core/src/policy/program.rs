@@ -17,6 +17,7 @@ use super::model::{
 use super::resources::PolicyResources;
 use crate::model::Family;
 use crate::selector::{Scope, Selector};
+use crate::wire::felix::ProtoPort;
 
 /// The profile that kube-controllers' auto host endpoints carry: allow everything.
 pub const DEFAULT_ALLOW_PROFILE: &str = "projectcalico-default-allow";
@@ -75,48 +76,38 @@ impl FailsafePort {
         .map(|(p, n)| FailsafePort::new(p, n))
         .collect()
     }
+}
 
-    /// Parses FelixConfiguration's list form: `[{protocol: TCP, port: 22, net: "10.0.0.0/8"}]`.
-    /// Protocol defaults to TCP; like Felix, only TCP and UDP are accepted. `[]` disables.
-    pub fn from_json(value: &serde_json::Value) -> Result<Vec<FailsafePort>, String> {
-        let items = value
-            .as_array()
-            .ok_or_else(|| "must be a list of {protocol, port, net}".to_string())?;
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| {
-                let protocol = match item.get("protocol").and_then(|p| p.as_str()) {
-                    None => Protocol::Tcp,
-                    Some(p) if p.eq_ignore_ascii_case("tcp") => Protocol::Tcp,
-                    Some(p) if p.eq_ignore_ascii_case("udp") => Protocol::Udp,
-                    Some(p) => return Err(format!("[{i}].protocol: {p:?} is not TCP or UDP")),
-                };
-                let port = item
-                    .get("port")
-                    .and_then(serde_json::Value::as_u64)
-                    .and_then(|p| u16::try_from(p).ok())
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| format!("[{i}].port: missing or not in 1..65535"))?;
-                let net = match item
-                    .get("net")
-                    .and_then(|n| n.as_str())
-                    .filter(|n| !n.is_empty())
-                {
-                    None => None,
-                    Some(n) => Some(
-                        n.parse::<IpNet>()
-                            .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
-                            .map_err(|_| format!("[{i}].net: {n:?} is not a CIDR"))?,
-                    ),
-                };
-                Ok(FailsafePort {
-                    protocol,
-                    port,
-                    net,
-                })
-            })
-            .collect()
+impl TryFrom<&ProtoPort> for FailsafePort {
+    /// `(field, why)`: `protocol`, `port` or `net` of the entry.
+    type Error = (&'static str, String);
+
+    /// Like Felix: protocol TCP (the default) or UDP in any case, port 1..65535, an optional
+    /// CIDR or address.
+    fn try_from(entry: &ProtoPort) -> Result<Self, Self::Error> {
+        let protocol = match entry.protocol.as_deref() {
+            None | Some("") => Protocol::Tcp,
+            Some(p) if p.eq_ignore_ascii_case("tcp") => Protocol::Tcp,
+            Some(p) if p.eq_ignore_ascii_case("udp") => Protocol::Udp,
+            Some(p) => return Err(("protocol", format!("{p:?} is not TCP or UDP"))),
+        };
+        let port = u16::try_from(entry.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| ("port", format!("{} is not in 1..65535", entry.port)))?;
+        let net = match entry.net.as_deref().filter(|n| !n.is_empty()) {
+            None => None,
+            Some(n) => Some(
+                n.parse::<IpNet>()
+                    .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| ("net", format!("{n:?} is not a CIDR")))?,
+            ),
+        };
+        Ok(FailsafePort {
+            protocol,
+            port,
+            net,
+        })
     }
 }
 

@@ -1,13 +1,16 @@
-//! projectcalico.org/v3 policy resources as stored (Calico's field names), and their validation
-//! into the domain types of [`super::model`]. An object that fails validation yields a
-//! [`ValidationError`] naming the object and the field; the caller skips it.
+//! Policy resources validated into the domain types of [`super::model`]: each projectcalico.org/v3
+//! kind's wire type (`crate::wire`) becomes its domain type by `TryFrom`, and this is the only
+//! place policy is validated. An object that fails yields a [`ValidationError`] naming the
+//! object and the field; the caller skips it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use super::model::{
     Action, EndpointPort, Entity, HostEndpoint, IcmpMatch, NetworkSet, Policy, PolicyKind,
@@ -15,58 +18,13 @@ use super::model::{
 };
 use crate::model::Family;
 use crate::selector::{Expr, Selector};
-
-/// The kinds of policy resources we read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Kind {
-    GlobalNetworkPolicy,
-    NetworkPolicy,
-    Tier,
-    HostEndpoint,
-    GlobalNetworkSet,
-    NetworkSet,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 6] = [
-        Kind::GlobalNetworkPolicy,
-        Kind::NetworkPolicy,
-        Kind::Tier,
-        Kind::HostEndpoint,
-        Kind::GlobalNetworkSet,
-        Kind::NetworkSet,
-    ];
-
-    pub fn namespaced(self) -> bool {
-        matches!(self, Kind::NetworkPolicy | Kind::NetworkSet)
-    }
-
-    /// The plural, lower-case name used in Calico's etcd keys.
-    pub fn plural(self) -> &'static str {
-        match self {
-            Kind::GlobalNetworkPolicy => "globalnetworkpolicies",
-            Kind::NetworkPolicy => "networkpolicies",
-            Kind::Tier => "tiers",
-            Kind::HostEndpoint => "hostendpoints",
-            Kind::GlobalNetworkSet => "globalnetworksets",
-            Kind::NetworkSet => "networksets",
-        }
-    }
-
-    pub fn from_kind_name(name: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.to_string() == name)
-    }
-
-    pub fn from_plural(name: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.plural() == name)
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
+use crate::wire::common::{EntityRule, IcmpFields, NumOrString, PolicyType};
+use crate::wire::network::EndpointPort as WireEndpointPort;
+use crate::wire::policy::TierDefaultAction;
+use crate::wire::{
+    self, GlobalNetworkPolicySpec, GlobalNetworkSetSpec, HostEndpointSpec, Kind, NetworkPolicySpec,
+    NetworkSetSpec, Object, ObjectMeta, RawPolicyResources, TierSpec,
+};
 
 /// A validation failure: which object, which field, what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
@@ -78,23 +36,10 @@ pub struct ValidationError {
     /// A path such as `spec.ingress[0].protocol`; `object` for the whole object.
     pub field: String,
     pub message: String,
-}
-
-/// Raw policy resources as read from a datastore: the JSON object per kind, keyed by
-/// `name` (cluster-scoped kinds) or `namespace/name`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RawPolicyResources {
-    pub objects: BTreeMap<Kind, BTreeMap<String, serde_json::Value>>,
-}
-
-impl RawPolicyResources {
-    pub fn insert(&mut self, kind: Kind, key: String, value: serde_json::Value) {
-        self.objects.entry(kind).or_default().insert(key, value);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.objects.values().all(BTreeMap::is_empty)
-    }
+    /// Valid Calico, but a feature wiremesh does not enforce (HTTP matches, service accounts,
+    /// services): the object is skipped all the same, as enforcing it partly would be wrong.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unsupported: bool,
 }
 
 /// Validated resources; what failed is in `errors`.
@@ -162,57 +107,30 @@ impl PolicyResources {
         key: &str,
         value: &serde_json::Value,
     ) -> Result<(), ValidationError> {
-        let err = |field: &str, message: String| ValidationError {
-            kind,
-            name: key.to_string(),
-            field: field.into(),
-            message,
-        };
-        if !value.is_object() {
-            let what = value
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| value.to_string());
-            return Err(err("object", format!("is not a JSON object: {what}")));
-        }
-        let meta: Metadata = match value.get("metadata") {
-            Some(m) => {
-                serde_json::from_value(m.clone()).map_err(|e| err("metadata", e.to_string()))?
-            }
-            None => Metadata::default(),
-        };
-        let mut ctx = Ctx {
-            kind,
-            name: meta.display_name(key),
-        };
-        if meta.name.is_empty() && !key.is_empty() {
-            // The key is authoritative when the stored object lacks a name.
-            ctx.name = key.to_string();
-        }
-        let spec = value
-            .get("spec")
-            .cloned()
-            .unwrap_or(serde_json::Value::Object(Default::default()));
         match kind {
-            Kind::GlobalNetworkPolicy | Kind::NetworkPolicy => {
-                let spec: PolicySpec = ctx.decode(spec)?;
-                let policy = validate_policy(&ctx, &meta, key, spec)?;
-                self.policies.push(policy);
+            Kind::GlobalNetworkPolicy => {
+                let stored = Stored::<GlobalNetworkPolicySpec>::decode(kind, key, value)?;
+                self.policies.push(Policy::try_from(stored)?);
+            }
+            Kind::NetworkPolicy => {
+                let stored = Stored::<NetworkPolicySpec>::decode(kind, key, value)?;
+                self.policies.push(Policy::try_from(stored)?);
             }
             Kind::Tier => {
-                let spec: TierSpec = ctx.decode(spec)?;
-                let tier = validate_tier(&ctx, &meta, key, spec)?;
+                let tier = Tier::try_from(Stored::<TierSpec>::decode(kind, key, value)?)?;
                 self.tiers.insert(tier.name.clone(), tier);
             }
             Kind::HostEndpoint => {
-                let spec: HostEndpointSpec = ctx.decode(spec)?;
-                self.host_endpoints
-                    .push(validate_hep(&ctx, &meta, key, spec)?);
+                let stored = Stored::<HostEndpointSpec>::decode(kind, key, value)?;
+                self.host_endpoints.push(HostEndpoint::try_from(stored)?);
             }
-            Kind::GlobalNetworkSet | Kind::NetworkSet => {
-                let spec: NetworkSetSpec = ctx.decode(spec)?;
-                self.network_sets
-                    .push(validate_netset(&ctx, &meta, key, spec)?);
+            Kind::GlobalNetworkSet => {
+                let stored = Stored::<GlobalNetworkSetSpec>::decode(kind, key, value)?;
+                self.network_sets.push(NetworkSet::try_from(stored)?);
+            }
+            Kind::NetworkSet => {
+                let stored = Stored::<NetworkSetSpec>::decode(kind, key, value)?;
+                self.network_sets.push(NetworkSet::try_from(stored)?);
             }
         }
         Ok(())
@@ -231,139 +149,180 @@ impl PolicyResources {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Raw serde types (Calico field names)
+// Decoding
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct Metadata {
-    pub name: String,
-    pub namespace: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    pub annotations: BTreeMap<String, String>,
+/// A decoded object of one kind, with the key it was stored under (its name when the stored
+/// object has none).
+#[derive(Debug, Clone)]
+pub struct Stored<'a, S> {
+    pub kind: Kind,
+    pub key: &'a str,
+    pub object: Object<S>,
 }
 
-impl Metadata {
-    fn display_name(&self, key: &str) -> String {
-        match (&self.namespace, self.name.is_empty()) {
-            (_, true) => key.to_string(),
-            (Some(ns), false) => format!("{ns}/{}", self.name),
-            (None, false) => self.name.clone(),
+impl<'a, S: DeserializeOwned + JsonSchema + Default> Stored<'a, S> {
+    /// Decodes `value`: a field of the wrong type, or one the kind's spec does not have (a typo
+    /// such as `ingresss`, which Kubernetes would otherwise prune silently), is an error.
+    pub fn decode(
+        kind: Kind,
+        key: &'a str,
+        value: &serde_json::Value,
+    ) -> Result<Self, ValidationError> {
+        let err = |field: String, message: String| ValidationError {
+            kind,
+            name: stored_name(kind, key, value),
+            field,
+            message,
+            unsupported: false,
+        };
+        if !value.is_object() {
+            let what = value
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
+            return Err(err(
+                "object".into(),
+                format!("is not a JSON object: {what}"),
+            ));
+        }
+        let decoded = wire::decode::<Object<S>>(value).map_err(|e| err(e.path, e.message))?;
+        // Server bookkeeping in `metadata` and `status` is not ours to judge; the spec is.
+        if let Some(path) = decoded
+            .unknown_fields
+            .iter()
+            .find(|p| p.starts_with("spec."))
+        {
+            return Err(err(path.clone(), unknown_field_message::<S>(kind, path)));
+        }
+        Ok(Stored {
+            kind,
+            key,
+            object: decoded.value,
+        })
+    }
+
+    fn ctx(&self) -> Ctx {
+        let meta = &self.object.metadata;
+        let name = if meta.name.is_empty() {
+            // The key is authoritative when the stored object lacks a name.
+            self.key.to_string()
+        } else {
+            display_name(meta, self.key)
+        };
+        Ctx {
+            kind: self.kind,
+            name,
         }
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
-pub struct PolicySpec {
-    pub tier: Option<String>,
-    pub order: Option<f64>,
-    pub selector: Option<String>,
-    pub types: Option<Vec<String>>,
-    pub ingress: Vec<RawRule>,
-    pub egress: Vec<RawRule>,
-    pub namespace_selector: Option<String>,
-    pub service_account_selector: Option<String>,
-    pub do_not_track: bool,
-    #[serde(rename = "preDNAT")]
-    pub pre_dnat: bool,
-    pub apply_on_forward: bool,
-    pub performance_hints: Vec<String>,
-}
-
-/// A number or a string (Calico's `numorstring`).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum NumOrString {
-    Num(i64),
-    Str(String),
-}
-
-impl fmt::Display for NumOrString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NumOrString::Num(n) => write!(f, "{n}"),
-            NumOrString::Str(s) => write!(f, "{s:?}"),
-        }
+/// How errors name an object: `namespace/name` or `name` from its metadata, else its key.
+fn stored_name(kind: Kind, key: &str, value: &serde_json::Value) -> String {
+    let field = |f: &str| value.pointer(f).and_then(serde_json::Value::as_str);
+    match (field("/metadata/name"), field("/metadata/namespace")) {
+        (Some(name), Some(ns)) if kind.namespaced() && !name.is_empty() => format!("{ns}/{name}"),
+        (Some(name), _) if !name.is_empty() => name.to_string(),
+        _ => key.to_string(),
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
-pub struct RawRule {
-    pub action: String,
-    pub protocol: Option<NumOrString>,
-    pub not_protocol: Option<NumOrString>,
-    pub icmp: Option<RawIcmp>,
-    #[serde(rename = "notICMP")]
-    pub not_icmp: Option<RawIcmp>,
-    pub ip_version: Option<u8>,
-    pub source: RawEntity,
-    pub destination: RawEntity,
-    pub http: Option<serde_json::Value>,
-    pub metadata: Option<RuleMetadata>,
+/// "unknown field", with the likely intended field for a typo of a top-level spec field.
+fn unknown_field_message<S: JsonSchema>(kind: Kind, path: &str) -> String {
+    let field = path.trim_start_matches("spec.");
+    let global_only = [
+        "doNotTrack",
+        "preDNAT",
+        "applyOnForward",
+        "namespaceSelector",
+    ];
+    if kind == Kind::NetworkPolicy && global_only.contains(&field) {
+        return format!(
+            "unknown field: {} are GlobalNetworkPolicy fields",
+            global_only.join(", ")
+        );
+    }
+    let known = wire::field_names::<S>();
+    match wire::did_you_mean(field, &known) {
+        Some(intended) if !field.contains(['.', '[']) => {
+            format!("unknown field (did you mean {intended}?)")
+        }
+        _ => "unknown field".to_string(),
+    }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct RuleMetadata {
-    pub annotations: BTreeMap<String, String>,
+fn display_name(meta: &ObjectMeta, key: &str) -> String {
+    match (&meta.namespace, meta.name.is_empty()) {
+        (_, true) => key.to_string(),
+        (Some(ns), false) => format!("{ns}/{}", meta.name),
+        (None, false) => meta.name.clone(),
+    }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawIcmp {
-    #[serde(rename = "type")]
-    pub type_: Option<i64>,
-    pub code: Option<i64>,
+impl TryFrom<Stored<'_, GlobalNetworkPolicySpec>> for Policy {
+    type Error = ValidationError;
+
+    fn try_from(stored: Stored<'_, GlobalNetworkPolicySpec>) -> Result<Self, Self::Error> {
+        validate_policy(
+            &stored.ctx(),
+            &stored.object.metadata,
+            stored.key,
+            stored.object.spec,
+        )
+    }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
-pub struct RawEntity {
-    pub nets: Vec<String>,
-    pub not_nets: Vec<String>,
-    pub selector: Option<String>,
-    pub not_selector: Option<String>,
-    pub namespace_selector: Option<String>,
-    pub ports: Vec<NumOrString>,
-    pub not_ports: Vec<NumOrString>,
-    pub service_accounts: Option<serde_json::Value>,
-    pub services: Option<serde_json::Value>,
+impl TryFrom<Stored<'_, NetworkPolicySpec>> for Policy {
+    type Error = ValidationError;
+
+    fn try_from(stored: Stored<'_, NetworkPolicySpec>) -> Result<Self, Self::Error> {
+        let ctx = stored.ctx();
+        let spec = GlobalNetworkPolicySpec::from(stored.object.spec);
+        validate_policy(&ctx, &stored.object.metadata, stored.key, spec)
+    }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
-pub struct TierSpec {
-    pub order: Option<f64>,
-    pub default_action: Option<String>,
+impl TryFrom<Stored<'_, TierSpec>> for Tier {
+    type Error = ValidationError;
+
+    fn try_from(stored: Stored<'_, TierSpec>) -> Result<Self, Self::Error> {
+        validate_tier(
+            &stored.ctx(),
+            &stored.object.metadata,
+            stored.key,
+            &stored.object.spec,
+        )
+    }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
-pub struct HostEndpointSpec {
-    pub node: String,
-    pub interface_name: Option<String>,
-    #[serde(rename = "expectedIPs")]
-    pub expected_ips: Vec<String>,
-    pub profiles: Vec<String>,
-    pub ports: Vec<serde_json::Value>,
+impl TryFrom<Stored<'_, HostEndpointSpec>> for HostEndpoint {
+    type Error = ValidationError;
+
+    fn try_from(stored: Stored<'_, HostEndpointSpec>) -> Result<Self, Self::Error> {
+        validate_hep(
+            &stored.ctx(),
+            &stored.object.metadata,
+            stored.key,
+            stored.object.spec,
+        )
+    }
 }
 
-/// A HostEndpoint `spec.ports[]` entry.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RawEndpointPort {
-    pub name: String,
-    pub protocol: Option<NumOrString>,
-    pub port: Option<i64>,
+impl TryFrom<Stored<'_, GlobalNetworkSetSpec>> for NetworkSet {
+    type Error = ValidationError;
+
+    fn try_from(stored: Stored<'_, GlobalNetworkSetSpec>) -> Result<Self, Self::Error> {
+        let nets = &stored.object.spec.nets;
+        validate_netset(&stored.ctx(), &stored.object.metadata, stored.key, nets)
+    }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
-pub struct NetworkSetSpec {
-    pub nets: Vec<String>,
-    #[serde(rename = "allowedEgressDomains")]
-    pub allowed_egress_domains: Vec<String>,
+impl TryFrom<Stored<'_, NetworkSetSpec>> for NetworkSet {
+    type Error = ValidationError;
+
+    fn try_from(stored: Stored<'_, NetworkSetSpec>) -> Result<Self, Self::Error> {
+        let nets = &stored.object.spec.nets;
+        validate_netset(&stored.ctx(), &stored.object.metadata, stored.key, nets)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -381,14 +340,16 @@ impl Ctx {
             name: self.name.clone(),
             field: field.into(),
             message: message.to_string(),
+            unsupported: false,
         }
     }
 
-    fn decode<T: serde::de::DeserializeOwned>(
-        &self,
-        spec: serde_json::Value,
-    ) -> Result<T, ValidationError> {
-        serde_json::from_value(spec).map_err(|e| self.err("spec", e))
+    /// A valid field naming a feature wiremesh does not enforce.
+    fn unsupported(&self, field: impl Into<String>, message: impl fmt::Display) -> ValidationError {
+        ValidationError {
+            unsupported: true,
+            ..self.err(field, message)
+        }
     }
 
     fn selector(
@@ -417,7 +378,7 @@ fn is_dns_label(s: &str, max: usize) -> bool {
 
 fn validate_name(
     ctx: &Ctx,
-    meta: &Metadata,
+    meta: &ObjectMeta,
     key: &str,
     dots: usize,
 ) -> Result<String, ValidationError> {
@@ -453,9 +414,9 @@ fn validate_name(
 
 fn validate_policy(
     ctx: &Ctx,
-    meta: &Metadata,
+    meta: &ObjectMeta,
     key: &str,
-    spec: PolicySpec,
+    spec: GlobalNetworkPolicySpec,
 ) -> Result<Policy, ValidationError> {
     let kind = if ctx.kind == Kind::NetworkPolicy {
         PolicyKind::Namespaced
@@ -490,17 +451,9 @@ fn validate_policy(
     {
         return Err(ctx.err("spec.order", "must be a finite number"));
     }
-    if kind == PolicyKind::Namespaced
-        && (spec.do_not_track
-            || spec.pre_dnat
-            || spec.apply_on_forward
-            || spec.namespace_selector.is_some())
-    {
-        return Err(ctx.err(
-            "spec",
-            "doNotTrack, preDNAT, applyOnForward and namespaceSelector are GlobalNetworkPolicy fields",
-        ));
-    }
+    let do_not_track = spec.do_not_track.unwrap_or(false);
+    let pre_dnat = spec.pre_dnat.unwrap_or(false);
+    let apply_on_forward = spec.apply_on_forward.unwrap_or(false);
     let selector = ctx
         .selector("spec.selector", spec.selector.as_deref())?
         .unwrap_or_default();
@@ -524,43 +477,33 @@ fn validate_policy(
         }
     }
     // Types: API defaulting (§2.2, 32).
-    let (ingress_on, egress_on) = match &spec.types {
-        None => (
+    let (ingress_on, egress_on) = if spec.types.is_empty() {
+        (
             spec.egress.is_empty() || !spec.ingress.is_empty(),
             !spec.egress.is_empty(),
-        ),
-        Some(types) if types.is_empty() => (
-            spec.egress.is_empty() || !spec.ingress.is_empty(),
-            !spec.egress.is_empty(),
-        ),
-        Some(types) => {
-            let mut seen = BTreeSet::new();
-            for (i, t) in types.iter().enumerate() {
-                if t != "Ingress" && t != "Egress" {
-                    return Err(ctx.err(
-                        format!("spec.types[{i}]"),
-                        format!("{t:?} is not Ingress or Egress"),
-                    ));
-                }
-                if !seen.insert(t.as_str()) {
-                    return Err(
-                        ctx.err(format!("spec.types[{i}]"), format!("duplicate type {t:?}"))
-                    );
-                }
+        )
+    } else {
+        let mut seen = BTreeSet::new();
+        for (i, t) in spec.types.iter().enumerate() {
+            if !seen.insert(*t) {
+                return Err(ctx.err(format!("spec.types[{i}]"), format!("duplicate type {t:?}")));
             }
-            (seen.contains("Ingress"), seen.contains("Egress"))
         }
+        (
+            seen.contains(&PolicyType::Ingress),
+            seen.contains(&PolicyType::Egress),
+        )
     };
-    if spec.do_not_track && spec.pre_dnat {
+    if do_not_track && pre_dnat {
         return Err(ctx.err("spec", "doNotTrack and preDNAT cannot both be set"));
     }
-    if spec.pre_dnat && (egress_on || !spec.egress.is_empty()) {
+    if pre_dnat && (egress_on || !spec.egress.is_empty()) {
         return Err(ctx.err(
             "spec.egress",
             "a preDNAT policy cannot have egress rules or the Egress type",
         ));
     }
-    if (spec.do_not_track || spec.pre_dnat) && !spec.apply_on_forward {
+    if (do_not_track || pre_dnat) && !apply_on_forward {
         return Err(ctx.err(
             "spec.applyOnForward",
             "must be true when doNotTrack or preDNAT is set",
@@ -579,7 +522,7 @@ fn validate_policy(
             return Err(ctx.err(format!("spec.{dir}"), "at most 1024 rules"));
         }
     }
-    let rules = |dir: &str, raw: &[RawRule]| -> Result<Vec<Rule>, ValidationError> {
+    let rules = |dir: &str, raw: &[wire::common::Rule]| -> Result<Vec<Rule>, ValidationError> {
         raw.iter()
             .enumerate()
             .map(|(i, r)| {
@@ -608,9 +551,9 @@ fn validate_policy(
         selects_host_endpoints,
         ingress: ingress_on.then_some(ingress),
         egress: egress_on.then_some(egress),
-        do_not_track: spec.do_not_track,
-        pre_dnat: spec.pre_dnat,
-        apply_on_forward: spec.apply_on_forward,
+        do_not_track,
+        pre_dnat,
+        apply_on_forward,
     })
 }
 
@@ -717,23 +660,12 @@ fn validate_rule(
     field: &str,
     ingress: bool,
     namespace: Option<&str>,
-    r: &RawRule,
+    r: &wire::common::Rule,
 ) -> Result<Rule, ValidationError> {
     let f = |sub: &str| format!("{field}.{sub}");
-    let action = match r.action.as_str() {
-        "Allow" => Action::Allow,
-        "Deny" => Action::Deny,
-        "Log" => Action::Log,
-        "Pass" => Action::Pass,
-        other => {
-            return Err(ctx.err(
-                f("action"),
-                format!("{other:?} is not Allow, Deny, Log or Pass"),
-            ));
-        }
-    };
+    let action: Action = r.action;
     if r.http.is_some() {
-        return Err(ctx.err(
+        return Err(ctx.unsupported(
             f("http"),
             "HTTP match criteria are not enforced by a kernel dataplane; wiremesh rejects them",
         ));
@@ -774,7 +706,9 @@ fn validate_rule(
             _ => None,
         };
     }
-    let icmp = |name: &str, raw: &Option<RawIcmp>| -> Result<Option<IcmpMatch>, ValidationError> {
+    let icmp = |name: &str,
+                raw: &Option<IcmpFields>|
+     -> Result<Option<IcmpMatch>, ValidationError> {
         let Some(raw) = raw else { return Ok(None) };
         let icmp_proto = matches!(protocol.map(Protocol::number), Some(1) | Some(58));
         if !icmp_proto {
@@ -798,8 +732,21 @@ fn validate_rule(
     };
     let icmp_m = icmp("icmp", &r.icmp)?;
     let not_icmp = icmp("notICMP", &r.not_icmp)?;
-    let source = validate_entity(ctx, &f("source"), namespace, &r.source, protocol)?;
-    let destination = validate_entity(ctx, &f("destination"), namespace, &r.destination, protocol)?;
+    let empty = EntityRule::default();
+    let source = validate_entity(
+        ctx,
+        &f("source"),
+        namespace,
+        r.source.as_ref().unwrap_or(&empty),
+        protocol,
+    )?;
+    let destination = validate_entity(
+        ctx,
+        &f("destination"),
+        namespace,
+        r.destination.as_ref().unwrap_or(&empty),
+        protocol,
+    )?;
     // Family consistency of nets.
     let mut fams = BTreeSet::new();
     for e in [&source, &destination] {
@@ -834,18 +781,18 @@ fn validate_entity(
     ctx: &Ctx,
     field: &str,
     namespace: Option<&str>,
-    e: &RawEntity,
+    e: &EntityRule,
     protocol: Option<Protocol>,
 ) -> Result<Entity, ValidationError> {
     let f = |sub: &str| format!("{field}.{sub}");
     if e.services.is_some() {
-        return Err(ctx.err(
+        return Err(ctx.unsupported(
             f("services"),
             "Kubernetes service matches are not supported by wiremesh",
         ));
     }
     if e.service_accounts.is_some() {
-        return Err(ctx.err(
+        return Err(ctx.unsupported(
             f("serviceAccounts"),
             "service-account matches select only pods, which wiremesh does not know; not supported",
         ));
@@ -963,9 +910,9 @@ fn and(a: Expr, b: Expr) -> Expr {
 
 fn validate_tier(
     ctx: &Ctx,
-    meta: &Metadata,
+    meta: &ObjectMeta,
     key: &str,
-    spec: TierSpec,
+    spec: &TierSpec,
 ) -> Result<Tier, ValidationError> {
     let name = validate_name(ctx, meta, key, 0)?;
     if let Some(o) = spec.order
@@ -973,15 +920,9 @@ fn validate_tier(
     {
         return Err(ctx.err("spec.order", "must be a finite number"));
     }
-    let default_action = match spec.default_action.as_deref() {
-        None | Some("Deny") => TierDefault::Deny,
-        Some("Pass") => TierDefault::Pass,
-        Some(other) => {
-            return Err(ctx.err(
-                "spec.defaultAction",
-                format!("{other:?} is not Deny or Pass"),
-            ));
-        }
+    let default_action = match spec.default_action {
+        None | Some(TierDefaultAction::Deny) => TierDefault::Deny,
+        Some(TierDefaultAction::Pass) => TierDefault::Pass,
     };
     for builtin in Tier::builtin() {
         if builtin.name == name
@@ -1005,7 +946,7 @@ fn validate_tier(
 
 fn validate_hep(
     ctx: &Ctx,
-    meta: &Metadata,
+    meta: &ObjectMeta,
     key: &str,
     spec: HostEndpointSpec,
 ) -> Result<HostEndpoint, ValidationError> {
@@ -1063,10 +1004,8 @@ fn validate_hep(
 fn validate_endpoint_port(
     ctx: &Ctx,
     field: &str,
-    value: &serde_json::Value,
+    raw: &WireEndpointPort,
 ) -> Result<EndpointPort, ValidationError> {
-    let raw: RawEndpointPort =
-        serde_json::from_value(value.clone()).map_err(|e| ctx.err(field, e))?;
     let f = |sub: &str| format!("{field}.{sub}");
     if !is_port_name(&raw.name) {
         return Err(ctx.err(
@@ -1077,26 +1016,19 @@ fn validate_endpoint_port(
             ),
         ));
     }
-    let protocol = match &raw.protocol {
-        None => return Err(ctx.err(f("protocol"), "is required (TCP, UDP or SCTP)")),
-        Some(p) => parse_protocol(ctx, &f("protocol"), p)?,
-    };
+    let protocol = parse_protocol(ctx, &f("protocol"), &raw.protocol)?;
     let protocol = match protocol.number() {
         6 => Protocol::Tcp,
         17 => Protocol::Udp,
         132 => Protocol::Sctp,
         _ => return Err(ctx.err(f("protocol"), "must be TCP, UDP or SCTP")),
     };
-    let port = raw
-        .port
-        .and_then(|p| u16::try_from(p).ok())
+    let port = u16::try_from(raw.port)
+        .ok()
         .filter(|p| *p >= 1)
-        .ok_or_else(|| match raw.port {
-            None => ctx.err(f("port"), "is required (1..65535)"),
-            Some(p) => ctx.err(f("port"), format!("{p} is not in 1..65535")),
-        })?;
+        .ok_or_else(|| ctx.err(f("port"), format!("{} is not in 1..65535", raw.port)))?;
     Ok(EndpointPort {
-        name: raw.name,
+        name: raw.name.clone(),
         protocol,
         port,
     })
@@ -1104,9 +1036,9 @@ fn validate_endpoint_port(
 
 fn validate_netset(
     ctx: &Ctx,
-    meta: &Metadata,
+    meta: &ObjectMeta,
     key: &str,
-    spec: NetworkSetSpec,
+    spec_nets: &[String],
 ) -> Result<NetworkSet, ValidationError> {
     let name = validate_name(ctx, meta, key, usize::MAX / 2)?;
     let namespace = if ctx.kind == Kind::NetworkSet {
@@ -1121,7 +1053,7 @@ fn validate_netset(
         None
     };
     let mut nets = Vec::new();
-    for (i, n) in spec.nets.iter().enumerate() {
+    for (i, n) in spec_nets.iter().enumerate() {
         let net = parse_net(ctx, &format!("spec.nets[{i}]"), n)?;
         // Kernel interval sets cannot hold /0: store it as two /1s.
         if net.prefix_len() == 0 {

@@ -8,7 +8,8 @@ use super::explain::{Outcome, Packet, PacketPath, Reason, explain};
 use super::model::{Direction, Protocol};
 use super::program::{Hook, Iface, PolicyInputs, PolicySettings, compile};
 use super::render::render;
-use super::resources::{Kind, PolicyResources, RawPolicyResources};
+use super::resources::PolicyResources;
+use crate::wire::{Kind, RawPolicyResources};
 
 fn raw(objects: &[(Kind, Value)]) -> RawPolicyResources {
     let mut r = RawPolicyResources::default();
@@ -137,7 +138,7 @@ fn validation_errors_name_object_and_field() {
             gnp("a", json!({"types": ["Ingress", "Ingress"]})),
             "spec.types[1]",
         ),
-        (gnp("a", json!({"ingresss": []})), "spec"),
+        (gnp("a", json!({"ingresss": []})), "spec.ingresss"),
         (gnp("Bad_Name", json!({})), "metadata.name"),
         (
             (
@@ -190,6 +191,34 @@ fn validation_errors_name_object_and_field() {
         );
         assert!(msg.starts_with(&kind.to_string()), "{msg}");
     }
+}
+
+#[test]
+fn unknown_fields_name_the_intended_field() {
+    let typo = one_error(&[gnp("a", json!({"ingres": []}))]);
+    assert!(
+        typo.contains("spec.ingres: unknown field (did you mean ingress?)"),
+        "{typo}"
+    );
+    let np = one_error(&[(
+        Kind::NetworkPolicy,
+        json!({"metadata": {"name": "a", "namespace": "ns"}, "spec": {"doNotTrack": true}}),
+    )]);
+    assert!(
+        np.starts_with(
+            "NetworkPolicy \"ns/a\": spec.doNotTrack: unknown field: doNotTrack, preDNAT"
+        ),
+        "{np}"
+    );
+    let unsupported = PolicyResources::from_raw(&raw(&[gnp(
+        "a",
+        json!({"ingress": [{"action": "Allow", "http": {"methods": ["GET"]}}]}),
+    )]));
+    assert!(
+        unsupported.errors[0].unsupported,
+        "{:?}",
+        unsupported.errors
+    );
 }
 
 #[test]
@@ -728,10 +757,20 @@ fn snapshot_default_deny_star() {
     ]));
     assert!(res.errors.is_empty(), "{:?}", res.errors);
     let settings = PolicySettings {
-        failsafe_inbound: super::program::FailsafePort::from_json(
-            &json!([{"protocol": "TCP", "port": 22, "net": "10.0.0.0/8"}, {"port": 6443}]),
-        )
-        .expect("failsafe"),
+        failsafe_inbound: [
+            crate::wire::felix::ProtoPort {
+                protocol: Some("TCP".into()),
+                port: 22,
+                net: Some("10.0.0.0/8".into()),
+            },
+            crate::wire::felix::ProtoPort {
+                port: 6443,
+                ..Default::default()
+            },
+        ]
+        .iter()
+        .map(|p| super::program::FailsafePort::try_from(p).expect("failsafe"))
+        .collect(),
         ..PolicySettings::default()
     };
     let prog = compile(&PolicyInputs {
@@ -1142,7 +1181,7 @@ fn named_port_validation() {
                 json!([]),
                 json!([{"name": "a", "protocol": "TCP", "port": 80, "hostPort": 1}]),
             ),
-            "spec.ports[0]",
+            "spec.ports[0].hostPort",
         ),
     ];
     for ((kind, v), field) in bad {

@@ -14,6 +14,15 @@ pub enum NumOrString {
     Str(String),
 }
 
+impl std::fmt::Display for NumOrString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NumOrString::Num(n) => write!(f, "{n}"),
+            NumOrString::Str(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
 impl JsonSchema for NumOrString {
     fn schema_name() -> Cow<'static, str> {
         "NumOrString".into()
@@ -52,7 +61,10 @@ impl JsonSchema for Opaque {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+// Also the domain's action type: there is nothing in it to validate.
+/// What a rule does with a matching packet: Allow, Deny, Log (and go on) or Pass (to the next
+/// tier).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum Action {
     Allow,
     Deny,
@@ -60,7 +72,9 @@ pub enum Action {
     Pass,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
 pub enum PolicyType {
     Ingress,
     Egress,

@@ -1,9 +1,9 @@
 //! `FelixConfiguration` (cluster-scoped; `default` for the cluster, `node.<name>` per node).
 //!
-//! The WireGuard fields are typed with Calico's names, types and ranges; every other Felix
+//! Every field wiremesh reads is typed with Calico's name, type and range; every other Felix
 //! field is accepted as is (`x-kubernetes-preserve-unknown-fields`), so Calico's own manifests
-//! apply unchanged. The agent itself reads these objects untyped and decodes the WireGuard part
-//! with [`crate::config::FelixConfigurationSpec`] (a bad field is reported, not fatal).
+//! apply unchanged. `config::EffectiveConfig` validates and layers them (`default`, then
+//! `node.<name>`); a bad field is reported, not fatal.
 
 use kube_derive::CustomResource;
 use schemars::JsonSchema;
@@ -79,4 +79,60 @@ pub struct FelixConfigurationSpec {
     /// Threaded NAPI on the device (accepted; not used by wiremesh).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wireguard_threading_enabled: Option<bool>,
+    /// Inbound host ports always allowed, whatever host policy says (Felix's defaults: SSH,
+    /// DHCP, BGP, etcd, the Kubernetes API); `[]` allows none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failsafe_inbound_host_ports: Option<Vec<ProtoPort>>,
+    /// Outbound host ports always allowed (Felix's defaults: DNS, DHCP, BGP, etcd, the
+    /// Kubernetes API); `[]` allows none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failsafe_outbound_host_ports: Option<Vec<ProtoPort>>,
+    /// Prefix of the kernel log lines of `Log` rules (default `calico-packet`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_prefix: Option<String>,
+}
+
+/// A failsafe port: protocol (TCP or UDP, any case; default TCP), port, and optionally the
+/// network it is limited to.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProtoPort {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = FAILSAFE_PROTOCOL_PATTERN))]
+    pub protocol: Option<String>,
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// A CIDR or address; empty or absent for any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net: Option<String>,
+}
+
+/// TCP or UDP in any case, as Felix accepts them.
+pub const FAILSAFE_PROTOCOL_PATTERN: &str = r"^([tT][cC][pP]|[uU][dD][pP])$";
+
+impl FelixConfigurationSpec {
+    /// The spec of a stored FelixConfiguration (its JSON object, as etcd or the API server
+    /// holds it): the one decoder both datastores use. No spec is an empty spec; unknown
+    /// fields (Felix has many wiremesh does not read) are accepted.
+    pub fn from_object(object: &serde_json::Value) -> Result<FelixConfigurationSpec, String> {
+        use serde_json::Value;
+        match object {
+            Value::Object(fields) if fields.get("spec").is_none_or(Value::is_null) => {
+                Ok(FelixConfigurationSpec::default())
+            }
+            Value::Object(_) => super::decode::<super::Object<FelixConfigurationSpec>>(object)
+                .map(|decoded| decoded.value.spec)
+                .map_err(|e| format!("does not decode: {e}")),
+            other => Err(format!(
+                "is not a JSON object but {}",
+                match other {
+                    Value::Null => "null",
+                    Value::Bool(_) => "a boolean",
+                    Value::Number(_) => "a number",
+                    Value::String(_) => "a string",
+                    _ => "an array",
+                }
+            )),
+        }
+    }
 }

@@ -60,6 +60,9 @@ pub struct HostEndpointSpec {
 pub struct GlobalNetworkSetSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<String>,
+    /// Domain names for egress rules (Calico Enterprise; accepted, not enforced).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_egress_domains: Vec<String>,
 }
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -76,4 +79,7 @@ pub struct GlobalNetworkSetSpec {
 pub struct NetworkSetSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<String>,
+    /// Domain names for egress rules (Calico Enterprise; accepted, not enforced).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_egress_domains: Vec<String>,
 }

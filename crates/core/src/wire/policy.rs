@@ -88,6 +88,24 @@ pub struct NetworkPolicySpec {
     pub performance_hints: Vec<String>,
 }
 
+impl From<NetworkPolicySpec> for GlobalNetworkPolicySpec {
+    /// A NetworkPolicy's fields are a subset of a GlobalNetworkPolicy's, so it is validated as
+    /// the GlobalNetworkPolicy it would be (its namespace comes from its metadata).
+    fn from(np: NetworkPolicySpec) -> Self {
+        GlobalNetworkPolicySpec {
+            tier: np.tier,
+            order: np.order,
+            selector: np.selector,
+            types: np.types,
+            ingress: np.ingress,
+            egress: np.egress,
+            service_account_selector: np.service_account_selector,
+            performance_hints: np.performance_hints,
+            ..GlobalNetworkPolicySpec::default()
+        }
+    }
+}
+
 /// What a tier does with traffic no policy in it decided.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum TierDefaultAction {

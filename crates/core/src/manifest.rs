@@ -4,7 +4,9 @@
 use serde::Deserialize as _;
 use serde_json::Value;
 
-use super::resources::{Kind, PolicyResources, RawPolicyResources, ValidationError};
+use crate::config::EffectiveConfig;
+use crate::policy::{PolicyResources, ValidationError};
+use crate::wire::{FelixConfigurationSpec, Kind, RawPolicyResources};
 
 /// One object found in a manifest.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,12 +157,27 @@ impl Manifest {
         raw
     }
 
-    /// Validates every object; returns the resources and every problem, positioned.
+    /// Validates every object as the agent would (policy kinds and FelixConfigurations);
+    /// returns the policy resources and every problem, positioned.
     pub fn validate(&self) -> (PolicyResources, Vec<String>) {
         let res = PolicyResources::from_raw(&self.raw());
         let mut problems = self.errors.clone();
         for e in &res.errors {
             problems.push(self.position_error(e));
+        }
+        for o in self.objects.iter().filter(|o| o.kind.is_none()) {
+            match FelixConfigurationSpec::from_object(&o.value) {
+                Err(e) => problems.push(format!(
+                    "{}: FelixConfiguration {:?}: {e}",
+                    o.position, o.key
+                )),
+                Ok(spec) => {
+                    for e in EffectiveConfig::merge(&[(o.key.as_str(), &spec)]).errors {
+                        let at = o.field_position(&format!("spec.{}", e.field));
+                        problems.push(format!("{at}: {e}"));
+                    }
+                }
+            }
         }
         (res, problems)
     }

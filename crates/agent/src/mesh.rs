@@ -1,0 +1,217 @@
+//! The mesh's three kernel subsystems (WireGuard, links, routes and rules) as the loop drives
+//! them: `desired()` from the snapshot and this node's keys, then observe -> plan -> apply in
+//! the one order that never steers traffic into something not ready (routing deletes, devices
+//! and peers, links, routing adds).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tracing::{info, warn};
+use wiremesh_core::config::{FALLBACK_HOST_MTU, WireguardSettings};
+use wiremesh_core::dataplane::{link, routing, wireguard};
+use wiremesh_core::keys::PrivateKey;
+use wiremesh_core::mesh::{self, DataplaneSpec, Inputs, LocalFacts};
+use wiremesh_core::model::{Family, NodeResource, WgKey};
+use wiremesh_dataplane::Backend;
+use wiremesh_dataplane::link::LinkDataplane;
+use wiremesh_dataplane::route::RoutingDataplane;
+use wiremesh_dataplane::wireguard::{WireguardDataplane, WireguardStats};
+
+use crate::keystore::KeyStore;
+use crate::outcome::{Outcome, ReconcileError, Stopwatch};
+use crate::settings::AgentSettings;
+use crate::status_file::unix_now;
+
+/// Where the names of the devices we created are kept, so a rename or a restart still knows
+/// them.
+const INTERFACES_FILE: &str = "interfaces.json";
+
+pub struct MeshSubsystems<W, L, R> {
+    wg: W,
+    links: L,
+    routing: R,
+    keys: KeyStore,
+    loaded_keys: BTreeMap<Family, PrivateKey>,
+    state_dir: PathBuf,
+    /// Names of the devices we programmed (persisted).
+    created_interfaces: BTreeSet<String>,
+    /// When each peer key was last set by this agent (Unix seconds).
+    programmed_at: BTreeMap<WgKey, u64>,
+    /// Each peer's datastore endpoint as of the last successful WireGuard apply, so a roamed
+    /// peer keeps its learned endpoint until the datastore moves it.
+    programmed_endpoints: BTreeMap<(String, WgKey), SocketAddr>,
+}
+
+impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> MeshSubsystems<W, L, R> {
+    pub fn new(wg: W, links: L, routing: R, state_dir: PathBuf) -> Self {
+        let created_interfaces = std::fs::read(state_dir.join(INTERFACES_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        MeshSubsystems {
+            wg,
+            links,
+            routing,
+            keys: KeyStore::new(&state_dir),
+            loaded_keys: BTreeMap::new(),
+            state_dir,
+            created_interfaces,
+            programmed_at: BTreeMap::new(),
+            programmed_endpoints: BTreeMap::new(),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.wg.backend()
+    }
+
+    /// The read-only handle the metrics scrape uses.
+    pub fn stats_reader(&self) -> Option<Arc<dyn WireguardStats>> {
+        self.wg.stats_reader()
+    }
+
+    /// When this agent last set the peer with `key` (Unix seconds).
+    pub fn programmed_at(&self, key: &WgKey) -> Option<u64> {
+        self.programmed_at.get(key).copied()
+    }
+
+    /// The smallest MTU of the host's uplinks (Felix's fallback when there is none).
+    pub async fn host_mtu(&mut self) -> Result<u32, ReconcileError> {
+        Ok(self.links.host_mtu().await?.unwrap_or(FALLBACK_HOST_MTU))
+    }
+
+    fn key(&mut self, family: Family) -> Result<PrivateKey, ReconcileError> {
+        if let Some(k) = self.loaded_keys.get(&family) {
+            return Ok(k.clone());
+        }
+        let (key, created) = self
+            .keys
+            .load_or_generate(family)
+            .map_err(|source| ReconcileError::Keys { family, source })?;
+        if created {
+            info!(%family, public_key = %key.public_key(), "generated new private/public key pair");
+        } else {
+            info!(%family, public_key = %key.public_key(), "loaded private key from state directory");
+        }
+        self.loaded_keys.insert(family, key.clone());
+        Ok(key)
+    }
+
+    /// The desired mesh: this node's keys for the enabled families (generated once), then the
+    /// pure `mesh::desired`.
+    pub fn desired(
+        &mut self,
+        agent: &AgentSettings,
+        settings: WireguardSettings,
+        nodes: &BTreeMap<String, NodeResource>,
+        host_mtu: u32,
+    ) -> Result<DataplaneSpec, ReconcileError> {
+        let mut private_keys = BTreeMap::new();
+        for family in Family::ALL {
+            if settings.family(family).enabled {
+                private_keys.insert(family, self.key(family)?);
+            }
+        }
+        Ok(mesh::desired(&Inputs {
+            local: LocalFacts {
+                node_name: agent.node_name.clone(),
+                private_keys,
+                fwmark: agent.fwmark,
+                routing_table: agent.routing_table,
+                host_mtu,
+                previous_interfaces: self.created_interfaces.clone(),
+            },
+            settings,
+            nodes: nodes.clone(),
+        }))
+    }
+
+    /// Observe, plan and apply every subsystem, in order: rules and routes go first when
+    /// removed and last when added, so traffic is never steered into a table or device that
+    /// is not ready.
+    pub async fn converge(
+        &mut self,
+        spec: &DataplaneSpec,
+        outcome: &mut Outcome,
+        stopwatch: &mut Stopwatch,
+    ) -> Result<(), ReconcileError> {
+        let routing_actual = self.routing.observe(spec.routing_table).await?;
+        let (route_deletes, route_adds): (Vec<_>, Vec<_>) = routing::plan(spec, &routing_actual)
+            .into_iter()
+            .partition(|op| op.is_delete());
+        self.routing.apply(&route_deletes).await?;
+        outcome.applied("routing", &route_deletes, |op| op.kind());
+        stopwatch.lap(outcome, "routing");
+
+        let wg_actual = self.wg.observe(&spec.owned_interfaces).await?;
+        let wg_ops = wireguard::plan_with(
+            spec,
+            &wg_actual,
+            Some(wireguard::Learned {
+                now: SystemTime::now(),
+                programmed: &self.programmed_endpoints,
+            }),
+        );
+        self.wg.apply(&wg_ops).await?;
+        self.programmed(spec, &wg_ops);
+        outcome.applied("wireguard", &wg_ops, |op| op.kind());
+        stopwatch.lap(outcome, "wireguard");
+
+        let device_names = device_names(spec);
+        let link_actual = self.links.observe(&device_names).await?;
+        let link_ops = link::plan(spec, &link_actual);
+        self.links.apply(&link_ops).await?;
+        outcome.applied("link", &link_ops, |op| op.kind());
+        stopwatch.lap(outcome, "link");
+
+        self.routing.apply(&route_adds).await?;
+        outcome.applied("routing", &route_adds, |op| op.kind());
+        stopwatch.lap(outcome, "routing");
+        Ok(())
+    }
+
+    /// Remembers what the WireGuard apply just did: each peer's datastore endpoint, when each
+    /// peer was set, and the devices that exist (persisted).
+    fn programmed(&mut self, spec: &DataplaneSpec, ops: &[wireguard::WgOp]) {
+        self.programmed_endpoints = spec
+            .devices
+            .values()
+            .flat_map(|d| {
+                d.peers
+                    .iter()
+                    .map(|(key, peer)| ((d.name.clone(), *key), peer.endpoint))
+            })
+            .collect();
+        let now = unix_now();
+        for op in ops {
+            match op {
+                wireguard::WgOp::SetPeer { public_key, .. } => {
+                    self.programmed_at.insert(*public_key, now);
+                }
+                wireguard::WgOp::RemovePeer { public_key, .. } => {
+                    self.programmed_at.remove(public_key);
+                }
+                _ => {}
+            }
+        }
+        let names = device_names(spec);
+        if names != self.created_interfaces {
+            self.created_interfaces = names;
+            let path = self.state_dir.join(INTERFACES_FILE);
+            let result = serde_json::to_vec(&self.created_interfaces)
+                .map_err(std::io::Error::other)
+                .and_then(|body| std::fs::write(&path, body));
+            if let Err(e) = result {
+                warn!(error = %e, path = %path.display(), "could not record our interface names");
+            }
+        }
+    }
+}
+
+/// The names of the devices `spec` wants.
+pub fn device_names(spec: &DataplaneSpec) -> BTreeSet<String> {
+    spec.devices.values().map(|d| d.name.clone()).collect()
+}
