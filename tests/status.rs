@@ -329,6 +329,50 @@ fn cluster_view_flags_collisions_malformed_and_missing_keys() {
     assert!(text.lines().count() >= 6, "{text}");
 }
 
+/// `status --cluster` judges nodes with the agent's own validation: a pod CIDR two nodes
+/// claim (which the agent routes to neither) and IPv6 problems are shown too, and a skipped
+/// node reads as the agent's reason.
+#[test]
+fn cluster_view_judges_nodes_as_the_agent_does() {
+    let mut nodes: BTreeMap<String, NodeResource> = BTreeMap::new();
+    for i in 1..=3 {
+        nodes.insert(format!("node{i}"), published(i, i));
+    }
+    // node3 claims node2's pod CIDR; node1 publishes a malformed IPv6 key.
+    if let Some(n3) = nodes.get_mut("node3") {
+        n3.pod_cidrs = vec!["10.244.2.0/24".into()];
+    }
+    if let Some(n1) = nodes.get_mut("node1") {
+        n1.ipv6_address = Some("fd00::1".into());
+        n1.wireguard_public_key_v6 = Some("bogus".into());
+    }
+    let r = status::build_cluster(&nodes);
+    let by: BTreeMap<&str, &status::ClusterNode> =
+        r.nodes.iter().map(|n| (n.node.as_str(), n)).collect();
+    // IPv6 is in use (node1 publishes a key), so a node without one cannot be peered for it.
+    assert_eq!(
+        by["node2"].problems,
+        [
+            "pod CIDR 10.244.2.0/24 is also claimed by node3",
+            "IPv6: publishes no WireGuard public key"
+        ]
+    );
+    assert_eq!(
+        by["node3"].problems[0],
+        "pod CIDR 10.244.2.0/24 is also claimed by node2"
+    );
+    assert!(
+        by["node1"].problems[0].starts_with("IPv6: malformed WireGuard public key"),
+        "{:?}",
+        by["node1"].problems
+    );
+    let node4 =
+        wiremesh_core::mesh::validate_node(&published(4, 4), Family::V6).expect_err("no IPv6 key");
+    assert_eq!(node4.0, SkipReason::NoKey);
+    let text = status::render_cluster_text(&r);
+    assert!(text.contains("PUBLIC KEY V6"), "{text}");
+}
+
 #[test]
 fn a_learned_endpoint_agrees_while_live_and_disagrees_when_stale() {
     let a = agent();

@@ -8,7 +8,6 @@
 //! tested without a kernel.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::UNIX_EPOCH;
 
@@ -18,13 +17,14 @@ use serde::{Deserialize, Serialize};
 use wiremesh_agent::status_file::{AgentStatus, StatusFileError, unix_now};
 use wiremesh_core::dataplane::wireguard::{DeviceState, LIVE_SESSION};
 use wiremesh_core::error_chain;
+use wiremesh_core::mesh::{parse_address, validate_nodes};
 use wiremesh_core::model::{Family, NodeResource, WgKey};
 use wiremesh_dataplane::Backend;
 use wiremesh_dataplane::wireguard::backend::read_devices_once;
 use wiremesh_datastore::{DatastoreConfig, ReadScope};
 
 use super::DatastoreArgs;
-use super::output::{self, EncodeError, OutputArgs};
+use super::output::{self, EncodeError, OutputArgs, Table};
 
 /// Version of the JSON output; bumped only when a field changes meaning or is removed.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -153,17 +153,6 @@ pub struct SkippedReport {
     /// Stable code, e.g. `no_key`, `malformed_key`, `key_collision`.
     pub reason: String,
     pub detail: String,
-}
-
-fn family_key(node: &NodeResource, family: Family) -> Option<&str> {
-    node.public_key(family)
-}
-
-fn parse_underlay(text: &str) -> Option<IpAddr> {
-    let t = text.trim();
-    t.parse::<IpAddr>()
-        .ok()
-        .or_else(|| t.parse::<IpNet>().ok().map(|n| n.addr()))
 }
 
 fn nets(set: &BTreeSet<IpNet>) -> String {
@@ -304,7 +293,7 @@ pub fn build(
                         peer_problems.push(format!("{} is no longer in the datastore", p.spec.node))
                     }
                     Some(n) => {
-                        match family_key(n, d.family) {
+                        match n.public_key(d.family) {
                             Some(k) if k.trim() == p.public_key.to_string() => {}
                             Some(k) => peer_problems.push(format!(
                                 "{} publishes key {k}, this node programmed {}",
@@ -315,7 +304,7 @@ pub fn build(
                                 p.spec.node, p.public_key
                             )),
                         }
-                        let underlay = n.underlay_address(d.family).and_then(parse_underlay);
+                        let underlay = n.underlay_address(d.family).and_then(parse_address);
                         if underlay != Some(p.spec.endpoint.ip()) {
                             peer_problems.push(format!(
                                 "{} publishes address {}, the endpoint is {}",
@@ -509,35 +498,43 @@ pub fn render_text(r: &StatusReport) -> String {
             out.push_str("  no peers\n");
             continue;
         }
-        out.push_str(&format!(
-            "  {:<12} {:<22} {:<30} {:>10} {:>10} {:>10}  {}\n",
-            "PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX", "AGREES"
-        ));
+        let mut table = Table::new(&[
+            "PEER",
+            "ENDPOINT",
+            "ALLOWED IPS",
+            ">HANDSHAKE",
+            ">RX",
+            ">TX",
+            "AGREES",
+        ]);
+        let mut details = Vec::new();
         for p in &d.peers {
-            let hs = match p.handshake_age_seconds {
-                Some(a) => format!("{}s ago", a),
-                None => "never".into(),
-            };
             let ips = p
                 .allowed_ips
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(",");
-            out.push_str(&format!(
-                "  {:<12} {:<22} {:<30} {:>10} {:>10} {:>10}  {}\n",
-                p.node,
-                p.endpoint.as_deref().unwrap_or("-"),
+            table.row(vec![
+                p.node.clone(),
+                p.endpoint.clone().unwrap_or_else(|| "-".into()),
                 if ips.is_empty() { "-".into() } else { ips },
-                hs,
+                match p.handshake_age_seconds {
+                    Some(a) => format!("{a}s ago"),
+                    None => "never".into(),
+                },
                 bytes(p.rx_bytes),
                 bytes(p.tx_bytes),
-                if p.agrees { "yes" } else { "NO" }
-            ));
-            for why in &p.problems {
-                out.push_str(&format!("      {why}\n"));
-            }
+                if p.agrees { "yes" } else { "NO" }.into(),
+            ]);
+            details.extend(
+                p.problems
+                    .iter()
+                    .map(|why| format!("      {}: {why}\n", p.node)),
+            );
         }
+        out.push_str(&table.render("  "));
+        details.iter().for_each(|d| out.push_str(d));
     }
     if !r.skipped.is_empty() {
         out.push_str("skipped nodes (not peered; their pod traffic goes in clear)\n");
@@ -584,90 +581,74 @@ pub struct ClusterNode {
     pub address: Option<String>,
     pub public_key: Option<String>,
     pub tunnel_address: Option<String>,
+    /// Shown when some node publishes an IPv6 key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_v6: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_v6: Option<String>,
     pub pod_cidrs: Vec<String>,
-    /// Whether every other node can peer with this one (IPv4).
+    /// Whether every other node can peer with this one (each family in use).
     pub peerable: bool,
     pub problems: Vec<String>,
 }
 
-/// Every node's published IPv4 WireGuard data and what stops the others peering with it.
+/// Every node's published WireGuard data and what stops the others peering with it, judged by
+/// the agent's own node validation (`mesh::validate_nodes`): IPv4, and IPv6 when any node
+/// publishes an IPv6 key.
 pub fn build_cluster(nodes: &BTreeMap<String, NodeResource>) -> ClusterReport {
-    let family = Family::V4;
-    let mut key_owners: BTreeMap<WgKey, Vec<&str>> = BTreeMap::new();
-    let mut cidr_owners: BTreeMap<IpNet, Vec<&str>> = BTreeMap::new();
-    for (name, n) in nodes {
-        if let Some(k) = n.public_key(family).and_then(|k| k.parse::<WgKey>().ok()) {
-            key_owners.entry(k).or_default().push(name);
+    let families: Vec<Family> = Family::ALL
+        .into_iter()
+        .filter(|f| *f == Family::V4 || nodes.values().any(|n| n.public_key(*f).is_some()))
+        .collect();
+    let mut problems: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for family in &families {
+        let prefix = if *family == Family::V4 {
+            String::new()
+        } else {
+            format!("{family}: ")
+        };
+        let validation = validate_nodes(nodes, *family, None);
+        for s in &validation.skipped {
+            problems
+                .entry(s.node.clone())
+                .or_default()
+                .push(format!("{prefix}{}", s.reason));
         }
-        for c in &n.pod_cidrs {
-            if let Ok(net) = c.trim().parse::<IpNet>() {
-                cidr_owners.entry(net.trunc()).or_default().push(name);
+        for (cidr, owners) in &validation.shared_cidrs {
+            for owner in owners {
+                let others: Vec<&str> = owners
+                    .iter()
+                    .filter(|o| *o != owner)
+                    .map(String::as_str)
+                    .collect();
+                problems.entry(owner.clone()).or_default().push(format!(
+                    "{prefix}pod CIDR {cidr} is also claimed by {}",
+                    others.join(", ")
+                ));
             }
         }
     }
-    let mut out = Vec::new();
-    for (name, n) in nodes {
-        let mut problems = Vec::new();
-        if let Some(e) = &n.decode_error {
-            problems.push(format!("node object cannot be decoded: {e}"));
-        }
-        match n.public_key(family) {
-            None => problems.push("publishes no WireGuard public key".into()),
-            Some(k) => match k.parse::<WgKey>() {
-                Err(e) => problems.push(format!("malformed WireGuard public key {k:?}: {e}")),
-                Ok(key) => {
-                    let others: Vec<&str> = key_owners
-                        .get(&key)
-                        .map(|o| o.iter().copied().filter(|o| *o != name).collect())
-                        .unwrap_or_default();
-                    if !others.is_empty() {
-                        problems.push(format!(
-                            "public key is also published by {}",
-                            others.join(", ")
-                        ));
-                    }
-                }
-            },
-        }
-        match n.underlay_address(family) {
-            None => problems.push("has no IPv4 address".into()),
-            Some(a) if parse_underlay(a).is_none() => {
-                problems.push(format!("malformed address {a:?}"))
+    let out: Vec<ClusterNode> = nodes
+        .iter()
+        .map(|(name, n)| {
+            let problems = problems.remove(name).unwrap_or_default();
+            let v6 = families.contains(&Family::V6);
+            ClusterNode {
+                node: name.clone(),
+                address: n.underlay_address(Family::V4).map(str::to_string),
+                public_key: n.public_key(Family::V4).map(str::to_string),
+                tunnel_address: n.interface_address(Family::V4).map(str::to_string),
+                address_v6: n
+                    .underlay_address(Family::V6)
+                    .filter(|_| v6)
+                    .map(str::to_string),
+                public_key_v6: n.public_key(Family::V6).filter(|_| v6).map(str::to_string),
+                pod_cidrs: n.pod_cidrs.clone(),
+                peerable: problems.is_empty(),
+                problems,
             }
-            Some(_) => {}
-        }
-        if let Some(t) = n.interface_address(family)
-            && t.trim().parse::<IpAddr>().is_err()
-        {
-            problems.push(format!("malformed WireGuard interface address {t:?}"));
-        }
-        for c in &n.pod_cidrs {
-            match c.trim().parse::<IpNet>() {
-                Err(_) => problems.push(format!("malformed pod CIDR {c:?}")),
-                Ok(net) => {
-                    let others: Vec<&str> = cidr_owners
-                        .get(&net.trunc())
-                        .map(|o| o.iter().copied().filter(|o| *o != name).collect())
-                        .unwrap_or_default();
-                    if !others.is_empty() {
-                        problems.push(format!(
-                            "pod CIDR {net} is also claimed by {}",
-                            others.join(", ")
-                        ));
-                    }
-                }
-            }
-        }
-        out.push(ClusterNode {
-            node: name.clone(),
-            address: n.underlay_address(family).map(str::to_string),
-            public_key: n.public_key(family).map(str::to_string),
-            tunnel_address: n.interface_address(family).map(str::to_string),
-            pod_cidrs: n.pod_cidrs.clone(),
-            peerable: problems.is_empty(),
-            problems,
-        });
-    }
+        })
+        .collect();
     let bad: Vec<String> = out
         .iter()
         .filter(|n| !n.peerable)
@@ -701,26 +682,38 @@ pub fn build_cluster(nodes: &BTreeMap<String, NodeResource>) -> ClusterReport {
 
 pub fn render_cluster_text(r: &ClusterReport) -> String {
     let mut out = format!("{}\n", r.verdict);
-    out.push_str(&format!(
-        "{:<12} {:<16} {:<46} {:<16} {:<24} {}\n",
-        "NODE", "ADDRESS", "PUBLIC KEY", "TUNNEL", "POD CIDRS", "OK"
-    ));
+    let v6 = r.nodes.iter().any(|n| n.public_key_v6.is_some());
+    let mut titles = vec!["NODE", "ADDRESS", "PUBLIC KEY", "TUNNEL"];
+    if v6 {
+        titles.extend(["ADDRESS V6", "PUBLIC KEY V6"]);
+    }
+    titles.extend(["POD CIDRS", "OK"]);
+    let mut table = Table::new(&titles);
+    let cell = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     for n in &r.nodes {
-        out.push_str(&format!(
-            "{:<12} {:<16} {:<46} {:<16} {:<24} {}\n",
-            n.node,
-            n.address.as_deref().unwrap_or("-"),
-            n.public_key.as_deref().unwrap_or("-"),
-            n.tunnel_address.as_deref().unwrap_or("-"),
+        let mut row = vec![
+            n.node.clone(),
+            cell(&n.address),
+            cell(&n.public_key),
+            cell(&n.tunnel_address),
+        ];
+        if v6 {
+            row.extend([cell(&n.address_v6), cell(&n.public_key_v6)]);
+        }
+        row.extend([
             if n.pod_cidrs.is_empty() {
                 "-".to_string()
             } else {
                 n.pod_cidrs.join(",")
             },
-            if n.peerable { "yes" } else { "NO" }
-        ));
+            if n.peerable { "yes" } else { "NO" }.into(),
+        ]);
+        table.row(row);
+    }
+    out.push_str(&table.render(""));
+    for n in r.nodes.iter().filter(|n| !n.problems.is_empty()) {
         for p in &n.problems {
-            out.push_str(&format!("    {p}\n"));
+            out.push_str(&format!("  {}: {p}\n", n.node));
         }
     }
     out

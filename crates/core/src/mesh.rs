@@ -191,13 +191,166 @@ impl DataplaneSpec {
     }
 }
 
-/// A remote node validated for one family.
-struct Candidate<'a> {
-    name: &'a str,
-    key: WgKey,
-    underlay: IpAddr,
-    cidrs: BTreeSet<IpNet>,
-    interface_address: Option<IpAddr>,
+/// A node validated for one family: everything needed to peer with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCandidate {
+    pub node: String,
+    pub key: WgKey,
+    pub underlay: IpAddr,
+    pub cidrs: BTreeSet<IpNet>,
+    pub interface_address: Option<IpAddr>,
+}
+
+/// Every node judged for one family: which can be peered, which cannot and why, and the pod
+/// CIDRs that must not be routed into the tunnel. The one judgement `desired()` acts on and
+/// `wiremesh status --cluster` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeValidation {
+    /// Nodes that can be peered, by name.
+    pub peers: BTreeMap<String, PeerCandidate>,
+    pub skipped: BTreeSet<SkippedNode>,
+    /// The pod CIDRs of nodes that are not peered (their traffic falls back to clear text).
+    pub unpeered_cidrs: BTreeSet<IpNet>,
+    /// Pod CIDRs more than one peer publishes, with those peers: routed to none of them
+    /// (WireGuard would silently move an allowed IP from one peer to the other).
+    pub shared_cidrs: BTreeMap<IpNet, BTreeSet<String>>,
+}
+
+/// The checks that decide whether `node` can be a peer for `family`, one node at a time (key
+/// collisions and shared CIDRs need every node: [`validate_nodes`]). On failure, the reason and
+/// the pod CIDRs that do parse (so their traffic can at least fall back to clear text).
+pub fn validate_node(
+    node: &NodeResource,
+    family: Family,
+) -> Result<PeerCandidate, (SkipReason, BTreeSet<IpNet>)> {
+    if let Some(error) = &node.decode_error {
+        let reason = SkipReason::Undecodable {
+            error: error.clone(),
+        };
+        return Err((reason, BTreeSet::new()));
+    }
+    let cidrs = match pod_cidrs(node, family) {
+        Ok(c) => c,
+        Err(value) => {
+            let parsed = node
+                .pod_cidrs
+                .iter()
+                .filter_map(|c| c.trim().parse::<IpNet>().ok())
+                .filter(|n| Family::of_net(n) == family)
+                .map(|n| n.trunc())
+                .collect();
+            return Err((SkipReason::MalformedPodCidr { value }, parsed));
+        }
+    };
+    let checked = (|| {
+        let key_text = node.public_key(family).ok_or(SkipReason::NoKey)?;
+        let key = key_text
+            .parse::<WgKey>()
+            .map_err(|e| SkipReason::MalformedKey {
+                value: key_text.to_string(),
+                error: e.to_string(),
+            })?;
+        let underlay_text = node
+            .underlay_address(family)
+            .ok_or(SkipReason::NoUnderlayAddress)?;
+        let underlay = parse_address(underlay_text)
+            .filter(|a| Family::of_addr(a) == family)
+            .ok_or_else(|| SkipReason::MalformedUnderlayAddress {
+                value: underlay_text.into(),
+            })?;
+        let interface_address = match node.interface_address(family) {
+            None => None,
+            Some(text) => Some(
+                text.trim()
+                    .parse::<IpAddr>()
+                    .ok()
+                    .filter(|a| Family::of_addr(a) == family)
+                    .ok_or_else(|| SkipReason::MalformedInterfaceAddress { value: text.into() })?,
+            ),
+        };
+        Ok((key, underlay, interface_address))
+    })();
+    match checked {
+        Ok((key, underlay, interface_address)) => Ok(PeerCandidate {
+            node: node.name.clone(),
+            key,
+            underlay,
+            cidrs,
+            interface_address,
+        }),
+        Err(reason) => Err((reason, cidrs)),
+    }
+}
+
+/// Judges every node of `nodes` but `local` for `family`. `local` is this node and its own
+/// public key, which no other node may publish; `None` judges every node alike (the cluster
+/// view).
+pub fn validate_nodes(
+    nodes: &BTreeMap<String, NodeResource>,
+    family: Family,
+    local: Option<(&str, WgKey)>,
+) -> NodeValidation {
+    let mut out = NodeValidation::default();
+    let mut candidates = Vec::new();
+    for (name, node) in nodes {
+        if local.is_some_and(|(local, _)| local == name) {
+            continue;
+        }
+        match validate_node(node, family) {
+            Ok(candidate) => candidates.push(candidate),
+            Err((reason, cidrs)) => {
+                out.skipped.insert(SkippedNode {
+                    node: name.clone(),
+                    family,
+                    reason,
+                });
+                out.unpeered_cidrs.extend(cidrs);
+            }
+        }
+    }
+    // A key claimed by more than one node (this one included) peers none of them.
+    let mut claimants: BTreeMap<WgKey, Vec<&str>> = BTreeMap::new();
+    if let Some((name, key)) = local {
+        claimants.entry(key).or_default().push(name);
+    }
+    for c in &candidates {
+        claimants.entry(c.key).or_default().push(&c.node);
+    }
+    let mut collided = Vec::new();
+    for c in &candidates {
+        let owners = &claimants[&c.key];
+        if owners.len() > 1 {
+            let with = owners
+                .iter()
+                .filter(|o| **o != c.node)
+                .map(|o| o.to_string())
+                .collect();
+            collided.push(SkippedNode {
+                node: c.node.clone(),
+                family,
+                reason: SkipReason::KeyCollision { with },
+            });
+        }
+    }
+    for c in candidates {
+        if collided.iter().any(|s| s.node == c.node) {
+            out.unpeered_cidrs.extend(c.cidrs);
+        } else {
+            out.peers.insert(c.node.clone(), c);
+        }
+    }
+    out.skipped.extend(collided);
+    let mut cidr_owners: BTreeMap<IpNet, BTreeSet<String>> = BTreeMap::new();
+    for p in out.peers.values() {
+        for c in &p.cidrs {
+            cidr_owners.entry(*c).or_default().insert(p.node.clone());
+        }
+    }
+    out.shared_cidrs = cidr_owners
+        .into_iter()
+        .filter(|(_, owners)| owners.len() > 1)
+        .collect();
+    out
 }
 
 /// Parses an address that may carry a prefix length (Calico stores `172.30.0.1/24`).
@@ -284,113 +437,10 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
             .and_then(|n| n.underlay_address(family))
             .and_then(parse_address);
 
-        // Validate every remote node; keep candidates and reasons.
-        let mut candidates: Vec<Candidate> = Vec::new();
-        let mut non_peer_cidrs: BTreeSet<IpNet> = BTreeSet::new();
-        for (name, node) in &inputs.nodes {
-            if name == &local.node_name {
-                continue;
-            }
-            let skip = |reason| SkippedNode {
-                node: name.clone(),
-                family,
-                reason,
-            };
-            if let Some(error) = &node.decode_error {
-                spec.skipped.insert(skip(SkipReason::Undecodable {
-                    error: error.clone(),
-                }));
-                continue;
-            }
-            let cidrs = match pod_cidrs(node, family) {
-                Ok(c) => c,
-                Err(value) => {
-                    spec.skipped
-                        .insert(skip(SkipReason::MalformedPodCidr { value }));
-                    // Keep what parses so its traffic at least falls back to clear.
-                    non_peer_cidrs.extend(
-                        node.pod_cidrs
-                            .iter()
-                            .filter_map(|c| c.trim().parse::<IpNet>().ok())
-                            .filter(|n| Family::of_net(n) == family)
-                            .map(|n| n.trunc()),
-                    );
-                    continue;
-                }
-            };
-            let reason = (|| {
-                let key_text = node.public_key(family).ok_or(SkipReason::NoKey)?;
-                let key = key_text
-                    .parse::<WgKey>()
-                    .map_err(|e| SkipReason::MalformedKey {
-                        value: key_text.to_string(),
-                        error: e.to_string(),
-                    })?;
-                let underlay_text = node
-                    .underlay_address(family)
-                    .ok_or(SkipReason::NoUnderlayAddress)?;
-                let underlay = parse_address(underlay_text)
-                    .filter(|a| Family::of_addr(a) == family)
-                    .ok_or_else(|| SkipReason::MalformedUnderlayAddress {
-                        value: underlay_text.into(),
-                    })?;
-                let interface_address = match node.interface_address(family) {
-                    None => None,
-                    Some(text) => Some(
-                        text.trim()
-                            .parse::<IpAddr>()
-                            .ok()
-                            .filter(|a| Family::of_addr(a) == family)
-                            .ok_or_else(|| SkipReason::MalformedInterfaceAddress {
-                                value: text.into(),
-                            })?,
-                    ),
-                };
-                Ok(Candidate {
-                    name,
-                    key,
-                    underlay,
-                    cidrs: cidrs.clone(),
-                    interface_address,
-                })
-            })();
-            match reason {
-                Ok(candidate) => candidates.push(candidate),
-                Err(reason) => {
-                    spec.skipped.insert(skip(reason));
-                    non_peer_cidrs.extend(cidrs);
-                }
-            }
-        }
-
-        // A key claimed by more than one node (this one included) peers none of them.
-        let mut claimants: BTreeMap<WgKey, Vec<&str>> = BTreeMap::new();
-        claimants
-            .entry(local_key)
-            .or_default()
-            .push(&local.node_name);
-        for c in &candidates {
-            claimants.entry(c.key).or_default().push(c.name);
-        }
-        let mut peers: Vec<Candidate> = Vec::new();
-        for c in candidates {
-            let owners = &claimants[&c.key];
-            if owners.len() > 1 {
-                let with = owners
-                    .iter()
-                    .filter(|o| **o != c.name)
-                    .map(|o| o.to_string())
-                    .collect();
-                spec.skipped.insert(SkippedNode {
-                    node: c.name.to_string(),
-                    family,
-                    reason: SkipReason::KeyCollision { with },
-                });
-                non_peer_cidrs.extend(c.cidrs);
-            } else {
-                peers.push(c);
-            }
-        }
+        let nodes = validate_nodes(&inputs.nodes, family, Some((&local.node_name, local_key)));
+        spec.skipped.extend(nodes.skipped.iter().cloned());
+        let mut non_peer_cidrs = nodes.unpeered_cidrs.clone();
+        non_peer_cidrs.extend(nodes.shared_cidrs.keys().copied());
 
         let device_name = fs.interface_name.clone();
         let mut device = DeviceSpec {
@@ -404,21 +454,14 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
             peers: BTreeMap::new(),
         };
         // A CIDR belongs to one place: local CIDRs are never allowed IPs of a peer, and a CIDR
-        // claimed by two peers goes to neither (WireGuard would silently move it).
-        let mut cidr_owners: BTreeMap<IpNet, usize> = BTreeMap::new();
-        for p in &peers {
-            for c in &p.cidrs {
-                *cidr_owners.entry(*c).or_default() += 1;
-            }
-        }
-        for p in &peers {
+        // claimed by two peers goes to neither.
+        for p in nodes.peers.values() {
             let mut allowed: BTreeSet<IpNet> = p
                 .cidrs
                 .iter()
-                .filter(|c| cidr_owners[*c] == 1 && !local_cidrs.contains(*c))
+                .filter(|c| !nodes.shared_cidrs.contains_key(*c) && !local_cidrs.contains(*c))
                 .copied()
                 .collect();
-            non_peer_cidrs.extend(p.cidrs.iter().filter(|c| cidr_owners[*c] > 1).copied());
             let tunnel = p.interface_address.or_else(|| tunnel_address(&p.cidrs));
             if let Some(addr) = tunnel
                 && !allowed.iter().any(|n| n.contains(&addr))
@@ -440,7 +483,7 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
             device.peers.insert(
                 p.key,
                 PeerSpec {
-                    node: p.name.to_string(),
+                    node: p.node.clone(),
                     endpoint: SocketAddr::new(p.underlay, fs.listening_port),
                     allowed_ips: allowed,
                     keepalive: u16::try_from(settings.keepalive.as_secs()).unwrap_or(u16::MAX),
