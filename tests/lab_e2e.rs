@@ -230,6 +230,27 @@ async fn s2_enable_by_felixconfiguration_encrypts_everything() {
             .all(|r| r.clear_packets == 0 && r.wireguard_packets > 0),
         "{results:?}"
     );
+    // Inside a node, `wiremesh status` needs no flags: `lab exec` gives the node its
+    // environment (state directory, datastore, and this binary on PATH), as the lab's own
+    // `--help` example shows.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wiremesh"))
+        .args(["lab", "exec", "--name", &lab.state.name, "node1", "--"])
+        .args(["wiremesh", "status", "-o", "json"])
+        .output()
+        .expect("lab exec");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(report["node"], "node1", "{report}");
+    assert_eq!(report["verdict"]["level"], "ok", "{report}");
+    assert_eq!(
+        report["devices"][0]["peers"].as_array().map(Vec::len),
+        Some(2)
+    );
 }
 
 /// Scenario 3: `node.node3` turns node3 off: it removes its device, routes, rule and key; the
@@ -629,6 +650,17 @@ async fn s8_disable_cluster_wide_removes_every_trace() {
             .await
             .expect("verify"),
         Expectation::Clear,
+    );
+    // Verifying right after switching it back on checks the new state: verify waits for the
+    // agents to apply it rather than racing them (this failed at random before).
+    lab.set("wireguardEnabled", Value::Bool(true), None)
+        .await
+        .expect("enable");
+    all_ok(
+        &verify::verify(&lab, VerifyExpect::Auto, 2)
+            .await
+            .expect("verify"),
+        Expectation::Encrypted,
     );
 }
 

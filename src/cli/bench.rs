@@ -123,7 +123,7 @@ fn run_blocking(args: &BenchArgs) -> Result<(), BenchError> {
             "{n} is outside 1..={MAX_PEERS}"
         )));
     }
-    println!(
+    crate::outln!(
         "wiremesh bench: userspace backend ({}), {} and {}",
         args.wireguard_go.display(),
         args.wg.display(),
@@ -131,18 +131,18 @@ fn run_blocking(args: &BenchArgs) -> Result<(), BenchError> {
     );
     let mut rows = Vec::new();
     for &n in &args.peers {
-        println!();
+        crate::outln!();
         let mut runs = Vec::new();
         for run in 1..=args.runs {
-            println!("== {n} peers, run {run} of {}", args.runs);
+            crate::outln!("== {n} peers, run {run} of {}", args.runs);
             let row = measure(n, args)?;
             row.print_details();
             runs.push(row);
         }
         rows.push(Row::median(runs));
     }
-    println!();
-    println!(
+    crate::outln!();
+    crate::outln!(
         "medians of {} run(s) per peer count (ratio = median cold without start-up / median wg setconf):",
         args.runs
     );
@@ -250,32 +250,32 @@ impl Row {
     }
 
     fn print_details(&self) {
-        println!(
+        crate::outln!(
             "cold converge        {} total, {} without wireguard-go start-up ({}); by step: {}",
             ms(self.cold),
             ms(self.cold_without_startup()),
             ms(self.cold_startup),
             steps(&self.cold_outcome)
         );
-        println!("                     ops: {}", ops_text(&self.cold_outcome));
-        println!(
+        crate::outln!("                     ops: {}", ops_text(&self.cold_outcome));
+        crate::outln!(
             "wg setconf           {} (device start-up before it: {})",
             ms(self.setconf),
             ms(self.setconf_startup)
         );
-        println!(
+        crate::outln!(
             "ratio                {:.2}x without start-up, {:.2}x with (target <= {TARGET_RATIO}x without)",
             self.ratio(),
             self.ratio_with_startup()
         );
-        println!(
+        crate::outln!(
             "one node change      {}: {} [{}]; by step: {}",
             ms(self.change),
             ops_text(&self.change_outcome),
             if self.change_ok { "ok" } else { "FAIL" },
             steps(&self.change_outcome)
         );
-        println!(
+        crate::outln!(
             "idle resync          {}: {} ops [{}]; by step: {}",
             ms(self.idle),
             self.idle_outcome.total_ops(),
@@ -286,7 +286,7 @@ impl Row {
             },
             steps(&self.idle_outcome)
         );
-        println!(
+        crate::outln!(
             "peak RSS             {:.1} MiB (this process; wireguard-go not included)",
             self.peak_rss_kib as f64 / 1024.0
         );
@@ -364,9 +364,9 @@ fn print_table(rows: &[Row]) {
         for (c, cell) in line.iter().enumerate() {
             let _ = write!(out, "{cell:>w$}  ", w = widths[c]);
         }
-        println!("{}", out.trim_end());
+        crate::outln!("{}", out.trim_end());
     }
-    println!();
+    crate::outln!();
     let verdicts: Vec<String> = rows
         .iter()
         .map(|r| {
@@ -378,11 +378,11 @@ fn print_table(rows: &[Row]) {
             )
         })
         .collect();
-    println!(
+    crate::outln!(
         "target: cold converge (without wireguard-go start-up) <= {TARGET_RATIO}x wg setconf: {}",
         verdicts.join("; ")
     );
-    println!(
+    crate::outln!(
         "target: one node change = 1 wireguard.set_peer + that node's routes: {}",
         rows.iter()
             .map(|r| format!(

@@ -130,7 +130,7 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
     let (spec, render_time) = spec_of(&raw)?;
     let text = spec.replace_script();
     let rule_lines: usize = spec.chains.iter().map(|c| c.rules.len()).sum();
-    println!(
+    crate::outln!(
         "policy bench: {} policies x {} rules -> {} chains, {} nft rules, {} sets, {} counters, {} KiB of nft text",
         args.policies,
         args.rules_per_policy,
@@ -140,7 +140,7 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
         spec.counters.len(),
         text.len() / 1024
     );
-    println!(
+    crate::outln!(
         "  validate + compile + render (pure)      {}",
         ms(render_time)
     );
@@ -174,7 +174,7 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
         baselines.extend(nft.settle().await.map(|b| b.took));
     }
     let (o, p) = (median(ours), median(plain));
-    println!(
+    crate::outln!(
         "  cold apply: wiremesh (observe+plan+apply) {}   nft -f {}   ratio {:.2}",
         ms(o),
         ms(p),
@@ -218,14 +218,14 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
         baselines.extend(nft.settle().await.map(|b| b.took));
     }
     let (o, p) = (median(ours), median(plain));
-    println!(
+    crate::outln!(
         "  rule change (replace table): wiremesh {}   nft -f {}   ratio {:.2}",
         ms(o),
         ms(p),
         o.as_secs_f64() / p.as_secs_f64()
     );
 
-    println!(
+    crate::outln!(
         "  drift baseline (one full listing, in the background after each replacement): {} ({} taken)",
         ms(median(baselines.clone())),
         baselines.len()
@@ -244,14 +244,14 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
         drop_table(nft.clone()).await?;
         let t = Instant::now();
         if let Err(e) = nft.run(&["-j", "-f", &jpath]).await {
-            println!("  nft -j -f of the listed table failed: {e}");
+            crate::outln!("  nft -j -f of the listed table failed: {e}");
             json_ok = false;
             break;
         }
         json_times.push(t.elapsed());
     }
     if json_ok {
-        println!(
+        crate::outln!(
             "  same table as JSON: nft -j -f {} ({} KiB of JSON vs {} KiB of text)",
             ms(median(json_times)),
             json_text.len() / 1024,
@@ -280,7 +280,7 @@ pub async fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
             _ => 0,
         })
         .sum();
-    println!(
+    crate::outln!(
         "  one-address set change: {} op(s), {} element(s), {} ({} observe+plan); ops: {}",
         ops.len(),
         elements,

@@ -164,7 +164,7 @@ pub fn run(args: GraphArgs) -> Result<i32, GraphError> {
         };
         reports.extend(parse_reports(&text, path)?);
     }
-    print!("{}", render(&reports));
+    crate::out!("{}", render(&reports));
     Ok(0)
 }
 

@@ -5,15 +5,16 @@ use std::process::Stdio;
 
 use serde_json::Value;
 
-use super::{Lab, LabError, UpOptions, VerifyExpect, verify};
+use super::{Lab, LabError, LabStatus, UpOptions, VerifyExpect, verify};
+use crate::cli::output::{self, OutputArgs};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LabArgs {
     /// Name of the lab; namespaces are called wm-<name>-hub, wm-<name>-n<i>, wm-<name>-p<i>.
-    #[arg(long, default_value = super::DEFAULT_NAME, env = "WIREMESH_LAB")]
+    #[arg(long, default_value = super::DEFAULT_NAME, env = "WIREMESH_LAB_NAME")]
     pub name: String,
     /// State directory (default /run/wiremesh-lab/<name>).
-    #[arg(long, env = "WIREMESH_LAB_DIR")]
+    #[arg(long, env = "WIREMESH_LAB_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 }
 
@@ -51,7 +52,7 @@ pub enum LabCommand {
         #[arg(long)]
         no_agents: bool,
         /// The wiremesh binary the agents run (default: this executable).
-        #[arg(long, env = "WIREMESH_BIN")]
+        #[arg(long, env = "WIREMESH_LAB_BINARY")]
         binary: Option<PathBuf>,
         #[arg(long, default_value = "userspace")]
         wireguard_backend: String,
@@ -59,6 +60,8 @@ pub enum LabCommand {
         /// objects and the agents run with --datastore kubernetes (see docs/kubernetes.md).
         #[arg(long, env = "WIREMESH_LAB_KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// (internal) Relay TCP from a node's namespace to the API server (Kubernetes labs).
     #[command(hide = true)]
@@ -85,6 +88,8 @@ pub enum LabCommand {
         /// Pings per pair.
         #[arg(long, default_value_t = 3)]
         count: u32,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Run a command in a node (with its /run/wireguard) or a pod: `lab exec node1 -- wg show`.
     Exec {
@@ -120,6 +125,8 @@ pub enum LabCommand {
     Status {
         #[command(flatten)]
         lab: LabArgs,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Draw the mesh (Graphviz DOT from `wiremesh status` in every node); `--svg` renders it.
     #[command(
@@ -170,6 +177,7 @@ pub async fn run(cmd: LabCommand) -> Result<i32, LabError> {
             binary,
             wireguard_backend,
             kubeconfig,
+            output,
         } => {
             let options = UpOptions {
                 name: lab.name,
@@ -183,9 +191,7 @@ pub async fn run(cmd: LabCommand) -> Result<i32, LabError> {
                 kubeconfig,
             };
             let lab = Lab::up(options).await?;
-            for line in lab.status_lines() {
-                println!("{line}");
-            }
+            output::print(&lab.status_report(), output.format, LabStatus::text)?;
             Ok(0)
         }
         LabCommand::Relay {
@@ -203,18 +209,20 @@ pub async fn run(cmd: LabCommand) -> Result<i32, LabError> {
         }
         LabCommand::Down { lab } => {
             super::down(&lab.name, lab.state_dir.as_deref())?;
-            println!("lab {} is down", lab.name);
+            crate::outln!("lab {} is down", lab.name);
             Ok(0)
         }
-        LabCommand::Verify { lab, expect, count } => {
+        LabCommand::Verify {
+            lab,
+            expect,
+            count,
+            output,
+        } => {
             let lab = lab.load()?;
-            let results = verify::verify(&lab, expect, count.max(1)).await?;
-            for r in &results {
-                println!("{r}");
-            }
-            let (line, all) = verify::summary(&results);
-            println!("{line}");
-            Ok(if all { 0 } else { 1 })
+            let report =
+                verify::VerifyReport::new(verify::verify(&lab, expect, count.max(1)).await?);
+            output::print(&report, output.format, verify::VerifyReport::text)?;
+            Ok(if report.ok { 0 } else { 1 })
         }
         LabCommand::Exec { lab, node, cmd } => {
             let lab = lab.load()?;
@@ -240,22 +248,20 @@ pub async fn run(cmd: LabCommand) -> Result<i32, LabError> {
             let (key, value) = parse_assignment(&assignment)?;
             lab.set(&key, value.clone(), node.as_deref()).await?;
             let object = node.map_or_else(|| "default".to_string(), |n| format!("node.{n}"));
-            println!("FelixConfiguration {object}: {key} = {value}");
+            crate::outln!("FelixConfiguration {object}: {key} = {value}");
             Ok(0)
         }
         LabCommand::Apply { lab, files, delete } => {
             let lab = lab.load()?;
             let manifest = super::policy::read_manifests(&files)?;
             for key in lab.apply_manifest(&manifest, delete).await? {
-                println!("{} {key}", if delete { "deleted" } else { "applied" });
+                crate::outln!("{} {key}", if delete { "deleted" } else { "applied" });
             }
             Ok(0)
         }
-        LabCommand::Status { lab } => {
+        LabCommand::Status { lab, output } => {
             let lab = lab.load()?;
-            for line in lab.status_lines() {
-                println!("{line}");
-            }
+            output::print(&lab.status_report(), output.format, LabStatus::text)?;
             Ok(0)
         }
         LabCommand::Graph { lab, svg } => {
@@ -263,12 +269,12 @@ pub async fn run(cmd: LabCommand) -> Result<i32, LabError> {
             let dot = crate::cli::graph::render(&lab.status_reports()?);
             match svg {
                 None => {
-                    print!("{dot}");
+                    crate::out!("{dot}");
                     Ok(0)
                 }
                 Some(path) => {
                     render_svg(&dot, &path)?;
-                    println!("wrote {}", path.display());
+                    crate::outln!("wrote {}", path.display());
                     Ok(0)
                 }
             }

@@ -41,6 +41,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 pub enum LabError {
     #[error("the lab must run as root (it creates network namespaces and mounts)")]
     NotRoot,
+    #[error(transparent)]
+    Output(#[from] crate::cli::output::EncodeError),
     #[error("invalid lab name {name:?}: {reason}")]
     InvalidName { name: String, reason: String },
     #[error("invalid {what}: {reason}")]
@@ -956,47 +958,105 @@ impl Lab {
         Ok(reports)
     }
 
-    pub fn status_lines(&self) -> Vec<String> {
+    /// What `lab status` shows: the hub, each node and pod namespace, and whether the
+    /// processes are alive.
+    pub fn status_report(&self) -> LabStatus {
         let alive = |pid: Option<i32>, ns: &str| match pid {
             Some(p) if sys::is_alive(p) && sys::pid_in_netns(p, ns) => format!("running (pid {p})"),
             Some(p) => format!("dead (pid {p})"),
             None => "not started".into(),
         };
-        let present = |ns: &str| {
-            if sys::netns_exists(ns) {
-                "present"
-            } else {
-                "MISSING"
-            }
-        };
         let s = &self.state;
-        let mut out = vec![
-            format!("lab {}  state {}", s.name, s.dir.display()),
-            format!(
-                "hub   {} {}  etcd {} {}",
-                s.hub_netns,
-                present(&s.hub_netns),
-                s.etcd_endpoint,
-                alive(s.etcd_pid, &s.hub_netns)
-            ),
-        ];
-        for n in s.nodes.values() {
-            out.push(format!(
-                "{:<6} {} {} {}  {} {} {}  agent {}",
-                n.name,
-                n.netns,
-                present(&n.netns),
-                n.underlay_ip,
-                n.pod_netns,
-                present(&n.pod_netns),
-                n.pod_ip,
-                if s.agents {
-                    alive(n.agent_pid, &n.netns)
-                } else {
-                    "disabled".into()
-                }
-            ));
+        LabStatus {
+            lab: s.name.clone(),
+            state_dir: s.dir.clone(),
+            hub: s.hub_netns.clone(),
+            hub_present: sys::netns_exists(&s.hub_netns),
+            datastore: s.etcd_endpoint.clone(),
+            etcd: alive(s.etcd_pid, &s.hub_netns),
+            nodes: s
+                .nodes
+                .values()
+                .map(|n| LabNodeStatus {
+                    node: n.name.clone(),
+                    netns: n.netns.clone(),
+                    netns_present: sys::netns_exists(&n.netns),
+                    underlay: n.underlay_ip,
+                    pod_netns: n.pod_netns.clone(),
+                    pod_netns_present: sys::netns_exists(&n.pod_netns),
+                    pod: n.pod_ip,
+                    agent: if s.agents {
+                        alive(n.agent_pid, &n.netns)
+                    } else {
+                        "disabled".into()
+                    },
+                })
+                .collect(),
         }
+    }
+}
+
+/// `wiremesh lab status` (`-o json|yaml` for scripts).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabStatus {
+    pub lab: String,
+    pub state_dir: PathBuf,
+    pub hub: String,
+    pub hub_present: bool,
+    /// The etcd endpoint (on the hub).
+    pub datastore: String,
+    pub etcd: String,
+    pub nodes: Vec<LabNodeStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabNodeStatus {
+    pub node: String,
+    pub netns: String,
+    pub netns_present: bool,
+    pub underlay: Ipv4Addr,
+    pub pod_netns: String,
+    pub pod_netns_present: bool,
+    pub pod: Ipv4Addr,
+    pub agent: String,
+}
+
+impl LabStatus {
+    pub fn text(&self) -> String {
+        let present = |p: bool| if p { "present" } else { "MISSING" };
+        let mut out = format!("lab {}  state {}\n", self.lab, self.state_dir.display());
+        out.push_str(&format!(
+            "hub {} {}  etcd {} {}\n",
+            self.hub,
+            present(self.hub_present),
+            self.datastore,
+            self.etcd
+        ));
+        let mut table = crate::cli::output::Table::new(&[
+            "NODE",
+            "NAMESPACE",
+            "",
+            "UNDERLAY",
+            "POD NAMESPACE",
+            "",
+            "POD",
+            "AGENT",
+        ]);
+        for n in &self.nodes {
+            table.row(vec![
+                n.node.clone(),
+                n.netns.clone(),
+                present(n.netns_present).into(),
+                n.underlay.to_string(),
+                n.pod_netns.clone(),
+                present(n.pod_netns_present).into(),
+                n.pod.to_string(),
+                n.agent.clone(),
+            ]);
+        }
+        out.push_str(&table.render(""));
         out
     }
 }

@@ -14,7 +14,10 @@ use tracing::{info, warn};
 
 use super::sys::{self, wait_until};
 use super::{Lab, LabError, NodeState};
+use wiremesh_agent::status_file::AgentStatus;
 use wiremesh_core::config::EffectiveConfig;
+use wiremesh_core::mesh::SkipReason;
+use wiremesh_core::model::Family;
 
 /// What `verify` should expect of the underlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -221,6 +224,10 @@ pub async fn verify(
             .map(|&(_, on, port)| (on, port))
     };
 
+    if lab.state.agents {
+        wait_for_agents(lab, &nodes, &lookup, AGENT_WAIT).await;
+    }
+
     let dir = lab.state.dir.join("verify");
     fs::create_dir_all(&dir).map_err(|source| LabError::Io {
         step: "creating verify dir".into(),
@@ -288,6 +295,144 @@ pub async fn verify(
 }
 
 /// `N/M pairs ok` and whether all hold.
+/// How long `verify` waits for the agents to apply the current configuration.
+const AGENT_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether the agent of `node` has applied what the configuration asks of it, from its status
+/// file: ready, its last run succeeded, IPv4 WireGuard on or off as configured, and when on, a
+/// peer programmed for every other node that is on (but those it refuses for a reason other
+/// than a key not yet published: a broken node stays broken however long we wait). Returns
+/// the device and the keys of the peers that should have a handshake (those with keepalive).
+fn agent_applied(
+    node: &NodeState,
+    on: bool,
+    peers_on: &[&NodeState],
+) -> Result<Option<(String, Vec<String>)>, String> {
+    let status = AgentStatus::read(&node.state_dir)
+        .map_err(|e| e.to_string())?
+        .ok_or("no status file yet")?;
+    if !status.ready {
+        return Err("not ready".into());
+    }
+    if let Some(e) = &status.last_error {
+        return Err(format!("last run failed: {e}"));
+    }
+    let device = status.devices.iter().find(|d| d.family == Family::V4);
+    match (on, device) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err("WireGuard still on".into()),
+        (true, None) => Err("WireGuard not on yet".into()),
+        (true, Some(d)) => {
+            let refused: Vec<&str> = status
+                .skipped
+                .iter()
+                .filter(|s| s.family == Family::V4 && s.reason != SkipReason::NoKey)
+                .map(|s| s.node.as_str())
+                .collect();
+            let mut keys = Vec::new();
+            for peer in peers_on
+                .iter()
+                .filter(|p| !refused.contains(&p.name.as_str()))
+            {
+                match d.peers.iter().find(|p| p.spec.node == peer.name) {
+                    // Without keepalive nothing starts a handshake before traffic does.
+                    Some(p) if p.spec.keepalive > 0 => keys.push(p.public_key.to_string()),
+                    Some(_) => {}
+                    None => return Err(format!("no peer for {} yet", peer.name)),
+                }
+            }
+            Ok(Some((d.interface.clone(), keys)))
+        }
+    }
+}
+
+/// Whether `node`'s device `interface` has completed a handshake with each of `keys` (a peer
+/// added just before the other side added us waits WireGuard's 5 s REKEY_TIMEOUT to retry).
+fn handshakes_done(lab: &Lab, node: &str, interface: &str, keys: &[String]) -> Result<(), String> {
+    let out = lab
+        .exec_in_node(node, &["wg", "show", interface, "latest-handshakes"])
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let done: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(_, at)| at.trim().parse::<u64>().is_ok_and(|t| t > 0))
+        .map(|(key, _)| key)
+        .collect();
+    match keys.iter().find(|k| !done.contains(&k.as_str())) {
+        Some(k) => Err(format!("no handshake with {k} yet")),
+        None => Ok(()),
+    }
+}
+
+/// Waits (up to `limit`) until every running agent has applied the configuration and its
+/// peers have completed a handshake, so `verify` right after `lab set` checks the new state
+/// instead of racing the agents. Verifying goes ahead after `limit` either way; what is not in
+/// place then shows in the results.
+async fn wait_for_agents(
+    lab: &Lab,
+    nodes: &[NodeState],
+    lookup: &impl Fn(u32) -> Option<(bool, u16)>,
+    limit: Duration,
+) {
+    let on = |n: &NodeState| lookup(n.index).is_some_and(|(on, _)| on);
+    let pending = || -> Vec<String> {
+        nodes
+            .iter()
+            .filter(|n| {
+                n.agent_pid
+                    .is_some_and(|pid| sys::is_alive(pid) && sys::pid_in_netns(pid, &n.netns))
+            })
+            .filter_map(|n| {
+                let peers: Vec<&NodeState> = nodes
+                    .iter()
+                    .filter(|p| p.index != n.index && on(p))
+                    .collect();
+                let ready = agent_applied(n, on(n), &peers).and_then(|device| match device {
+                    Some((interface, keys)) => handshakes_done(lab, &n.name, &interface, &keys),
+                    None => Ok(()),
+                });
+                ready.err().map(|why| format!("{}: {why}", n.name))
+            })
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let waiting = pending();
+        if waiting.is_empty() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(agents = %waiting.join("; "), "the mesh has not settled; verifying anyway");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `wiremesh lab verify`: every pair, and the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub pairs: Vec<PairResult>,
+    pub summary: String,
+    /// Every pair as expected.
+    pub ok: bool,
+}
+
+impl VerifyReport {
+    pub fn new(pairs: Vec<PairResult>) -> VerifyReport {
+        let (summary, ok) = summary(&pairs);
+        VerifyReport { pairs, summary, ok }
+    }
+
+    pub fn text(&self) -> String {
+        let mut out: String = self.pairs.iter().map(|p| format!("{p}\n")).collect();
+        out.push_str(&self.summary);
+        out.push('\n');
+        out
+    }
+}
+
 pub fn summary(results: &[PairResult]) -> (String, bool) {
     let ok = results.iter().filter(|r| r.ok).count();
     let all = ok == results.len();
