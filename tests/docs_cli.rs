@@ -32,16 +32,19 @@ fn documents() -> Vec<(String, String)> {
         .collect()
 }
 
+/// The `NAME=value` assignments before a command, and its words after the program name.
+type Invocation = (Vec<(String, String)>, Vec<String>);
+
 /// A `wiremesh` command in a line of a shell example: the `NAME=value` assignments before it
 /// and the words after the program name, up to a shell operator, a comment or a description
 /// column (two spaces). The program starts the line (after `sudo` and assignments) or follows
 /// `--` (`kubectl exec ... -- wiremesh status`); `None` when the line does not run wiremesh.
-fn invocation(line: &str) -> Option<(Vec<(String, String)>, Vec<String>)> {
+fn invocation(line: &str) -> Option<Invocation> {
     invocation_with(line, &[])
 }
 
 /// [`invocation`], where `$<alias>` also names the program (`W=target/release/wiremesh`).
-fn invocation_with(line: &str, aliases: &[String]) -> Option<(Vec<(String, String)>, Vec<String>)> {
+fn invocation_with(line: &str, aliases: &[String]) -> Option<Invocation> {
     let is_program = |w: &str| {
         let w = w.trim_matches('"');
         w == "wiremesh"
