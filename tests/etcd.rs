@@ -1,13 +1,13 @@
 //! The etcd adapter against a real etcd (one private etcd per test, on loopback).
 
-mod common;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestEtcd;
 use ipnet::IpNet;
 use serde_json::json;
+use support::etcd::TestEtcd;
 use tokio::sync::watch;
 use wiremesh_core::model::{ClusterSnapshot, PublishedWireguard, WgKey};
 use wiremesh_datastore::etcd::{
@@ -19,10 +19,6 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn net(s: &str) -> IpNet {
     s.parse().expect("test CIDR")
-}
-
-fn key(byte: u8) -> WgKey {
-    WgKey([byte; 32])
 }
 
 fn registration(name: &str, v4: &str) -> NodeRegistration {
@@ -126,7 +122,7 @@ async fn initial_list_builds_a_synced_snapshot() {
         json!({"kind":"Node","apiVersion":"projectcalico.org/v3","metadata":{"name":"n2"},
                "spec":{"addresses":[{"address":"172.30.0.2","type":"InternalIP"}],
                        "wireguard":{"interfaceIPv4Address":"10.244.2.1"}},
-               "status":{"wireguardPublicKey": key(2).to_string()}})
+               "status":{"wireguardPublicKey": WgKey([2; 32]).to_string()}})
         .to_string(),
     )
     .await
@@ -180,7 +176,7 @@ async fn initial_list_builds_a_synced_snapshot() {
     let n2 = &snap.nodes["n2"];
     assert_eq!(n2.ipv4_address.as_deref(), Some("172.30.0.2"));
     assert_eq!(n2.pod_cidrs, ["10.244.2.0/26"]);
-    assert_eq!(n2.wireguard_public_key, Some(key(2).to_string()));
+    assert_eq!(n2.wireguard_public_key, Some(WgKey([2; 32]).to_string()));
     assert_eq!(
         n2.wireguard_interface_ipv4_address.as_deref(),
         Some("10.244.2.1")
@@ -221,12 +217,12 @@ async fn watch_applies_changes() {
         .await
         .expect("get")
         .expect("n2 exists");
-    value["status"]["wireguardPublicKey"] = json!(key(7).to_string());
+    value["status"]["wireguardPublicKey"] = json!(WgKey([7; 32]).to_string());
     w.put_raw(&node_key("n2"), value.to_string())
         .await
         .expect("key change");
     wait_for(&mut run.rx, "n2 key", |s| {
-        s.nodes["n2"].wireguard_public_key == Some(key(7).to_string())
+        s.nodes["n2"].wireguard_public_key == Some(WgKey([7; 32]).to_string())
     })
     .await;
 
@@ -325,7 +321,7 @@ async fn publish_writes_only_our_fields() {
     wait_for(&mut run.rx, "synced", |s| s.synced).await;
 
     let published = PublishedWireguard {
-        public_key_v4: Some(key(1)),
+        public_key_v4: Some(WgKey([1; 32])),
         public_key_v6: None,
         interface_ipv4_address: Some("10.244.1.1".parse().expect("ip")),
         interface_ipv6_address: Some("fd00::1".parse().expect("ip")),
@@ -338,7 +334,7 @@ async fn publish_writes_only_our_fields() {
         .expect("exists");
     let mut expected = original.clone();
     expected["status"] =
-        json!({"podCIDRs": ["10.244.1.0/24"], "wireguardPublicKey": key(1).to_string()});
+        json!({"podCIDRs": ["10.244.1.0/24"], "wireguardPublicKey": WgKey([1; 32]).to_string()});
     expected["spec"]["wireguard"] =
         json!({"interfaceIPv4Address": "10.244.1.1", "interfaceIPv6Address": "fd00::1"});
     assert_eq!(stored, expected);
@@ -448,14 +444,14 @@ async fn resumes_after_etcd_restart() {
         .publish(
             "stable",
             &PublishedWireguard {
-                public_key_v4: Some(key(3)),
+                public_key_v4: Some(WgKey([3; 32])),
                 ..Default::default()
             },
         )
         .await
         .expect("publish after restart");
     wait_for_checked(&mut run.rx, "published after restart", never_partial, |s| {
-        s.nodes["stable"].wireguard_public_key == Some(key(3).to_string())
+        s.nodes["stable"].wireguard_public_key == Some(WgKey([3; 32]).to_string())
     })
     .await;
 }

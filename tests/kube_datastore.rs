@@ -4,7 +4,7 @@
 //! The policy kinds are compared with what the etcd adapter keeps for the same objects (a private
 //! etcd, as in tests/etcd.rs).
 
-mod common;
+mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tower_test::mock::{Handle, SendResponse};
 
-use common::TestEtcd;
+use support::etcd::TestEtcd;
 use wiremesh_core::model::{ClusterSnapshot, PublishedWireguard, WgKey};
 use wiremesh_core::policy::PolicyResources;
 use wiremesh_core::wire::{Kind, RawPolicyResources};
@@ -43,20 +43,22 @@ impl Seen {
     }
 }
 
-/// What the scripted server answers: a response, or `None` to leave the request pending
-/// (a watch that stays open).
+/// What the scripted transport answers: a response, or `None` to leave the request pending
+/// (a watch that stays open). These request-level tests drive kube's mock transport
+/// (tower-test) to inject exact answers (410 Gone, 403, 404 of a CRD); everything that needs an
+/// API server over HTTP uses the one stand-in, `support::apiserver`.
 type Script = Box<dyn FnMut(&Seen) -> Option<Response<Body>> + Send>;
 
-struct Server {
+struct MockApi {
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
-impl Server {
-    fn start(script: Script) -> (Client, Server) {
+impl MockApi {
+    fn start(script: Script) -> (Client, MockApi) {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let seen = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(serve(handle, script, Arc::clone(&seen)));
-        (Client::new(service, "default"), Server { seen })
+        (Client::new(service, "default"), MockApi { seen })
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -196,7 +198,7 @@ async fn wait_for(
 async fn lists_then_watches_and_relists_after_410_gone() {
     let mut node_lists = 0;
     let mut node_watches = 0;
-    let (client, server) = Server::start(Box::new(move |req| {
+    let (client, server) = MockApi::start(Box::new(move |req| {
         match (req.path.as_str(), req.is_watch()) {
             (NODES, false) => {
                 node_lists += 1;
@@ -322,7 +324,7 @@ async fn lists_then_watches_and_relists_after_410_gone() {
 #[tokio::test]
 async fn missing_felix_configuration_crd_is_a_clear_error() {
     let (client, _server) =
-        Server::start(Box::new(|req| match (req.path.as_str(), req.is_watch()) {
+        MockApi::start(Box::new(|req| match (req.path.as_str(), req.is_watch()) {
             (NODES, false) => ok(&list("NodeList", "v1", "1", vec![])),
             (FELIX, false) => Response::builder()
                 .status(StatusCode::NOT_FOUND)
@@ -355,7 +357,7 @@ async fn missing_felix_configuration_crd_is_a_clear_error() {
 
 #[tokio::test]
 async fn rbac_denial_names_verb_and_resource() {
-    let (client, _server) = Server::start(Box::new(|req| {
+    let (client, _server) = MockApi::start(Box::new(|req| {
         match (req.path.as_str(), req.is_watch()) {
             (NODES, false) => respond(
                 StatusCode::FORBIDDEN,
@@ -398,7 +400,7 @@ async fn rbac_denial_names_verb_and_resource() {
     );
 }
 
-fn key(text: &str) -> WgKey {
+fn parse_key(text: &str) -> WgKey {
     text.parse().expect("test key")
 }
 
@@ -417,7 +419,7 @@ async fn publish_sends_one_merge_patch_of_the_four_annotations() {
         }),
     );
     let reply = current.clone();
-    let (client, server) = Server::start(Box::new(move |req| match req.method.as_str() {
+    let (client, server) = MockApi::start(Box::new(move |req| match req.method.as_str() {
         "GET" if req.path == "/api/v1/nodes/n1" => ok(&current),
         "PATCH" if req.path == "/api/v1/nodes/n1" => ok(&reply),
         _ => respond(
@@ -427,7 +429,7 @@ async fn publish_sends_one_merge_patch_of_the_four_annotations() {
     }));
     let datastore = KubeDatastore::from_client(client);
     let published = PublishedWireguard {
-        public_key_v4: Some(key(KEY_A)),
+        public_key_v4: Some(parse_key(KEY_A)),
         public_key_v6: None,
         interface_ipv4_address: Some("10.244.1.1".parse().expect("ip")),
         interface_ipv6_address: None,
@@ -469,7 +471,7 @@ async fn publish_skips_the_patch_when_already_current() {
         "10.244.1.0/24",
         json!({ ANNOTATION_PUBLIC_KEY: KEY_A, ANNOTATION_INTERFACE_V4: "10.244.1.1" }),
     );
-    let (client, server) = Server::start(Box::new(move |req| match req.method.as_str() {
+    let (client, server) = MockApi::start(Box::new(move |req| match req.method.as_str() {
         "GET" => ok(&current),
         _ => respond(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -478,7 +480,7 @@ async fn publish_skips_the_patch_when_already_current() {
     }));
     let datastore = KubeDatastore::from_client(client);
     let published = PublishedWireguard {
-        public_key_v4: Some(key(KEY_A)),
+        public_key_v4: Some(parse_key(KEY_A)),
         interface_ipv4_address: Some("10.244.1.1".parse().expect("ip")),
         ..PublishedWireguard::default()
     };
@@ -490,7 +492,7 @@ async fn publish_skips_the_patch_when_already_current() {
 
 #[tokio::test]
 async fn publish_on_a_missing_node_is_node_not_found() {
-    let (client, _server) = Server::start(Box::new(|_| {
+    let (client, _server) = MockApi::start(Box::new(|_| {
         respond(
             StatusCode::NOT_FOUND,
             &status(404, "NotFound", "nodes \"n9\" not found"),
@@ -510,7 +512,7 @@ async fn publish_on_a_missing_node_is_node_not_found() {
 #[tokio::test]
 async fn publish_denied_names_the_verb() {
     let current = node("n1", "7", "192.0.2.1", "10.244.1.0/24", json!({}));
-    let (client, _server) = Server::start(Box::new(move |req| match req.method.as_str() {
+    let (client, _server) = MockApi::start(Box::new(move |req| match req.method.as_str() {
         "GET" => ok(&current),
         _ => respond(
             StatusCode::FORBIDDEN,
@@ -519,7 +521,7 @@ async fn publish_denied_names_the_verb() {
     }));
     let datastore = KubeDatastore::from_client(client);
     let published = PublishedWireguard {
-        public_key_v4: Some(key(KEY_A)),
+        public_key_v4: Some(parse_key(KEY_A)),
         ..PublishedWireguard::default()
     };
     let error = datastore
@@ -535,7 +537,7 @@ async fn publish_denied_names_the_verb() {
 #[tokio::test]
 async fn problems_become_warning_events_on_the_object() {
     use wiremesh_datastore::{ObjectProblem, ProblemObject};
-    let (client, server) = Server::start(Box::new(|req| {
+    let (client, server) = MockApi::start(Box::new(|req| {
         if req.method == "POST" {
             let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
             respond(StatusCode::CREATED, &body)
@@ -731,7 +733,7 @@ fn base_answer(req: &Seen) -> Option<Response<Body>> {
 async fn policy_kinds_land_in_the_snapshot_as_the_etcd_adapter_keeps_them() {
     let objects = authored();
     let lists = objects.clone();
-    let (client, server) = Server::start(Box::new(move |req| {
+    let (client, server) = MockApi::start(Box::new(move |req| {
         match (req.path.as_str(), req.is_watch()) {
             (path, false) if policy_kind(path).is_some() => {
                 let kind = policy_kind(path)?;
@@ -820,7 +822,7 @@ async fn global_network_set_watch_events_update_the_snapshot() {
     let gns = format!("{CALICO}globalnetworksets");
     let path = gns.clone();
     let mut watches = 0;
-    let (client, server) = Server::start(Box::new(move |req| {
+    let (client, server) = MockApi::start(Box::new(move |req| {
         if req.path != path {
             return base_answer(req);
         }
@@ -875,7 +877,7 @@ async fn global_network_set_watch_events_update_the_snapshot() {
 
 #[tokio::test]
 async fn missing_policy_crd_is_a_clear_error_naming_it() {
-    let (client, _server) = Server::start(Box::new(|req| {
+    let (client, _server) = MockApi::start(Box::new(|req| {
         if req.path == format!("{CALICO}globalnetworksets") && !req.is_watch() {
             return Response::builder()
                 .status(StatusCode::NOT_FOUND)
@@ -905,7 +907,7 @@ async fn missing_policy_crd_is_a_clear_error_naming_it() {
 
 #[tokio::test]
 async fn policy_rbac_denial_names_verb_and_resource() {
-    let (client, _server) = Server::start(Box::new(|req| {
+    let (client, _server) = MockApi::start(Box::new(|req| {
         if req.path == format!("{CALICO}hostendpoints") && !req.is_watch() {
             return respond(
                 StatusCode::FORBIDDEN,
@@ -941,7 +943,7 @@ async fn policy_rbac_denial_names_verb_and_resource() {
 async fn without_host_policy_no_policy_kind_is_requested() {
     // Policy objects are there to be found: if they were asked for, the snapshot would show them.
     let objects = authored();
-    let (client, server) = Server::start(Box::new(move |req| {
+    let (client, server) = MockApi::start(Box::new(move |req| {
         match (policy_kind(&req.path), req.is_watch()) {
             (Some(kind), false) => {
                 let items = objects
@@ -985,7 +987,7 @@ async fn without_host_policy_no_policy_kind_is_requested() {
 async fn policy_problems_become_events_on_the_object_in_its_namespace() {
     use wiremesh_datastore::{ObjectProblem, ProblemObject};
     let objects = authored();
-    let (client, server) = Server::start(Box::new(move |req| {
+    let (client, server) = MockApi::start(Box::new(move |req| {
         if req.method == "POST" && req.path.starts_with("/apis/events.k8s.io/") {
             let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
             return respond(StatusCode::CREATED, &body);

@@ -2,168 +2,30 @@
 //!
 //! kubectl's client-side dry run still asks an API server for discovery (which kinds exist) and
 //! for the live object (to know whether it would create or patch). No cluster exists here, so
-//! the test serves a minimal API server on loopback: static discovery for the groups our
-//! manifests use and 404 for every object. What is checked is kubectl's own parsing and
-//! mapping of our YAML, nothing about a real cluster.
+//! the test points kubectl at the API stand-in (`support::apiserver`), which serves discovery
+//! and has none of the objects. What is checked is kubectl's own parsing and mapping of our
+//! YAML, nothing about a real cluster.
 //!
 //! The Helm chart cannot be rendered by helm here (helm is not packaged in Debian, PyPI or npm);
 //! `helm_chart_renders_to_the_plain_manifests` does a minimal render of its templates and checks
 //! the result with kubectl the same way.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
+use support::apiserver::ApiServer;
+
+mod support;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn resource(name: &str, kind: &str, namespaced: bool) -> Value {
-    json!({
-        "name": name, "singularName": kind.to_lowercase(), "namespaced": namespaced, "kind": kind,
-        "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]
-    })
-}
-
-/// Discovery documents by path.
-fn discovery() -> BTreeMap<String, Value> {
-    let group = |name: &str, version: &str| {
-        json!({
-            "name": name,
-            "versions": [{ "groupVersion": format!("{name}/{version}"), "version": version }],
-            "preferredVersion": { "groupVersion": format!("{name}/{version}"), "version": version }
-        })
-    };
-    let list = |group_version: &str, resources: Vec<Value>| json!({ "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources });
-    let mut docs = BTreeMap::new();
-    docs.insert(
-        "/api".into(),
-        json!({ "kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [] }),
-    );
-    docs.insert(
-        "/apis".into(),
-        json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": [
-            group("apps", "v1"),
-            group("rbac.authorization.k8s.io", "v1"),
-            group("apiextensions.k8s.io", "v1"),
-            group("events.k8s.io", "v1"),
-            group("projectcalico.org", "v3"),
-        ] }),
-    );
-    docs.insert(
-        "/api/v1".into(),
-        list(
-            "v1",
-            vec![
-                resource("namespaces", "Namespace", false),
-                resource("serviceaccounts", "ServiceAccount", true),
-                resource("nodes", "Node", false),
-                resource("configmaps", "ConfigMap", true),
-            ],
-        ),
-    );
-    docs.insert(
-        "/apis/apps/v1".into(),
-        list("apps/v1", vec![resource("daemonsets", "DaemonSet", true)]),
-    );
-    docs.insert(
-        "/apis/rbac.authorization.k8s.io/v1".into(),
-        list(
-            "rbac.authorization.k8s.io/v1",
-            vec![
-                resource("clusterroles", "ClusterRole", false),
-                resource("clusterrolebindings", "ClusterRoleBinding", false),
-            ],
-        ),
-    );
-    docs.insert(
-        "/apis/apiextensions.k8s.io/v1".into(),
-        list(
-            "apiextensions.k8s.io/v1",
-            vec![resource(
-                "customresourcedefinitions",
-                "CustomResourceDefinition",
-                false,
-            )],
-        ),
-    );
-    docs.insert(
-        "/apis/projectcalico.org/v3".into(),
-        list(
-            "projectcalico.org/v3",
-            vec![resource("felixconfigurations", "FelixConfiguration", false)],
-        ),
-    );
-    docs.insert(
-        "/apis/events.k8s.io/v1".into(),
-        list("events.k8s.io/v1", vec![resource("events", "Event", true)]),
-    );
-    docs
-}
-
-/// Serves discovery on 127.0.0.1 (one request per connection); returns the address.
-async fn fake_apiserver() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback");
-    let address = listener.local_addr().expect("address");
-    let docs = discovery();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let docs = docs.clone();
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut reader = BufReader::new(read);
-                let mut request_line = String::new();
-                if reader.read_line(&mut request_line).await.is_err() {
-                    return;
-                }
-                // Skip the headers (requests here are GETs without bodies).
-                loop {
-                    let mut line = String::new();
-                    match reader.read_line(&mut line).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) if line == "\r\n" || line == "\n" => break,
-                        Ok(_) => {}
-                    }
-                }
-                let path = request_line
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or("/")
-                    .split('?')
-                    .next()
-                    .unwrap_or("/")
-                    .to_string();
-                let (status, body) = match docs.get(&path) {
-                    Some(doc) => ("200 OK", doc.clone()),
-                    None => (
-                        "404 Not Found",
-                        json!({ "kind": "Status", "apiVersion": "v1", "metadata": {},
-                                "status": "Failure", "reason": "NotFound", "code": 404,
-                                "message": format!("{path} not found") }),
-                    ),
-                };
-                let body = body.to_string();
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = write.write_all(response.as_bytes()).await;
-                let _ = write.shutdown().await;
-            });
-        }
-    });
-    format!("http://{address}")
-}
-
-/// Runs `kubectl apply --dry-run=client` on `paths` against the fake server; returns stdout.
+/// Runs `kubectl apply --dry-run=client` on `paths` against the API stand-in (its discovery is
+/// all kubectl needs); returns stdout.
 async fn dry_run(paths: &[&Path]) -> String {
-    let server = fake_apiserver().await;
+    let server = ApiServer::start().await.url;
     let home = tempfile::tempdir().expect("temp dir");
     let mut command = Command::new("kubectl");
     command

@@ -1,12 +1,12 @@
 //! The etcd adapter lists and watches Calico's policy keys (a private etcd on loopback).
 
-mod common;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestEtcd;
 use serde_json::json;
+use support::etcd::TestEtcd;
 use tokio::sync::watch;
 use wiremesh_core::model::ClusterSnapshot;
 use wiremesh_core::wire::Kind;

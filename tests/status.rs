@@ -14,10 +14,6 @@ use wiremesh_dataplane::Backend;
 
 const NOW: u64 = 1_800_000_000;
 
-fn key(b: u8) -> WgKey {
-    WgKey([b; 32])
-}
-
 fn nets(list: &[&str]) -> BTreeSet<IpNet> {
     list.iter().map(|n| n.parse().expect("net")).collect()
 }
@@ -38,13 +34,13 @@ fn agent() -> AgentStatus {
         devices: vec![DeviceStatus {
             family: Family::V4,
             interface: "wireguard.cali".into(),
-            public_key: key(1),
+            public_key: WgKey([1; 32]),
             listen_port: 51820,
             mtu: 1440,
             peers: [2u8, 3]
                 .into_iter()
                 .map(|i| PeerStatus {
-                    public_key: key(i),
+                    public_key: WgKey([i; 32]),
                     spec: peer_spec(i),
                     programmed_at: Some(NOW - 100),
                 })
@@ -79,10 +75,13 @@ fn live_peer(i: u8, handshake_age: Option<u64>, tx: u64) -> PeerState {
 fn live(peers: Vec<(u8, PeerState)>) -> BTreeMap<String, DeviceState> {
     let d = DeviceState {
         name: "wireguard.cali".into(),
-        public_key: Some(key(1)),
+        public_key: Some(WgKey([1; 32])),
         listen_port: 51820,
         fwmark: 0x200000,
-        peers: peers.into_iter().map(|(i, p)| (key(i), p)).collect(),
+        peers: peers
+            .into_iter()
+            .map(|(i, p)| (WgKey([i; 32]), p))
+            .collect(),
     };
     [(d.name.clone(), d)].into_iter().collect()
 }
@@ -92,7 +91,7 @@ fn published(i: u8, key_byte: u8) -> NodeResource {
         name: format!("node{i}"),
         ipv4_address: Some(format!("10.0.0.{i}/24")),
         pod_cidrs: vec![format!("10.244.{i}.0/24")],
-        wireguard_public_key: Some(key(key_byte).to_string()),
+        wireguard_public_key: Some(WgKey([key_byte; 32]).to_string()),
         wireguard_interface_ipv4_address: Some(format!("10.244.{i}.0")),
         ..Default::default()
     }
@@ -162,7 +161,7 @@ fn a_published_key_that_differs_from_the_programmed_one_disagrees() {
     let p3 = &r.devices[0].peers[1];
     assert!(!p3.agrees);
     assert!(
-        p3.problems[0].contains(&format!("node3 publishes key {}", key(9))),
+        p3.problems[0].contains(&format!("node3 publishes key {}", WgKey([9; 32]))),
         "{:?}",
         p3.problems
     );

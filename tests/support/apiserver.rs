@@ -12,7 +12,9 @@
 //!   the `status` subresource of Nodes (the main resource ignores `status`, the subresource
 //!   ignores everything else), `metadata.resourceVersion` preconditions (409 Conflict), and
 //!   no-op writes that change nothing and bump no version;
-//! - a resource whose plural is unknown (an uninstalled CRD) is 404 on every verb.
+//! - a resource whose plural is unknown (an uninstalled CRD) is 404 on every verb;
+//! - discovery (`/api`, `/apis`, `/api/v1`, `/apis/GROUP/VERSION`) of the kinds it serves and of
+//!   the kinds `deploy/` holds, enough for `kubectl apply --dry-run=client`.
 //!
 //! It is not a cluster: no admission, RBAC, server-side apply, defaulting or validation.
 
@@ -43,6 +45,115 @@ const KINDS: &[(&str, &str)] = &[
 
 fn kind_of(plural: &str) -> Option<&'static str> {
     KINDS.iter().find(|(p, _)| *p == plural).map(|(_, k)| *k)
+}
+
+/// Discovery: (group/version, plural, kind, namespaced) of every kind served or in `deploy/`.
+const DISCOVERY: &[(&str, &str, &str, bool)] = &[
+    ("v1", "namespaces", "Namespace", false),
+    ("v1", "nodes", "Node", false),
+    ("v1", "serviceaccounts", "ServiceAccount", true),
+    ("v1", "configmaps", "ConfigMap", true),
+    ("v1", "events", "Event", true),
+    ("apps/v1", "daemonsets", "DaemonSet", true),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "clusterroles",
+        "ClusterRole",
+        false,
+    ),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "clusterrolebindings",
+        "ClusterRoleBinding",
+        false,
+    ),
+    (
+        "apiextensions.k8s.io/v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        false,
+    ),
+    ("events.k8s.io/v1", "events", "Event", true),
+    (
+        "projectcalico.org/v3",
+        "felixconfigurations",
+        "FelixConfiguration",
+        false,
+    ),
+    (
+        "projectcalico.org/v3",
+        "hostendpoints",
+        "HostEndpoint",
+        false,
+    ),
+    (
+        "projectcalico.org/v3",
+        "globalnetworkpolicies",
+        "GlobalNetworkPolicy",
+        false,
+    ),
+    (
+        "projectcalico.org/v3",
+        "networkpolicies",
+        "NetworkPolicy",
+        true,
+    ),
+    ("projectcalico.org/v3", "tiers", "Tier", false),
+    (
+        "projectcalico.org/v3",
+        "globalnetworksets",
+        "GlobalNetworkSet",
+        false,
+    ),
+    ("projectcalico.org/v3", "networksets", "NetworkSet", true),
+];
+
+/// The discovery document at `path`, if it is one.
+fn discovery(path: &str) -> Option<Value> {
+    let resources = |group_version: &str| -> Vec<Value> {
+        DISCOVERY
+            .iter()
+            .filter(|(gv, ..)| *gv == group_version)
+            .map(|(_, plural, kind, namespaced)| {
+                json!({
+                    "name": plural, "singularName": kind.to_lowercase(), "namespaced": namespaced,
+                    "kind": kind,
+                    "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]
+                })
+            })
+            .collect()
+    };
+    let path = path.trim_end_matches('/');
+    if path == "/api" {
+        return Some(
+            json!({ "kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [] }),
+        );
+    }
+    if path == "/apis" {
+        let mut groups: Vec<&str> = DISCOVERY
+            .iter()
+            .map(|(gv, ..)| *gv)
+            .filter(|gv| gv.contains('/'))
+            .collect();
+        groups.dedup();
+        let groups: Vec<Value> = groups
+            .iter()
+            .filter_map(|gv| gv.split_once('/'))
+            .map(|(name, version)| {
+                let entry =
+                    json!({ "groupVersion": format!("{name}/{version}"), "version": version });
+                json!({ "name": name, "versions": [entry.clone()], "preferredVersion": entry })
+            })
+            .collect();
+        return Some(json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": groups }));
+    }
+    let group_version = path
+        .strip_prefix("/api/")
+        .or_else(|| path.strip_prefix("/apis/"))?;
+    let listed = resources(group_version);
+    (!listed.is_empty() && group_version.split('/').count() <= 2).then(|| {
+        json!({ "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": listed })
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -191,6 +302,11 @@ impl ApiServer {
             Some(q) => format!("{method} {}?{q}", uri.path()),
             None => format!("{method} {}", uri.path()),
         });
+        if method == Method::GET
+            && let Some(document) = discovery(uri.path())
+        {
+            return json_response(200, &document);
+        }
         let Some(target) = Target::parse(uri.path()) else {
             return status(
                 404,

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod etcd;
 pub mod lab;
 
 use std::collections::BTreeMap;

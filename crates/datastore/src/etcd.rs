@@ -1449,10 +1449,6 @@ mod tests {
         assert!(decode_felix_configuration(b"[1]").is_err());
     }
 
-    fn key(byte: u8) -> WgKey {
-        WgKey([byte; 32])
-    }
-
     #[test]
     fn publish_touches_only_our_fields() {
         let mut value = serde_json::json!({
@@ -1461,7 +1457,7 @@ mod tests {
             "status": {"podCIDRs": ["a"]},
         });
         let published = PublishedWireguard {
-            public_key_v4: Some(key(1)),
+            public_key_v4: Some(WgKey([1; 32])),
             public_key_v6: None,
             interface_ipv4_address: Some("10.244.0.1".parse().expect("ip")),
             interface_ipv6_address: None,
@@ -1473,7 +1469,7 @@ mod tests {
                 "kind": "Node", "metadata": {"name": "n", "x": 1},
                 "spec": {"bgp": {"ipv4Address": "10.0.0.1/24"},
                          "wireguard": {"other": "keep", "interfaceIPv4Address": "10.244.0.1"}, "u": [1]},
-                "status": {"podCIDRs": ["a"], "wireguardPublicKey": key(1).to_string()},
+                "status": {"podCIDRs": ["a"], "wireguardPublicKey": WgKey([1; 32]).to_string()},
             })
         );
         assert_eq!(apply_published_json(&mut value, &published), Ok(false));

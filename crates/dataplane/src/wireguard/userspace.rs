@@ -695,10 +695,6 @@ mod tests {
     use super::*;
     use wiremesh_core::mesh::PeerSpec;
 
-    fn key(b: u8) -> WgKey {
-        WgKey([b; 32])
-    }
-
     #[test]
     fn renders_one_transaction_without_replace_peers() {
         let pk = PrivateKey::from_bytes([7; 32]);
@@ -721,12 +717,12 @@ mod tests {
             },
             WgOp::SetPeer {
                 name: "wg0".into(),
-                public_key: key(2),
+                public_key: WgKey([2; 32]),
                 peer,
             },
             WgOp::RemovePeer {
                 name: "wg0".into(),
-                public_key: key(3),
+                public_key: WgKey([3; 32]),
             },
         ];
         let refs: Vec<&WgOp> = ops.iter().collect();
@@ -736,8 +732,8 @@ mod tests {
              persistent_keepalive_interval=0\nreplace_allowed_ips=true\nallowed_ip=10.0.2.0/24\nallowed_ip=fd00:2::/64\n\
              public_key={}\nremove=true\n\n",
             pk.to_hex().as_str(),
-            key(2).to_hex(),
-            key(3).to_hex()
+            WgKey([2; 32]).to_hex(),
+            WgKey([3; 32]).to_hex()
         );
         assert_eq!(body.as_str(), expected);
         assert!(!body.contains("replace_peers"));
@@ -752,21 +748,21 @@ mod tests {
              allowed_ip=10.0.2.0/24\npublic_key={}\nlast_handshake_time_sec=1700000000\nlast_handshake_time_nsec=5\n\
              tx_bytes=0\nrx_bytes=0\npersistent_keepalive_interval=0",
             pk.to_hex().as_str(),
-            key(2).to_hex(),
-            key(3).to_hex()
+            WgKey([2; 32]).to_hex(),
+            WgKey([3; 32]).to_hex()
         );
         let lines: Vec<String> = text.lines().map(String::from).collect();
         let state = parse_get("wg0", &lines).expect("parse");
         assert_eq!(state.public_key, Some(pk.public_key()));
         assert_eq!((state.listen_port, state.fwmark), (51820, 0x200000));
-        let p2 = &state.peers[&key(2)];
+        let p2 = &state.peers[&WgKey([2; 32])];
         assert_eq!(p2.endpoint, Some("10.99.0.2:51820".parse().expect("addr")));
         assert_eq!(
             (p2.keepalive, p2.rx_bytes, p2.tx_bytes, p2.last_handshake),
             (25, 6, 5, None)
         );
         assert_eq!(p2.allowed_ips.len(), 1);
-        let p3 = &state.peers[&key(3)];
+        let p3 = &state.peers[&WgKey([3; 32])];
         assert_eq!(
             p3.last_handshake,
             Some(SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5))

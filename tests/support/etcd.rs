@@ -1,6 +1,5 @@
 //! A private etcd per test: free loopback ports, a temporary data dir, bounded health wait, and
 //! a Drop guard that always kills the process (also on panic).
-#![allow(dead_code)]
 
 use std::fs::OpenOptions;
 use std::net::TcpListener;
