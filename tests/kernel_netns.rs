@@ -25,7 +25,7 @@ use wiremesh_core::mesh::{DataplaneSpec, DeviceSpec, PeerSpec, RouteKind, RouteS
 use wiremesh_core::model::{Family, PublishedWireguard, WgKey};
 use wiremesh_dataplane::link::LinkDataplane;
 use wiremesh_dataplane::link::NetlinkLinks;
-use wiremesh_dataplane::netlink::{connect_netlink, netlink_handle};
+use wiremesh_dataplane::netlink::netlink_handle;
 use wiremesh_dataplane::route::NetlinkRouting;
 use wiremesh_dataplane::route::RoutingDataplane;
 use wiremesh_dataplane::wireguard::WireguardDataplane;
@@ -440,7 +440,7 @@ fn routes_in_our_table_only() {
     let big = dev_route(1000, "10.99.5.0/24", "v0");
     let (ours2, big2) = (ours.clone(), big.clone());
     ns.enter(move || async move {
-        let (_, mut routing) = connect_netlink().await.expect("netlink");
+        let mut routing = NetlinkRouting::new(netlink_handle().expect("netlink"));
         assert!(routing.observe(1).await.expect("observe").routes.is_empty());
         let mut add: Vec<RouteOp> = ours2.iter().cloned().map(RouteOp::AddRoute).collect();
         add.push(RouteOp::AddRoute(big2.clone()));
@@ -518,7 +518,7 @@ fn route_shapes_match_iproute2() {
     ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v0p"]);
     ns.ip(&["link", "set", "v0", "up"]);
     ns.enter(|| async {
-        let (_, mut routing) = connect_netlink().await.expect("netlink");
+        let mut routing = NetlinkRouting::new(netlink_handle().expect("netlink"));
         routing
             .apply(&[
                 RouteOp::AddRoute(dev_route(1, "10.99.1.0/24", "v0")),
@@ -566,7 +566,7 @@ fn rules_for_our_table() {
         .collect();
     let ours2 = ours.clone();
     ns.enter(move || async move {
-        let (_, mut routing) = connect_netlink().await.expect("netlink");
+        let mut routing = NetlinkRouting::new(netlink_handle().expect("netlink"));
         assert!(routing.observe(1).await.expect("observe").rules.is_empty());
         let add: Vec<RouteOp> = ours2.iter().copied().map(RouteOp::AddRule).collect();
         routing.apply(&add).await.expect("add");
@@ -589,7 +589,7 @@ fn rules_for_our_table() {
     ns.ip(&["rule", "add", "fwmark", "0x5", "lookup", "1", "pref", "97"]);
     let ours3 = ours.clone();
     ns.enter(move || async move {
-        let (_, mut routing) = connect_netlink().await.expect("netlink");
+        let mut routing = NetlinkRouting::new(netlink_handle().expect("netlink"));
         let seen = routing.observe(1).await.expect("observe").rules;
         let foreign = RuleSpec {
             family: Family::V4,
@@ -649,7 +649,7 @@ fn link_ops_and_host_mtu() {
     let a4 = net("10.99.5.1/32");
     let a6 = net("fd00:99:5::1/128");
     ns.enter(move || async move {
-        let (mut links, _) = connect_netlink().await.expect("netlink");
+        let mut links = NetlinkLinks::new(netlink_handle().expect("netlink"));
         assert_eq!(links.host_mtu().await.expect("host mtu"), Some(1400));
         let names: BTreeSet<String> = ["wmt0".to_string(), "absent0".to_string()].into();
         let before = links.observe(&names).await.expect("observe");
@@ -722,7 +722,7 @@ fn link_ops_and_host_mtu() {
         ["10.99.5.1/32".to_string(), "fd00:99:5::1/128".to_string()].into()
     );
     ns.enter(move || async move {
-        let (mut links, _) = connect_netlink().await.expect("netlink");
+        let mut links = NetlinkLinks::new(netlink_handle().expect("netlink"));
         links
             .apply(&[LinkOp::DeleteAddress {
                 name: "wmt0".into(),
@@ -755,8 +755,11 @@ fn program(node: &Node, peer_key: WgKey, peer_underlay: &str, peer_tunnel: &str)
     let endpoint = format!("{peer_underlay}:51820");
     let peer_net = format!("{peer_tunnel}/32");
     node.ns.enter(move || async move {
-        let (mut links, mut routing): (NetlinkLinks, NetlinkRouting) =
-            connect_netlink().await.expect("netlink");
+        let handle = netlink_handle().expect("netlink");
+        let (mut links, mut routing) = (
+            NetlinkLinks::new(handle.clone()),
+            NetlinkRouting::new(handle),
+        );
         let mut wg = UserspaceWireguard::new(links.handle());
         wg.apply(&[
             WgOp::CreateDevice { name: "wg0".into() },

@@ -11,10 +11,10 @@ use wiremesh_agent::run::AgentConfig;
 use wiremesh_dataplane::wireguard::backend::BackendChoice;
 use wiremesh_datastore::DatastoreConfig;
 
-use super::DatastoreArgs;
+use super::datastore::DatastoreArgs;
 
 /// The etcd the agent uses when no datastore is given.
-pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
+const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(after_help = "Examples:

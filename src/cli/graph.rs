@@ -128,7 +128,7 @@ pub struct GraphArgs {
 }
 
 /// Parses one or more concatenated JSON reports.
-pub fn parse_reports(text: &str, path: &std::path::Path) -> Result<Vec<StatusReport>, GraphError> {
+fn parse_reports(text: &str, path: &std::path::Path) -> Result<Vec<StatusReport>, GraphError> {
     serde_json::Deserializer::from_str(text)
         .into_iter::<StatusReport>()
         .collect::<Result<Vec<_>, _>>()

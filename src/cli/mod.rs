@@ -6,6 +6,7 @@ pub mod agent;
 pub mod bench;
 pub mod bench_policy;
 pub mod crds;
+pub mod datastore;
 pub mod graph;
 pub mod lab;
 pub mod output;
@@ -18,7 +19,6 @@ use std::process::ExitCode;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use wiremesh_core::error_chain;
-use wiremesh_datastore::DatastoreConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -96,58 +96,6 @@ pub enum Command {
     /// and a set change (root).
     #[command(hide = true)]
     BenchPolicy(bench_policy::PolicyBenchArgs),
-}
-
-/// Which datastore a command reads or the agent uses: the same flags and environment variables
-/// in every command.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct DatastoreArgs {
-    /// `etcd` (Calico's key layout) or `kubernetes` (Node annotations and the projectcalico.org
-    /// CRDs). Without it: etcd when endpoints are given, Kubernetes when a kubeconfig or
-    /// context is.
-    #[arg(long, env = "WIREMESH_DATASTORE", value_enum)]
-    pub datastore: Option<DatastoreKind>,
-    /// etcd endpoints, comma-separated.
-    #[arg(long, env = "WIREMESH_ETCD_ENDPOINTS", value_delimiter = ',')]
-    pub etcd_endpoints: Vec<String>,
-    /// Kubeconfig for the Kubernetes datastore; without it, the in-cluster service account (or
-    /// KUBECONFIG / ~/.kube/config).
-    #[arg(long, env = "WIREMESH_KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
-    /// Kubeconfig context for the Kubernetes datastore (default: the current context).
-    #[arg(long, env = "WIREMESH_CONTEXT")]
-    pub context: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DatastoreKind {
-    /// etcd v3 with Calico's key layout (bare metal, the lab).
-    Etcd,
-    /// The Kubernetes API: Node annotations and Calico's projectcalico.org/v3 CRDs.
-    Kubernetes,
-}
-
-impl DatastoreArgs {
-    /// The datastore these flags name, if any. `--datastore etcd` without endpoints is `None`
-    /// (nothing to connect to).
-    pub fn config(&self) -> Option<DatastoreConfig> {
-        let kubernetes = || DatastoreConfig::Kubernetes {
-            kubeconfig: self.kubeconfig.clone(),
-            context: self.context.clone(),
-        };
-        let etcd = || {
-            (!self.etcd_endpoints.is_empty()).then(|| DatastoreConfig::Etcd {
-                endpoints: self.etcd_endpoints.clone(),
-            })
-        };
-        match self.datastore {
-            Some(DatastoreKind::Kubernetes) => Some(kubernetes()),
-            Some(DatastoreKind::Etcd) => etcd(),
-            None if !self.etcd_endpoints.is_empty() => etcd(),
-            None if self.kubeconfig.is_some() || self.context.is_some() => Some(kubernetes()),
-            None => None,
-        }
-    }
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {

@@ -17,7 +17,7 @@ use wiremesh_core::selector::Scope;
 use wiremesh_core::wire::RawPolicyResources;
 use wiremesh_datastore::{DatastoreError, ReadScope};
 
-use super::DatastoreArgs;
+use super::datastore::DatastoreArgs;
 use super::output::{self, EncodeError, OutputArgs};
 
 #[derive(Debug, thiserror::Error)]

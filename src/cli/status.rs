@@ -23,17 +23,17 @@ use wiremesh_dataplane::Backend;
 use wiremesh_dataplane::wireguard::backend::read_devices_once;
 use wiremesh_datastore::{DatastoreConfig, ReadScope};
 
-use super::DatastoreArgs;
+use super::datastore::DatastoreArgs;
 use super::output::{self, EncodeError, OutputArgs, Table};
 
 /// Version of the JSON output; bumped only when a field changes meaning or is removed.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// A handshake older than this is "stale" (WireGuard renews every 2 min while traffic flows).
-pub const FRESH_HANDSHAKE: u64 = 180;
+const FRESH_HANDSHAKE: u64 = 180;
 
 /// A peer programmed this long ago that sent bytes but never completed a handshake disagrees.
-pub const HANDSHAKE_GRACE: u64 = 15;
+const HANDSHAKE_GRACE: u64 = 15;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

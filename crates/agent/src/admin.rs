@@ -28,7 +28,7 @@ pub enum AdminError {
 }
 
 /// The router serving `/metrics`, `/healthz` and `/readyz` from `metrics`.
-pub fn router(metrics: Arc<Metrics>) -> Router {
+fn router(metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))

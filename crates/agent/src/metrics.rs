@@ -46,7 +46,7 @@ use wiremesh_dataplane::{Backend, DataplaneError};
 /// How long values read at scrape time are served again before the next read.
 pub const SCRAPE_CACHE: Duration = Duration::from_secs(1);
 /// A scrape-time read that takes longer is abandoned; the previous values are served.
-pub const SCRAPE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+const SCRAPE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Labels1 = [(&'static str, String); 1];
 type Labels2 = [(&'static str, String); 2];
@@ -358,7 +358,7 @@ impl Metrics {
     }
 
     /// The devices as last read; Felix's WireGuard series are encoded from this.
-    pub fn observed_wireguard(&self, devices: &BTreeMap<String, DeviceState>) {
+    fn observed_wireguard(&self, devices: &BTreeMap<String, DeviceState>) {
         self.wireguard.set(devices.values().cloned().collect());
     }
 
@@ -369,7 +369,7 @@ impl Metrics {
 }
 
 /// `v4` / `v6`, the label value of an IP family.
-pub fn family_label(family: IpFamily) -> &'static str {
+fn family_label(family: IpFamily) -> &'static str {
     match family {
         IpFamily::V4 => "v4",
         IpFamily::V6 => "v6",

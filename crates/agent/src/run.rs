@@ -46,8 +46,7 @@ pub struct AgentConfig {
 }
 
 /// The shortest and longest full-resync period the agent accepts.
-pub const RESYNC_RANGE: (Duration, Duration) =
-    (Duration::from_secs(1), Duration::from_secs(24 * 3600));
+const RESYNC_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(24 * 3600));
 
 impl AgentConfig {
     /// Checks what the type cannot: a single-bit mark, a usable table, a sane resync period.

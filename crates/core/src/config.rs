@@ -274,7 +274,7 @@ impl WireguardSettings {
 }
 
 /// Calico's interface-name rule: `^[a-zA-Z0-9:._+-]{1,15}$`.
-pub fn validate_interface_name(name: &str) -> Result<(), String> {
+fn validate_interface_name(name: &str) -> Result<(), String> {
     let ok_chars = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '.' | '_' | '+' | '-'));

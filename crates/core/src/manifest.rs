@@ -25,7 +25,7 @@ pub struct ManifestObject {
 
 impl ManifestObject {
     /// `file:line` of a field path such as `spec.ingress[0].protocol`, best effort.
-    pub fn field_position(&self, field: &str) -> String {
+    fn field_position(&self, field: &str) -> String {
         let line = locate(&self.doc_text, field).map_or(self.doc_line, |l| self.doc_line + l);
         let file = self.position.rsplit_once(':').map_or("", |(f, _)| f);
         format!("{file}:{line}")

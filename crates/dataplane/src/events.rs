@@ -14,7 +14,7 @@ use crate::route::{route_table, rule_table};
 
 /// Whether a kernel notification can concern our dataplane. Routes and rules of other tables
 /// are ignored so a busy host's route churn does not wake the loop.
-pub fn concerns_us(message: &RouteNetlinkMessage, table: u32) -> bool {
+fn concerns_us(message: &RouteNetlinkMessage, table: u32) -> bool {
     match message {
         RouteNetlinkMessage::NewLink(_)
         | RouteNetlinkMessage::DelLink(_)

@@ -11,8 +11,6 @@ use std::net::IpAddr;
 use netlink_packet_route::address::AddressAttribute;
 
 use crate::DataplaneError;
-use crate::link::NetlinkLinks;
-use crate::route::NetlinkRouting;
 
 /// A failed netlink request, with the kernel's errno when there is one.
 #[derive(Debug, thiserror::Error)]
@@ -61,15 +59,6 @@ pub fn netlink_handle() -> Result<Handle, DataplaneError> {
         .map_err(|e| DataplaneError::observe("opening an rtnetlink socket", e))?;
     tokio::spawn(connection);
     Ok(handle)
-}
-
-/// Links and routing over one rtnetlink connection.
-pub async fn connect_netlink() -> Result<(NetlinkLinks, NetlinkRouting), DataplaneError> {
-    let handle = netlink_handle()?;
-    Ok((
-        NetlinkLinks::new(handle.clone()),
-        NetlinkRouting::new(handle),
-    ))
 }
 
 /// The link called `name`, `None` when there is none.

@@ -79,11 +79,7 @@ pub enum NftError {
 
 /// Parses `nft -j list ...` outputs (a table listing, or `list chains inet` plus `list sets
 /// inet`) into our state; objects of other tables are ignored.
-pub fn parse_listing(json: &str) -> Result<NftState, NftError> {
-    parse_listings(&[json])
-}
-
-pub fn parse_listings(jsons: &[&str]) -> Result<NftState, NftError> {
+fn parse_listings(jsons: &[&str]) -> Result<NftState, NftError> {
     let mut state = NftState::default();
     for json in jsons {
         let value: serde_json::Value =
@@ -221,7 +217,7 @@ fn in_our_table(obj: &serde_json::Value, field: &str) -> bool {
 }
 
 /// Parses `nft -j list counters table inet wiremesh` (counters of other tables are ignored).
-pub fn parse_counters(json: &str) -> Result<BTreeMap<String, CounterValue>, NftError> {
+fn parse_counters(json: &str) -> Result<BTreeMap<String, CounterValue>, NftError> {
     let mut out = BTreeMap::new();
     for item in nftables_items(json)? {
         let Some(counter) = item.get("counter") else {
@@ -274,7 +270,7 @@ fn normalise(value: &mut serde_json::Value) {
 /// wiremesh`): the table, chains, rules, counters and sets without handles, counter values or
 /// set elements, in listing order. Returns the rules hash of the marker chain (if any) and a
 /// hex digest. Equal digests mean no rule, chain or declaration was edited.
-pub fn rules_fingerprint(json: &str) -> Result<(Option<String>, String), NftError> {
+fn rules_fingerprint(json: &str) -> Result<(Option<String>, String), NftError> {
     let mut hash = None;
     let mut digest = Sha256::new();
     for mut item in nftables_items(json)? {
@@ -330,7 +326,7 @@ pub struct KernelNft {
 
 /// How long set elements may be taken from the cache before a full listing (drift in the
 /// rule part is seen at every observe through the hash chain).
-pub const FULL_OBSERVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+const FULL_OBSERVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl KernelNft {
     pub fn new() -> Self {
@@ -592,7 +588,7 @@ impl CounterReader for KernelNft {
 }
 
 /// Parses `ip -j addr show` into interface -> addresses.
-pub fn parse_ip_addr_json(
+fn parse_ip_addr_json(
     json: &[u8],
 ) -> Result<BTreeMap<String, BTreeSet<IpAddr>>, serde_json::Error> {
     let links: Vec<serde_json::Value> = serde_json::from_slice(json)?;
@@ -696,6 +692,10 @@ impl CounterReader for FakeNft {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse_listing(json: &str) -> Result<NftState, NftError> {
+        parse_listings(&[json])
+    }
 
     #[test]
     fn parses_listing() {

@@ -82,10 +82,10 @@ pub fn decode_policy_key(key: &str) -> Option<(wiremesh_core::wire::Kind, String
 pub const AFFINITIES_PREFIX: &str = "/calico/ipam/v2/host/";
 
 /// How long connecting (and each list/publish request) may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts of the compare-and-swap in `publish` before giving up with `Conflict`.
-pub const PUBLISH_ATTEMPTS: u32 = 5;
+const PUBLISH_ATTEMPTS: u32 = 5;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -239,7 +239,7 @@ fn json_kind(value: &Value) -> &'static str {
 
 /// Parses a block-affinity key into (node, family, CIDR). `None` for anything that is not exactly
 /// `/calico/ipam/v2/host/<node>/ipv<4|6>/block/<cidr>` with a CIDR of that family.
-pub fn decode_affinity_key(key: &str) -> Option<(String, Family, IpNet)> {
+fn decode_affinity_key(key: &str) -> Option<(String, Family, IpNet)> {
     // libcalico-go's regex allows the leading '/' to be missing.
     let rest = key
         .strip_prefix('/')
@@ -268,7 +268,7 @@ struct RawAffinity {
 
 /// Whether a block-affinity value makes the block one of its node's pod CIDRs: state
 /// `confirmed` or absent, and not `deleted`. An empty value counts as confirmed.
-pub fn decode_affinity_value(value: &[u8]) -> Result<bool, String> {
+fn decode_affinity_value(value: &[u8]) -> Result<bool, String> {
     if value.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(true);
     }
@@ -290,10 +290,7 @@ pub fn decode_felix_configuration(value: &[u8]) -> Result<FelixConfigurationSpec
 /// Writes `published` into a Calico Node JSON value, touching only
 /// `status.wireguardPublicKey{,V6}` and `spec.wireguard.interfaceIPv{4,6}Address`. `None` removes
 /// a field; an emptied `spec.wireguard` is removed. Returns whether anything changed.
-pub fn apply_published_json(
-    node: &mut Value,
-    published: &PublishedWireguard,
-) -> Result<bool, String> {
+fn apply_published_json(node: &mut Value, published: &PublishedWireguard) -> Result<bool, String> {
     let object = node
         .as_object_mut()
         .ok_or("Node value is not a JSON object")?;
@@ -946,7 +943,7 @@ async fn sleep_backoff(backoff: &mut Duration) {
 }
 
 /// The read-modify-write behind [`Datastore::publish`], guarded by the key's `mod_revision`.
-pub async fn publish_on(
+async fn publish_on(
     client: &mut Client,
     node: &str,
     published: &PublishedWireguard,

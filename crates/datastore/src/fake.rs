@@ -94,7 +94,7 @@ impl Datastore for FakeDatastore {
 }
 
 /// Writes the published fields into a node resource (shared with adapters' tests).
-pub fn apply_published(node: &mut NodeResource, published: &PublishedWireguard) {
+fn apply_published(node: &mut NodeResource, published: &PublishedWireguard) {
     node.wireguard_public_key = published.public_key_v4.map(|k| k.to_string());
     node.wireguard_public_key_v6 = published.public_key_v6.map(|k| k.to_string());
     node.wireguard_interface_ipv4_address = published.interface_ipv4_address.map(|a| a.to_string());

@@ -81,7 +81,7 @@ pub fn policy_resource(kind: Kind) -> ApiResource {
 }
 
 /// The CRD behind a policy kind, e.g. `globalnetworksets.projectcalico.org`.
-pub fn policy_crd(kind: Kind) -> String {
+fn policy_crd(kind: Kind) -> String {
     format!("{}.{CALICO_GROUP}", kind.plural())
 }
 
@@ -169,7 +169,7 @@ const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-config
 /// `namespace`, `labels` and `annotations`, and `spec`. Server bookkeeping (`uid`,
 /// `resourceVersion`, `generation`, `creationTimestamp`, `managedFields`, kubectl's last-applied
 /// copy) is left out: validation ignores it, and it would make both datastores differ.
-pub fn policy_entry(kind: Kind, object: &DynamicObject) -> (String, Value) {
+fn policy_entry(kind: Kind, object: &DynamicObject) -> (String, Value) {
     let meta = &object.metadata;
     let name = meta.name.clone().unwrap_or_default();
     // Listed across all namespaces, a namespaced object always has one; `default` as kubectl.
@@ -234,7 +234,7 @@ fn string_map<'a>(entries: impl Iterator<Item = (&'a String, &'a String)>) -> Va
 
 /// The merge patch that makes `annotations` carry `published`: only the differing keys, a
 /// `null` for each to remove. `None` when nothing differs.
-pub fn annotation_patch(
+fn annotation_patch(
     annotations: &BTreeMap<String, String>,
     published: &PublishedWireguard,
 ) -> Option<Value> {
@@ -530,7 +530,7 @@ pub const EVENT_CONTROLLER: &str = "wiremesh";
 
 /// Where an Event about `object` is attached. A Node's reference carries its name as UID, as the
 /// kubelet's do, so that `kubectl describe node` lists our Events.
-pub fn event_reference(object: &ProblemObject) -> ObjectReference {
+fn event_reference(object: &ProblemObject) -> ObjectReference {
     match object {
         ProblemObject::Node(name) => ObjectReference {
             api_version: Some("v1".into()),
@@ -561,7 +561,7 @@ pub fn event_reference(object: &ProblemObject) -> ObjectReference {
 }
 
 /// The Event for a problem: a Warning whose reason names the problem.
-pub fn problem_event(problem: &ObjectProblem) -> KubeEvent {
+fn problem_event(problem: &ObjectProblem) -> KubeEvent {
     KubeEvent {
         type_: EventType::Warning,
         reason: problem.reason.clone(),
@@ -723,7 +723,7 @@ impl KubeDatastore {
     /// Creates an empty FelixConfiguration `default` unless one exists, as calico-node does, so
     /// that `kubectl patch felixconfiguration default ...` works on a fresh cluster. A missing
     /// CRD is fatal; being denied is only logged (an administrator can create it).
-    pub async fn ensure_default_felix_configuration(&self) -> Result<(), DatastoreError> {
+    async fn ensure_default_felix_configuration(&self) -> Result<(), DatastoreError> {
         let api: Api<DynamicObject> =
             Api::all_with(self.client.clone(), &felix_configuration_resource());
         let object: DynamicObject = serde_json::from_value(serde_json::json!({

@@ -142,7 +142,7 @@ pub enum LabCommand {
 }
 
 /// `KEY=VALUE` → (key, JSON value); an empty value means "remove".
-pub fn parse_assignment(text: &str) -> Result<(String, Value), LabError> {
+fn parse_assignment(text: &str) -> Result<(String, Value), LabError> {
     let (key, value) = text
         .split_once('=')
         .ok_or_else(|| LabError::InvalidArgument {

@@ -191,7 +191,7 @@ pub async fn delete_node(client: &Client, name: &str) -> Result<(), LabError> {
 
 /// Deletes every Node object labelled as created by lab `lab`, and nothing else; returns the
 /// names deleted.
-pub async fn delete_lab_nodes(client: &Client, lab: &str) -> Result<Vec<String>, LabError> {
+async fn delete_lab_nodes(client: &Client, lab: &str) -> Result<Vec<String>, LabError> {
     let api: Api<Node> = Api::all(client.clone());
     let step = format!("listing the Node objects of lab {lab}");
     let params = ListParams::default().labels(&format!("{LAB_LABEL}={lab}"));
@@ -291,7 +291,7 @@ pub async fn apply_manifest(
 }
 
 /// `host:port` of a server URL (`https://host[:port][/path]`).
-pub fn server_address(server: &str) -> Option<(String, u16)> {
+fn server_address(server: &str) -> Option<(String, u16)> {
     let (default_port, rest) = if let Some(rest) = server.strip_prefix("https://") {
         (443, rest)
     } else if let Some(rest) = server.strip_prefix("http://") {

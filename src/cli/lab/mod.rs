@@ -29,11 +29,11 @@ pub use wiremesh_datastore::etcd::WriteError as StoreError;
 use wiremesh_datastore::etcd::{EtcdWriter, NodeRegistration};
 
 pub const DEFAULT_NAME: &str = "wiremesh";
-pub const DEFAULT_STATE_ROOT: &str = "/run/wiremesh-lab";
+const DEFAULT_STATE_ROOT: &str = "/run/wiremesh-lab";
 pub const HUB_ADDRESS: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
-pub const ETCD_ENDPOINT: &str = "http://172.30.0.254:2379";
+const ETCD_ENDPOINT: &str = "http://172.30.0.254:2379";
 /// Node indexes stay below the hub's .254 and fit in one octet of the pod CIDRs.
-pub const MAX_NODES: u32 = 250;
+const MAX_NODES: u32 = 250;
 const STATE_FILE: &str = "lab.json";
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -417,7 +417,7 @@ impl Lab {
     }
 
     /// Writes lab.json atomically.
-    pub fn save(&self) -> Result<(), LabError> {
+    fn save(&self) -> Result<(), LabError> {
         let path = self.state.dir.join(STATE_FILE);
         let tmp = self.state.dir.join(format!("{STATE_FILE}.tmp"));
         let text = serde_json::to_string_pretty(&self.state).map_err(|source| LabError::State {
@@ -1093,7 +1093,7 @@ fn is_relay(pid: i32) -> bool {
 }
 
 /// The kubeconfig a Kubernetes lab's agent uses (pointing at its relay).
-pub fn agent_kubeconfig_path(node: &NodeState) -> PathBuf {
+fn agent_kubeconfig_path(node: &NodeState) -> PathBuf {
     node.state_dir
         .parent()
         .unwrap_or(&node.state_dir)

@@ -41,7 +41,7 @@ impl FailsafePort {
     }
 
     /// Felix's defaults.
-    pub fn default_inbound() -> Vec<FailsafePort> {
+    fn default_inbound() -> Vec<FailsafePort> {
         use Protocol::{Tcp, Udp};
         [
             (Tcp, 22),
@@ -59,7 +59,7 @@ impl FailsafePort {
         .collect()
     }
 
-    pub fn default_outbound() -> Vec<FailsafePort> {
+    fn default_outbound() -> Vec<FailsafePort> {
         use Protocol::{Tcp, Udp};
         [
             (Udp, 53),

@@ -146,7 +146,7 @@ impl FilterSpec {
     }
 
     /// The marker chain's name.
-    pub fn hash_chain(&self) -> String {
+    fn hash_chain(&self) -> String {
         format!("hash-{}", self.rules_hash())
     }
 
@@ -240,7 +240,7 @@ pub fn set_name(sel: &Selector, family: Family) -> String {
 }
 
 /// Name of a named-port set (`np4-`/`np6-` and the ID without its `n:`).
-pub fn named_port_set_name(id: &str, family: Family) -> String {
+fn named_port_set_name(id: &str, family: Family) -> String {
     let id = id.strip_prefix("n:").unwrap_or(id);
     match family {
         Family::V4 => format!("np4-{id}"),
@@ -268,7 +268,7 @@ fn iface_chain_part(iface: &Iface) -> String {
 }
 
 /// Name of an endpoint chain.
-pub fn endpoint_chain(hook: Hook, dir: Direction, iface: &Iface) -> String {
+fn endpoint_chain(hook: Hook, dir: Direction, iface: &Iface) -> String {
     let d = match dir {
         Direction::Ingress => "fh",
         Direction::Egress => "th",
@@ -277,7 +277,7 @@ pub fn endpoint_chain(hook: Hook, dir: Direction, iface: &Iface) -> String {
 }
 
 /// Name of a policy chain.
-pub fn policy_chain(id: &str, dir: Direction) -> String {
+fn policy_chain(id: &str, dir: Direction) -> String {
     match dir {
         Direction::Ingress => format!("pi-{id}"),
         Direction::Egress => format!("po-{id}"),
@@ -350,7 +350,7 @@ pub fn tier_counter(tier: &str, dir: Direction) -> String {
 }
 
 /// Counter of the host endpoints' default deny in direction `dir`: `endpoint-default/in`.
-pub fn endpoint_default_counter(dir: Direction) -> String {
+fn endpoint_default_counter(dir: Direction) -> String {
     format!("endpoint-default/{}", dir_short(dir))
 }
 

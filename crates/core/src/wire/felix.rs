@@ -10,9 +10,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Linux interface names as Felix validates them.
-pub const INTERFACE_NAME_PATTERN: &str = r"^[a-zA-Z0-9:._+-]{1,15}$";
+const INTERFACE_NAME_PATTERN: &str = r"^[a-zA-Z0-9:._+-]{1,15}$";
 /// Go durations as Calico's CRD accepts them (`25s`, `1m30s`, `0`).
-pub const DURATION_PATTERN: &str = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$";
+const DURATION_PATTERN: &str = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$";
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
@@ -108,7 +108,7 @@ pub struct ProtoPort {
 }
 
 /// TCP or UDP in any case, as Felix accepts them.
-pub const FAILSAFE_PROTOCOL_PATTERN: &str = r"^([tT][cC][pP]|[uU][dD][pP])$";
+const FAILSAFE_PROTOCOL_PATTERN: &str = r"^([tT][cC][pP]|[uU][dD][pP])$";
 
 impl FelixConfigurationSpec {
     /// The spec of a stored FelixConfiguration (its JSON object, as etcd or the API server

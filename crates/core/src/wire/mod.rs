@@ -27,9 +27,6 @@ pub use policy::{
     GlobalNetworkPolicy, GlobalNetworkPolicySpec, NetworkPolicy, NetworkPolicySpec, Tier, TierSpec,
 };
 
-/// The API group and version of every kind here.
-pub const API_VERSION: &str = "projectcalico.org/v3";
-
 /// The policy kinds wiremesh reads (FelixConfiguration is read apart: it is configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Kind {

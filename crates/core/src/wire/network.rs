@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::common::NumOrString;
 
 /// `"*"` or a Linux interface name.
-pub const HOST_INTERFACE_PATTERN: &str = r"^(\*|[a-zA-Z0-9_.-]{1,15})$";
+const HOST_INTERFACE_PATTERN: &str = r"^(\*|[a-zA-Z0-9_.-]{1,15})$";
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -16,7 +16,7 @@ use super::{WireguardDataplane, WireguardStats};
 use crate::{Backend, DataplaneError};
 
 /// Whether the WireGuard kernel module is loaded (after a best-effort `modprobe wireguard`).
-pub fn kernel_wireguard_available() -> bool {
+fn kernel_wireguard_available() -> bool {
     if Path::new("/sys/module/wireguard").exists() {
         return true;
     }

@@ -30,7 +30,7 @@ use crate::netlink::{delete_link, link_kind};
 use crate::{Backend, DataplaneError};
 
 /// Where every userspace WireGuard implementation puts its sockets (hard-coded in wireguard-go).
-pub const DEFAULT_RUN_DIR: &str = "/run/wireguard";
+const DEFAULT_RUN_DIR: &str = "/run/wireguard";
 
 #[derive(Debug, Clone)]
 pub struct UserspaceConfig {
@@ -98,7 +98,7 @@ impl UserspaceWireguard {
         &self.config
     }
 
-    pub fn socket_path(&self, name: &str) -> PathBuf {
+    fn socket_path(&self, name: &str) -> PathBuf {
         self.config.run_dir.join(format!("{name}.sock"))
     }
 
@@ -667,27 +667,6 @@ impl WireguardStats for UserspaceWireguard {
         }
         Ok(out)
     }
-}
-
-/// Names of the devices whose sockets are in `run_dir` (for diagnostics and cleanup).
-pub async fn list_sockets(run_dir: &Path) -> io::Result<Vec<String>> {
-    let mut names = Vec::new();
-    let mut dir = match tokio::fs::read_dir(run_dir).await {
-        Ok(dir) => dir,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(names),
-        Err(e) => return Err(e),
-    };
-    while let Some(entry) = dir.next_entry().await? {
-        if let Some(name) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_suffix(".sock"))
-        {
-            names.push(name.to_string());
-        }
-    }
-    names.sort();
-    Ok(names)
 }
 
 #[cfg(test)]
