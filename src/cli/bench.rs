@@ -526,11 +526,8 @@ struct TimedWireguard {
 
 #[async_trait]
 impl WireguardStats for TimedWireguard {
-    async fn read_devices(
-        &self,
-        names: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
-        self.inner.read_devices(names).await
+    async fn read_device(&self, name: &str) -> Result<Option<DeviceState>, DataplaneError> {
+        self.inner.read_device(name).await
     }
 }
 

@@ -721,6 +721,11 @@ mod tests {
 
     #[async_trait::async_trait]
     impl WireguardStats for Source {
+        async fn read_device(&self, name: &str) -> Result<Option<DeviceState>, DataplaneError> {
+            Ok(Some(device()).filter(|d| d.name == name))
+        }
+
+        /// Counts whole reads: the scrape must read the devices once, not once per series.
         async fn read_devices(
             &self,
             names: &BTreeSet<String>,

@@ -84,17 +84,8 @@ pub struct FakeWireguard(FakeKernel);
 
 #[async_trait]
 impl WireguardStats for FakeWireguard {
-    async fn read_devices(
-        &self,
-        names: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
-        let state = self.0.state();
-        Ok(state
-            .devices
-            .iter()
-            .filter(|(n, _)| names.contains(*n))
-            .map(|(n, d)| (n.clone(), d.clone()))
-            .collect())
+    async fn read_device(&self, name: &str) -> Result<Option<DeviceState>, DataplaneError> {
+        Ok(self.0.state().devices.get(name).cloned())
     }
 }
 pub struct FakeLinks(FakeKernel);

@@ -117,13 +117,10 @@ pub fn select_backend(
 
 #[async_trait]
 impl WireguardStats for AnyWireguard {
-    async fn read_devices(
-        &self,
-        names: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
+    async fn read_device(&self, name: &str) -> Result<Option<DeviceState>, DataplaneError> {
         match self {
-            AnyWireguard::Kernel(k) => k.read_devices(names).await,
-            AnyWireguard::Userspace(u) => u.read_devices(names).await,
+            AnyWireguard::Kernel(k) => k.read_device(name).await,
+            AnyWireguard::Userspace(u) => u.read_device(name).await,
         }
     }
 }

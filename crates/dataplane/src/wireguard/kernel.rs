@@ -1,6 +1,6 @@
 //! The WireGuard kernel module over generic netlink (through `defguard_wireguard_rs`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 use defguard_wireguard_rs::{
@@ -189,40 +189,21 @@ impl WireguardDataplane for KernelWireguard {
 
 #[async_trait]
 impl WireguardStats for KernelWireguard {
-    async fn read_devices(
-        &self,
-        names: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
-        let mut out = BTreeMap::new();
-        for name in names {
-            let kind = link_kind(&self.handle, name)
-                .await
-                .map_err(|e| DataplaneError::observe(format!("link {name}"), e))?;
-            if kind.as_deref() != Some("wireguard") {
-                continue; // Absent, or not ours: CreateDevice reports the latter.
-            }
-            let api_name = name.clone();
-            let host = match tokio::task::spawn_blocking(move || {
-                WGApi::<Kernel>::new(api_name)?.read_interface_data()
-            })
+    async fn read_device(&self, name: &str) -> Result<Option<DeviceState>, DataplaneError> {
+        let kind = link_kind(&self.handle, name)
             .await
-            {
-                Ok(Ok(host)) => host,
-                Ok(Err(e)) => {
-                    return Err(DataplaneError::observe(
-                        format!("WireGuard device {name}"),
-                        e,
-                    ));
-                }
-                Err(e) => {
-                    return Err(DataplaneError::observe(
-                        format!("WireGuard device {name}"),
-                        e,
-                    ));
-                }
-            };
-            out.insert(name.clone(), device_state(name, host));
+            .map_err(|e| DataplaneError::observe(format!("link {name}"), e))?;
+        if kind.as_deref() != Some("wireguard") {
+            return Ok(None); // Absent, or not ours: CreateDevice reports the latter.
         }
-        Ok(out)
+        let api_name = name.to_string();
+        let what = || format!("WireGuard device {name}");
+        let host = tokio::task::spawn_blocking(move || {
+            WGApi::<Kernel>::new(api_name)?.read_interface_data()
+        })
+        .await
+        .map_err(|e| DataplaneError::observe(what(), e))?
+        .map_err(|e| DataplaneError::observe(what(), e))?;
+        Ok(Some(device_state(name, host)))
     }
 }

@@ -19,11 +19,22 @@ use crate::{Backend, DataplaneError};
 /// request), so the metrics scrape never waits for the reconcile loop.
 #[async_trait]
 pub trait WireguardStats: Send + Sync {
+    /// Device `name`, `None` when there is no such WireGuard device.
+    async fn read_device(&self, name: &str) -> Result<Option<DeviceState>, DataplaneError>;
+
     /// The devices among `names` that exist.
     async fn read_devices(
         &self,
         names: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError>;
+    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
+        let mut out = BTreeMap::new();
+        for name in names {
+            if let Some(state) = self.read_device(name).await? {
+                out.insert(name.clone(), state);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// One WireGuard backend: observing is reading the devices; applying changes them.

@@ -655,17 +655,8 @@ impl WireguardDataplane for UserspaceWireguard {
 /// interleaves with) the reconcile loop's `set=1` transactions.
 #[async_trait]
 impl WireguardStats for UserspaceWireguard {
-    async fn read_devices(
-        &self,
-        names: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, DeviceState>, DataplaneError> {
-        let mut out = BTreeMap::new();
-        for name in names {
-            if let Some(state) = self.get(name).await? {
-                out.insert(name.clone(), state);
-            }
-        }
-        Ok(out)
+    async fn read_device(&self, name: &str) -> Result<Option<DeviceState>, DataplaneError> {
+        self.get(name).await
     }
 }
 
