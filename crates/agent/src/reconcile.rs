@@ -27,7 +27,7 @@ use crate::outcome::{Outcome, ReconcileError, Stopwatch};
 use crate::policy::PolicySubsystem;
 use crate::report::Reports;
 use crate::settings::AgentSettings;
-use crate::status_file::{AgentStatus, DeviceStatus, PeerStatus, unix_now};
+use crate::status_file::{AgentStatus, unix_now};
 
 pub struct Reconciler<W, L, R> {
     settings: Arc<AgentSettings>,
@@ -165,31 +165,8 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
     }
 
     fn record_status(&mut self, spec: &DataplaneSpec) {
-        self.status.enabled = Family::ALL
-            .iter()
-            .map(|f| (*f, spec.devices.contains_key(f)))
-            .collect();
-        self.status.devices = spec
-            .devices
-            .values()
-            .map(|d| DeviceStatus {
-                family: d.family,
-                interface: d.name.clone(),
-                public_key: d.private_key.public_key(),
-                listen_port: d.listen_port,
-                mtu: d.mtu,
-                peers: d
-                    .peers
-                    .iter()
-                    .map(|(key, peer)| PeerStatus {
-                        public_key: *key,
-                        spec: peer.clone(),
-                        programmed_at: self.mesh.programmed_at(key),
-                    })
-                    .collect(),
-            })
-            .collect();
-        self.status.skipped = spec.skipped.iter().cloned().collect();
+        let mesh = &self.mesh;
+        self.status.record_mesh(spec, |key| mesh.programmed_at(key));
         let peers: BTreeMap<Family, usize> = spec
             .devices
             .iter()

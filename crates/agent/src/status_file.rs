@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use wiremesh_core::mesh::{PeerSpec, SkippedNode};
+use wiremesh_core::mesh::{DataplaneSpec, PeerSpec, SkippedNode};
 use wiremesh_core::model::{Family, WgKey};
 use wiremesh_dataplane::Backend;
 
@@ -71,6 +71,40 @@ pub fn unix_now() -> u64 {
 }
 
 impl AgentStatus {
+    /// Records the mesh `spec` asks for: the enabled families, each device with its peers (and
+    /// when this agent last set each, from `programmed_at`), and the nodes skipped.
+    pub fn record_mesh(
+        &mut self,
+        spec: &DataplaneSpec,
+        programmed_at: impl Fn(&WgKey) -> Option<u64>,
+    ) {
+        self.enabled = Family::ALL
+            .iter()
+            .map(|f| (*f, spec.devices.contains_key(f)))
+            .collect();
+        self.devices = spec
+            .devices
+            .values()
+            .map(|d| DeviceStatus {
+                family: d.family,
+                interface: d.name.clone(),
+                public_key: d.private_key.public_key(),
+                listen_port: d.listen_port,
+                mtu: d.mtu,
+                peers: d
+                    .peers
+                    .iter()
+                    .map(|(key, peer)| PeerStatus {
+                        public_key: *key,
+                        spec: peer.clone(),
+                        programmed_at: programmed_at(key),
+                    })
+                    .collect(),
+            })
+            .collect();
+        self.skipped = spec.skipped.iter().cloned().collect();
+    }
+
     /// Reads `<state_dir>/status.json`; `Ok(None)` when there is none.
     pub fn read(state_dir: &Path) -> Result<Option<AgentStatus>, StatusFileError> {
         let path = state_dir.join(FILE_NAME);
