@@ -258,72 +258,34 @@ fn display_name(meta: &ObjectMeta, key: &str) -> String {
     }
 }
 
-impl TryFrom<Stored<'_, GlobalNetworkPolicySpec>> for Policy {
-    type Error = ValidationError;
+/// `TryFrom<Stored<Spec>>` for a domain type, by its validation function
+/// `(ctx, metadata, key, spec) -> Result<Domain, ValidationError>`.
+macro_rules! validated_by {
+    ($spec:ty => $domain:ty, $validate:expr) => {
+        impl TryFrom<Stored<'_, $spec>> for $domain {
+            type Error = ValidationError;
 
-    fn try_from(stored: Stored<'_, GlobalNetworkPolicySpec>) -> Result<Self, Self::Error> {
-        validate_policy(
-            &stored.ctx(),
-            &stored.object.metadata,
-            stored.key,
-            stored.object.spec,
-        )
-    }
+            fn try_from(stored: Stored<'_, $spec>) -> Result<Self, Self::Error> {
+                let ctx = stored.ctx();
+                let Object { metadata, spec } = stored.object;
+                ($validate)(&ctx, &metadata, stored.key, spec)
+            }
+        }
+    };
 }
 
-impl TryFrom<Stored<'_, NetworkPolicySpec>> for Policy {
-    type Error = ValidationError;
-
-    fn try_from(stored: Stored<'_, NetworkPolicySpec>) -> Result<Self, Self::Error> {
-        let ctx = stored.ctx();
-        let spec = GlobalNetworkPolicySpec::from(stored.object.spec);
-        validate_policy(&ctx, &stored.object.metadata, stored.key, spec)
-    }
-}
-
-impl TryFrom<Stored<'_, TierSpec>> for Tier {
-    type Error = ValidationError;
-
-    fn try_from(stored: Stored<'_, TierSpec>) -> Result<Self, Self::Error> {
-        validate_tier(
-            &stored.ctx(),
-            &stored.object.metadata,
-            stored.key,
-            &stored.object.spec,
-        )
-    }
-}
-
-impl TryFrom<Stored<'_, HostEndpointSpec>> for HostEndpoint {
-    type Error = ValidationError;
-
-    fn try_from(stored: Stored<'_, HostEndpointSpec>) -> Result<Self, Self::Error> {
-        validate_hep(
-            &stored.ctx(),
-            &stored.object.metadata,
-            stored.key,
-            stored.object.spec,
-        )
-    }
-}
-
-impl TryFrom<Stored<'_, GlobalNetworkSetSpec>> for NetworkSet {
-    type Error = ValidationError;
-
-    fn try_from(stored: Stored<'_, GlobalNetworkSetSpec>) -> Result<Self, Self::Error> {
-        let nets = &stored.object.spec.nets;
-        validate_netset(&stored.ctx(), &stored.object.metadata, stored.key, nets)
-    }
-}
-
-impl TryFrom<Stored<'_, NetworkSetSpec>> for NetworkSet {
-    type Error = ValidationError;
-
-    fn try_from(stored: Stored<'_, NetworkSetSpec>) -> Result<Self, Self::Error> {
-        let nets = &stored.object.spec.nets;
-        validate_netset(&stored.ctx(), &stored.object.metadata, stored.key, nets)
-    }
-}
+validated_by!(GlobalNetworkPolicySpec => Policy, validate_policy);
+validated_by!(NetworkPolicySpec => Policy, |ctx, meta, key, spec: NetworkPolicySpec| {
+    validate_policy(ctx, meta, key, GlobalNetworkPolicySpec::from(spec))
+});
+validated_by!(TierSpec => Tier, validate_tier);
+validated_by!(HostEndpointSpec => HostEndpoint, validate_hep);
+validated_by!(GlobalNetworkSetSpec => NetworkSet, |ctx, meta, key, spec: GlobalNetworkSetSpec| {
+    validate_netset(ctx, meta, key, &spec.nets)
+});
+validated_by!(NetworkSetSpec => NetworkSet, |ctx, meta, key, spec: NetworkSetSpec| {
+    validate_netset(ctx, meta, key, &spec.nets)
+});
 
 // ---------------------------------------------------------------------------------------------
 // Validation
@@ -912,7 +874,7 @@ fn validate_tier(
     ctx: &Ctx,
     meta: &ObjectMeta,
     key: &str,
-    spec: &TierSpec,
+    spec: TierSpec,
 ) -> Result<Tier, ValidationError> {
     let name = validate_name(ctx, meta, key, 0)?;
     if let Some(o) = spec.order
