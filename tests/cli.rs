@@ -84,3 +84,23 @@ fn tools_share_the_datastore_flags() {
         assert!(help.contains(flag), "policy explain --help lacks {flag}");
     }
 }
+
+/// The agent refuses a node name it cannot be (`NODENAME=` in a manifest) before it touches
+/// anything, instead of running as node "".
+#[test]
+fn the_agent_refuses_an_empty_node_name() {
+    let out = wiremesh()
+        .args([
+            "agent",
+            "--node-name",
+            "",
+            "--etcd-endpoints",
+            "http://127.0.0.1:1",
+        ])
+        .env_remove("WIREMESH_NODE_NAME")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--node-name is empty"), "{stderr}");
+    assert_ne!(out.status.code(), Some(0));
+}

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize as _;
 use serde_json::Value;
 
-use wiremesh_core::config::EffectiveConfig;
+use wiremesh_core::config::check_object;
 use wiremesh_core::policy::PolicyResources;
 use wiremesh_core::wire::{self as api, FelixConfigurationSpec, Kind};
 
@@ -225,7 +225,7 @@ fn invalid_manifests_are_rejected() {
 }
 
 /// wiremesh's own verdict on an object: the one decoder, then validation into the domain
-/// (`TryFrom` for the policy kinds, `EffectiveConfig` for FelixConfiguration). A valid Calico
+/// (`TryFrom` for the policy kinds, `check_object` for FelixConfiguration). A valid Calico
 /// feature wiremesh does not enforce (HTTP matches, service accounts, services) passes here:
 /// it is accepted Calico, reported as unsupported and skipped by the agent.
 fn wiremesh_verdict(doc: &Value) -> Result<(), String> {
@@ -240,11 +240,10 @@ fn wiremesh_verdict(doc: &Value) -> Result<(), String> {
         ns => format!("{ns}/{}", field("/metadata/name")),
     };
     if kind == "FelixConfiguration" {
-        let spec = FelixConfigurationSpec::from_object(doc)?;
-        let errors = EffectiveConfig::merge(&[(name.as_str(), &spec)]).errors;
+        let errors = check_object(&name, &FelixConfigurationSpec::from_object(doc));
         return match errors.first() {
             None => Ok(()),
-            Some(e) => Err(e.to_string()),
+            Some(e) => Err(e.problem()),
         };
     }
     let kind = Kind::from_kind_name(kind).ok_or_else(|| format!("unknown kind {kind}"))?;

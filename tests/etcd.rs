@@ -186,8 +186,12 @@ async fn initial_list_builds_a_synced_snapshot() {
     let default = snap.felix_configurations["default"]
         .as_ref()
         .expect("default decodes");
-    assert_eq!(default.wireguard_enabled, Some(true));
-    assert!(snap.felix_configurations["node.n2"].is_err());
+    assert_eq!(default.spec.wireguard_enabled, Some(true));
+    // A bad field costs that field, not the object.
+    let n2 = snap.felix_configurations["node.n2"]
+        .as_ref()
+        .expect("node.n2 decodes");
+    assert_eq!(n2.invalid[0].field, "wireguardEnabled");
     assert_eq!(run.store.kind(), "etcd");
 }
 
@@ -259,7 +263,7 @@ async fn watch_applies_changes() {
         .await
         .expect("patch");
     wait_for(&mut run.rx, "felix on", |s| {
-        matches!(s.felix_configurations.get("default"), Some(Ok(spec)) if spec.wireguard_enabled == Some(true))
+        matches!(s.felix_configurations.get("default"), Some(Ok(spec)) if spec.spec.wireguard_enabled == Some(true))
     })
     .await;
     w.patch_felix_configuration("default", "wireguardEnabled", json!(false))
@@ -269,7 +273,7 @@ async fn watch_applies_changes() {
         .await
         .expect("patch");
     wait_for(&mut run.rx, "felix off", |s| {
-        matches!(s.felix_configurations.get("default"), Some(Ok(spec)) if spec.wireguard_enabled == Some(false))
+        matches!(s.felix_configurations.get("default"), Some(Ok(spec)) if spec.spec.wireguard_enabled == Some(false))
     })
     .await;
     let stored = w
@@ -512,7 +516,7 @@ async fn relists_when_the_resume_revision_was_compacted() {
         !s.nodes.contains_key("doomed")
             && s.nodes.contains_key("newcomer")
             && s.nodes["stable"].pod_cidrs == ["10.244.1.0/26"]
-            && matches!(s.felix_configurations.get("default"), Some(Ok(spec)) if spec.wireguard_enabled == Some(true))
+            && matches!(s.felix_configurations.get("default"), Some(Ok(spec)) if spec.spec.wireguard_enabled == Some(true))
     })
     .await;
     assert_eq!(snap.nodes.len(), 2);
@@ -600,7 +604,7 @@ async fn writer_shapes_and_effective_settings() {
         .expect("get")
         .expect("exists")
         .expect("decodes");
-    assert_eq!(default.wireguard_listening_port, Some(51830));
+    assert_eq!(default.spec.wireguard_listening_port, Some(51830));
     let n1 = w.effective_config("n1").await.expect("n1");
     assert!(n1.wireguard.v4.enabled && n1.errors.is_empty());
     assert_eq!(n1.wireguard.v4.listening_port, 51830);

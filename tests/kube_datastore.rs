@@ -275,7 +275,7 @@ async fn lists_then_watches_and_relists_after_410_gone() {
     assert_eq!(a.wireguard_public_key.as_deref(), Some(KEY_A));
     let default = first.felix_configurations.get("default");
     assert!(
-        matches!(default, Some(Ok(spec)) if spec.wireguard_enabled == Some(true)),
+        matches!(default, Some(Ok(spec)) if spec.spec.wireguard_enabled == Some(true)),
         "{default:?}"
     );
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::lab::{Guard, wait_within as wait_for};
+use support::lab::{Guard, start_lab, wait_within as wait_for};
 use support::root_or_skip;
 use wiremesh::cli::lab::{Lab, UpOptions};
 
@@ -299,4 +299,111 @@ async fn status_metrics_and_health_in_the_lab() {
         .find(|l| l.contains("\"node1\" -- \"node2\""))
         .unwrap_or_default();
     assert!(healthy.contains("color=darkgreen"), "{dot}");
+}
+
+/// Issue 10, finding 5: a datastore outage was invisible outside the log (status OK, `/readyz`
+/// 200, no metric). etcd is frozen (SIGSTOP: connections stay open, nothing answers, the
+/// hardest case to notice): every agent says so within its keepalive, the mesh keeps working on
+/// the last synced state, and all of it clears when etcd answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datastore_outage_is_visible_and_changes_nothing() {
+    if !root_or_skip("datastore outage") {
+        return;
+    }
+    let (lab, _guard) = start_lab("dso", true).await;
+    let metric = |node: &str, series: &str| {
+        let (_, body) = http_get(&lab, node, "http://127.0.0.1:9091/metrics");
+        body.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    wait_for(Duration::from_secs(45), "node1 to report OK", async || {
+        let _ = lab.ping("pod1", "pod2", 1);
+        status_json(&lab, "node1", &[]).1["verdict"]["level"] == "ok"
+    })
+    .await;
+    wait_for(
+        Duration::from_secs(5),
+        "wiremesh_datastore_up 1",
+        async || metric("node1", "wiremesh_datastore_up") == Some(1.0),
+    )
+    .await;
+    let etcd = nix::unistd::Pid::from_raw(lab.state.etcd_pid.expect("etcd runs"));
+
+    /// Lets etcd run again even when the test fails, so the lab can be removed cleanly.
+    struct Thaw(nix::unistd::Pid);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let thaw = Thaw(etcd);
+    nix::sys::signal::kill(etcd, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP etcd");
+    let frozen = Instant::now();
+    let unreachable = |i: u32| {
+        let path = lab.node(i).expect("node").state_dir.join("status.json");
+        let status: Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap_or_default()).unwrap_or_default();
+        status["datastore"]["unreachableSince"].is_u64()
+    };
+    wait_for(
+        Duration::from_secs(40),
+        "every agent to notice the outage",
+        async || (1..=3).all(unreachable),
+    )
+    .await;
+    // The etcd client's keepalive (a ping every 10 s, 5 s to answer) bounds this.
+    eprintln!("outage noticed by every agent after {:?}", frozen.elapsed());
+    for node in ["node1", "node2", "node3"] {
+        let (code, r) = status_json(&lab, node, &[]);
+        assert_eq!(code, 1, "{r}");
+        let summary = r["verdict"]["summary"].as_str().unwrap_or_default();
+        assert!(
+            summary.contains("the datastore has been unreachable")
+                && summary.contains("could not read the datastore"),
+            "{summary}"
+        );
+    }
+    let (code, body) = http_get(&lab, "node1", "http://127.0.0.1:9099/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("unreachable"), "{body}");
+    assert_eq!(metric("node1", "wiremesh_datastore_up"), Some(0.0));
+    let last_sync = metric("node1", "wiremesh_datastore_last_sync_timestamp_seconds");
+    assert!(last_sync.is_some_and(|t| t > 0.0), "{last_sync:?}");
+    let (_, report) = status_json(&lab, "node1", &[]);
+    assert_eq!(peers(&report).len(), 2, "the mesh stays: {report}");
+    assert!(lab.ping("pod1", "pod3", 3).expect("ping").reachable());
+
+    drop(thaw);
+    let thawed = Instant::now();
+    wait_for(
+        Duration::from_secs(40),
+        "every agent to recover",
+        async || !(1..=3).any(unreachable),
+    )
+    .await;
+    eprintln!(
+        "recovery noticed by every agent after {:?}",
+        thawed.elapsed()
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "every node to report OK",
+        async || {
+            let _ = lab.ping("pod1", "pod2", 1);
+            ["node1", "node2", "node3"]
+                .iter()
+                .all(|n| status_json(&lab, n, &[]).1["verdict"]["level"] == "ok")
+        },
+    )
+    .await;
+    assert_eq!(
+        http_get(&lab, "node1", "http://127.0.0.1:9099/readyz").0,
+        200
+    );
+    assert_eq!(metric("node1", "wiremesh_datastore_up"), Some(1.0));
 }

@@ -11,6 +11,7 @@ use wiremesh_agent::keystore::KeyStore;
 use wiremesh_agent::reconcile::Reconciler;
 use wiremesh_agent::settings::AgentSettings;
 use wiremesh_core::model::{ClusterSnapshot, Family, NodeResource};
+use wiremesh_core::wire::FelixConfigurationSpec;
 use wiremesh_dataplane::fake::FakeKernel;
 use wiremesh_datastore::fake::FakeDatastore;
 
@@ -142,7 +143,7 @@ async fn disabling_cluster_wide_removes_every_trace_and_clears_the_key() {
     r.reconcile_once(&h.snap()).await.expect("on");
     h.store.edit(|s| {
         s.felix_configurations
-            .insert("default".into(), Ok(felix(false)));
+            .insert("default".into(), Ok(felix(false).into()));
     });
     let outcome = r.reconcile_once(&h.snap()).await.expect("off");
     assert!(outcome.published);
@@ -166,7 +167,7 @@ async fn disabling_cluster_wide_removes_every_trace_and_clears_the_key() {
     // And back on: the same key comes back (it survives in the state directory).
     h.store.edit(|s| {
         s.felix_configurations
-            .insert("default".into(), Ok(felix(true)));
+            .insert("default".into(), Ok(felix(true).into()));
     });
     r.reconcile_once(&h.snap()).await.expect("on again");
     let key = KeyStore::new(h.dir.path())
@@ -186,9 +187,9 @@ async fn per_node_configuration_turns_only_this_node_off() {
     r.reconcile_once(&h.snap()).await.expect("on");
     h.store.edit(|s| {
         s.felix_configurations
-            .insert("node.node1".into(), Ok(felix(false)));
+            .insert("node.node1".into(), Ok(felix(false).into()));
         s.felix_configurations
-            .insert("node.node2".into(), Ok(felix(false)));
+            .insert("node.node2".into(), Ok(felix(false).into()));
     });
     r.reconcile_once(&h.snap()).await.expect("node1 off");
     assert!(h.kernel.state().devices.is_empty());
@@ -201,7 +202,8 @@ async fn renaming_the_interface_removes_the_old_device_even_after_a_restart() {
     h.store.edit(|s| {
         let mut spec = felix(true);
         spec.wireguard_interface_name = Some("wg0".into());
-        s.felix_configurations.insert("default".into(), Ok(spec));
+        s.felix_configurations
+            .insert("default".into(), Ok(spec.into()));
     });
     // A fresh agent (restart) must still know it created wireguard.cali.
     h.reconciler()
@@ -241,7 +243,8 @@ async fn invalid_felix_configuration_fields_are_ignored_and_reported() {
     h.store.edit(|s| {
         let mut spec = felix(true);
         spec.wireguard_listening_port = Some(99999);
-        s.felix_configurations.insert("default".into(), Ok(spec));
+        s.felix_configurations
+            .insert("default".into(), Ok(spec.into()));
         s.felix_configurations.insert(
             "node.node1".into(),
             Err("spec: invalid type: string, expected a boolean".into()),
@@ -258,6 +261,85 @@ async fn invalid_felix_configuration_fields_are_ignored_and_reported() {
     let errors = &r.status().config_errors;
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert!(errors.iter().any(|e| e.contains("wireguardListeningPort")));
+}
+
+/// Issue 10, finding 1: a wrongly typed field in `default` once dropped the whole object and
+/// switched encryption off on every node while status said OK.
+#[tokio::test]
+async fn a_bad_field_never_switches_encryption_off_even_across_a_restart() {
+    let h = Harness::new(cluster(true));
+    h.reconciler().reconcile_once(&h.snap()).await.expect("on");
+    let bad = |field: &str, value: serde_json::Value| {
+        let object = serde_json::json!({"spec": {"wireguardEnabled": true, field: value}});
+        FelixConfigurationSpec::from_object(&object).expect("an object")
+    };
+    for (field, value) in [
+        ("wireguardMTU", serde_json::json!("1400")),
+        ("wireguardListeningPort", serde_json::json!(1e20)),
+    ] {
+        h.store.edit(|s| {
+            s.felix_configurations
+                .insert("default".into(), Ok(bad(field, value.clone())));
+        });
+        let mut r = h.reconciler();
+        r.reconcile_once(&h.snap()).await.expect("runs");
+        assert_eq!(h.kernel.state().devices["wireguard.cali"].peers.len(), 2);
+        assert!(
+            r.status().config_errors[0].contains(&format!("field {field} = ")),
+            "{:?}",
+            r.status().config_errors
+        );
+    }
+    // `wireguardEnabled: maybe` keeps the last valid true, in a fresh agent too (restart).
+    h.store.edit(|s| {
+        let object = serde_json::json!({"spec": {"wireguardEnabled": "maybe"}});
+        s.felix_configurations.insert(
+            "default".into(),
+            FelixConfigurationSpec::from_object(&object),
+        );
+    });
+    let mut restarted = h.reconciler();
+    restarted.reconcile_once(&h.snap()).await.expect("runs");
+    assert!(h.kernel.state().devices.contains_key("wireguard.cali"));
+    assert!(
+        restarted.status().config_errors[0].ends_with("its last valid value stays in force"),
+        "{:?}",
+        restarted.status().config_errors
+    );
+    // Only a valid false turns it off.
+    h.store.edit(|s| {
+        s.felix_configurations
+            .insert("default".into(), Ok(felix(false).into()));
+    });
+    restarted.reconcile_once(&h.snap()).await.expect("off");
+    assert!(h.kernel.state().devices.is_empty());
+    assert!(restarted.status().config_errors.is_empty());
+}
+
+/// `wg set` sends no notification: the loop's device check finds a removed peer and a changed
+/// port within its interval and runs a pass; the resync (90 s) is far away.
+#[tokio::test(start_paused = true)]
+async fn the_device_check_repairs_wg_set_changes_between_resyncs() {
+    let h = Harness::new(cluster(true));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let loop_task = tokio::spawn(h.reconciler().run(h.tx.subscribe(), async move {
+        let _ = stop_rx.await;
+    }));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.kernel.state().devices["wireguard.cali"].peers.len(), 2);
+    h.kernel.take_log();
+    {
+        let mut kernel = h.kernel.state();
+        let device = kernel.devices.get_mut("wireguard.cali").expect("device");
+        device.peers.pop_first();
+        device.listen_port = 51999;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let device = h.kernel.state().devices["wireguard.cali"].clone();
+    assert_eq!(device.peers.len(), 2, "{:?}", h.kernel.take_log());
+    assert_eq!(device.listen_port, 51820);
+    let _ = stop_tx.send(());
+    loop_task.await.expect("loop ends");
 }
 
 #[tokio::test(start_paused = true)]

@@ -237,6 +237,62 @@ fn no_agent_status_is_down_and_a_stale_or_failing_agent_is_degraded() {
     assert!(r.verdict.summary.contains("3600s old"), "{}", r.verdict);
 }
 
+/// A setting that does not take effect is not OK, whether or not WireGuard is on (issue 10:
+/// "OK: WireGuard is off on this node" was all a bad `wireguardEnabled` got).
+#[test]
+fn a_configuration_error_is_degraded() {
+    let error = "FelixConfiguration default: field wireguardEnabled = \"maybe\": invalid type: string \"maybe\", expected a boolean; its last valid value stays in force";
+    let l = live(vec![
+        (2, live_peer(2, Some(10), 1)),
+        (3, live_peer(3, Some(10), 1)),
+    ]);
+    let mut a = agent();
+    a.config_errors = vec![error.into(), "another".into()];
+    let r = status::build("node1", Some(&a), Ok(&l), None, NOW);
+    assert_eq!(r.verdict.level, Level::Degraded);
+    assert!(
+        r.verdict
+            .summary
+            .contains(&format!("{error} (and 1 more FelixConfiguration problems)")),
+        "{}",
+        r.verdict
+    );
+    let mut off = agent();
+    off.devices.clear();
+    off.config_errors = vec![error.into()];
+    let r = status::build("node1", Some(&off), Ok(&live(vec![])), None, NOW);
+    assert_eq!(r.verdict.level, Level::Degraded);
+    assert_eq!(
+        r.verdict.to_string(),
+        format!("DEGRADED: WireGuard is off on this node; {error}")
+    );
+}
+
+/// An unreachable datastore is DEGRADED even though the mesh is fine: the agent runs on the
+/// last synced state and cannot follow changes.
+#[test]
+fn an_unreachable_datastore_is_degraded() {
+    let l = live(vec![
+        (2, live_peer(2, Some(10), 1)),
+        (3, live_peer(3, Some(10), 1)),
+    ]);
+    let mut a = agent();
+    a.datastore = Some(wiremesh_datastore::SyncState {
+        last_sync: Some(NOW - 42),
+        unreachable_since: Some(NOW - 42),
+        error: Some("watching /calico/resources/v3/projectcalico.org/nodes/".into()),
+    });
+    let r = status::build("node1", Some(&a), Ok(&l), None, NOW);
+    assert_eq!(r.verdict.level, Level::Degraded);
+    assert!(
+        r.verdict
+            .summary
+            .contains("the datastore has been unreachable for 42s"),
+        "{}",
+        r.verdict
+    );
+}
+
 #[test]
 fn json_schema_is_stable() {
     let a = agent();

@@ -41,7 +41,7 @@ use wiremesh_dataplane::wireguard::backend::find_binary;
 use wiremesh_dataplane::wireguard::userspace::{UserspaceConfig, UserspaceWireguard};
 use wiremesh_dataplane::wireguard::{WireguardDataplane, WireguardStats};
 use wiremesh_dataplane::{Backend, DataplaneError};
-use wiremesh_datastore::{Datastore, DatastoreError, ReadScope, SnapshotSender};
+use wiremesh_datastore::{Datastore, DatastoreError, ReadScope, SnapshotSender, SyncHealth};
 
 /// Our device, configured by the reconciler.
 const DEVICE: &str = "wmbench0";
@@ -459,7 +459,7 @@ fn snapshot(nodes: &[SyntheticNode]) -> ClusterSnapshot {
             .chain(remote)
             .map(|n| (n.name.clone(), n))
             .collect(),
-        felix_configurations: [("default".to_string(), Ok(felix))].into(),
+        felix_configurations: [("default".to_string(), Ok(felix.into()))].into(),
         synced: true,
         ..Default::default()
     }
@@ -515,6 +515,10 @@ impl Datastore for BenchDatastore {
             *slot = Some(published.clone());
         }
         Ok(())
+    }
+
+    fn sync_health(&self) -> Arc<SyncHealth> {
+        Arc::default()
     }
 }
 

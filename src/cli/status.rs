@@ -206,6 +206,19 @@ pub fn build(
         problems
             .push("the agent is not ready (initial datastore sync or first apply not done)".into());
     }
+    if let Some(problem) = agent.datastore.as_ref().and_then(|d| d.problem(now)) {
+        problems.push(problem);
+    }
+    // What was written is not what runs: the operator must know, even when the
+    // fallback (the last valid value) keeps the mesh as it was.
+    match agent.config_errors.as_slice() {
+        [] => {}
+        [only] => problems.push(only.clone()),
+        [first, rest @ ..] => problems.push(format!(
+            "{first} (and {} more FelixConfiguration problems)",
+            rest.len()
+        )),
+    }
     let stale_limit = agent.resync_seconds.max(30) * 2 + 60;
     if age > stale_limit {
         problems.push(format!(
@@ -395,6 +408,16 @@ pub fn build(
     }
 }
 
+impl StatusReport {
+    /// Adds a problem found outside [`build`]; the verdict follows.
+    pub fn add_problem(&mut self, problem: String) {
+        self.problems.push(problem);
+        if self.agent.is_some() {
+            self.verdict = verdict(&self.devices, &self.skipped, &self.problems);
+        }
+    }
+}
+
 fn verdict(devices: &[DeviceReport], skipped: &[SkippedReport], problems: &[String]) -> Verdict {
     let peers: Vec<&PeerReport> = devices.iter().flat_map(|d| &d.peers).collect();
     let agreeing = peers.iter().filter(|p| p.agrees).count();
@@ -481,7 +504,7 @@ pub fn render_text(r: &StatusReport) -> String {
                 .unwrap_or_default()
         ));
         for e in &a.config_errors {
-            out.push_str(&format!("config     ignored: {e}\n"));
+            out.push_str(&format!("config     {e}\n"));
         }
     }
     for d in &r.devices {
@@ -795,21 +818,31 @@ pub async fn run(args: StatusArgs) -> Result<i32, StatusError> {
     let live = read_devices_once(agent.as_ref().and_then(|a| a.backend), &names)
         .await
         .map_err(|e| error_chain(&e));
-    let published = match &source {
-        None => None,
-        Some(source) => Some(fetch_published(source).await?),
+    // A datastore that cannot be read is a finding, not a reason to show nothing: the local
+    // view still stands (the agent keeps its last synced state).
+    let (published, datastore_error) = match &source {
+        None => (None, None),
+        Some(source) => match fetch_published(source).await {
+            Ok(nodes) => (Some(nodes), None),
+            Err(e) => (None, Some(error_chain(&e))),
+        },
     };
     let node = agent
         .as_ref()
         .map(|a| a.node.clone())
         .unwrap_or_else(wiremesh_agent::metrics::hostname);
-    let report = build(
+    let mut report = build(
         &node,
         agent.as_ref(),
         live.as_ref().map_err(String::as_str),
         published.as_ref(),
         unix_now(),
     );
+    if let Some(e) = datastore_error {
+        report.add_problem(format!(
+            "could not read the datastore to compare with what nodes publish: {e}"
+        ));
+    }
     output::print(&report, args.output.format, render_text)?;
     Ok(report.verdict.level.exit_code())
 }

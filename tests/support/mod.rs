@@ -66,7 +66,7 @@ pub fn felix(enabled: bool) -> FelixConfigurationSpec {
 pub fn snapshot(nodes: impl IntoIterator<Item = NodeResource>, enabled: bool) -> ClusterSnapshot {
     ClusterSnapshot {
         nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
-        felix_configurations: [("default".to_string(), Ok(felix(enabled)))]
+        felix_configurations: [("default".to_string(), Ok(felix(enabled).into()))]
             .into_iter()
             .collect(),
         synced: true,

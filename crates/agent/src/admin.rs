@@ -57,14 +57,13 @@ async fn healthz(State(metrics): State<Arc<Metrics>>) -> Response {
 }
 
 async fn readyz(State(metrics): State<Arc<Metrics>>) -> Response {
-    if metrics.health.ready() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
+    match metrics.health.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: waiting for the initial datastore sync and the first successful apply\n",
+            format!("not ready: {reason}\n"),
         )
-            .into_response()
+            .into_response(),
     }
 }
 
@@ -134,9 +133,24 @@ mod tests {
         assert_eq!(get(addr, "/readyz").await.0, 503);
         metrics.set_ready();
         assert_eq!(get(addr, "/readyz").await.0, 200);
+        // A datastore that cannot be reached makes the agent not ready, and says so.
+        let health = wiremesh_datastore::SyncHealth::default();
+        health.synced();
+        health.failed("connection refused");
+        metrics.set_datastore(&health.state());
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(
+            body.contains("unreachable") && body.contains("connection refused"),
+            "{body}"
+        );
+        health.synced();
+        metrics.set_datastore(&health.state());
+        assert_eq!(get(addr, "/readyz").await.0, 200);
         let (code, body) = get(addr, "/metrics").await;
         assert_eq!(code, 200);
         assert!(body.contains("wiremesh_ready 1"), "{body}");
+        assert!(body.contains("wiremesh_datastore_up 1"), "{body}");
         assert!(body.contains("# EOF"), "{body}");
         assert_eq!(get(addr, "/nope").await.0, 404);
     }

@@ -146,15 +146,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> MeshSubsystem
         outcome.applied("routing", &route_deletes, |op| op.kind());
         stopwatch.lap(outcome, "routing");
 
-        let wg_actual = self.wg.observe(&spec.owned_interfaces).await?;
-        let wg_ops = wireguard::plan_with(
-            spec,
-            &wg_actual,
-            Some(wireguard::Learned {
-                now: SystemTime::now(),
-                programmed: &self.programmed_endpoints,
-            }),
-        );
+        let wg_ops = self.wireguard_plan(spec).await?;
         self.wg.apply(&wg_ops).await?;
         self.programmed(spec, &wg_ops);
         outcome.applied("wireguard", &wg_ops, |op| op.kind());
@@ -171,6 +163,28 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> MeshSubsystem
         outcome.applied("routing", &route_adds, |op| op.kind());
         stopwatch.lap(outcome, "routing");
         Ok(())
+    }
+
+    /// How many WireGuard operations would bring the devices back to `spec` (the last applied
+    /// one): the cheap check between full passes for changes made with `wg set`.
+    pub async fn wireguard_drift(&mut self, spec: &DataplaneSpec) -> Result<usize, ReconcileError> {
+        Ok(self.wireguard_plan(spec).await?.len())
+    }
+
+    /// Observe the devices and plan what brings them to `spec` (keeping learned endpoints).
+    async fn wireguard_plan(
+        &mut self,
+        spec: &DataplaneSpec,
+    ) -> Result<Vec<wireguard::WgOp>, ReconcileError> {
+        let actual = self.wg.observe(&spec.owned_interfaces).await?;
+        Ok(wireguard::plan_with(
+            spec,
+            &actual,
+            Some(wireguard::Learned {
+                now: SystemTime::now(),
+                programmed: &self.programmed_endpoints,
+            }),
+        ))
     }
 
     /// Remembers what the WireGuard apply just did: each peer's datastore endpoint, when each

@@ -42,11 +42,12 @@ use wiremesh_core::policy::render::CounterLabels;
 use wiremesh_dataplane::nft::CounterReader;
 use wiremesh_dataplane::wireguard::WireguardStats;
 use wiremesh_dataplane::{Backend, DataplaneError};
+use wiremesh_datastore::SyncState;
 
 /// How long values read at scrape time are served again before the next read.
 pub const SCRAPE_CACHE: Duration = Duration::from_secs(1);
 /// A scrape-time read that takes longer is abandoned; the previous values are served.
-const SCRAPE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+const SCRAPE_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 type Labels1 = [(&'static str, String); 1];
 type Labels2 = [(&'static str, String); 2];
@@ -77,6 +78,8 @@ pub struct Metrics {
     skipped: Family<Labels1, Gauge>,
     backend: Family<Labels1, Gauge>,
     ready: Gauge,
+    datastore_up: Gauge,
+    datastore_last_sync: Gauge,
     wireguard: Arc<WireguardCollector>,
     rule_counters: Arc<RuleCounterCollector>,
     scrape: Scrape,
@@ -216,6 +219,18 @@ impl Metrics {
             "1 once the initial datastore sync and the first successful apply are done",
             ready.clone(),
         );
+        let datastore_up = Gauge::default();
+        registry.register(
+            "wiremesh_datastore_up",
+            "1 while the datastore is reachable and watched, 0 while the agent runs on the last synced state",
+            datastore_up.clone(),
+        );
+        let datastore_last_sync = Gauge::default();
+        registry.register(
+            "wiremesh_datastore_last_sync_timestamp_seconds",
+            "Unix time the agent's view of the datastore was last known current (now while it is up)",
+            datastore_last_sync.clone(),
+        );
         let wireguard = Arc::new(WireguardCollector::default());
         registry.register_collector(Box::new(Arc::clone(&wireguard)));
         let rule_counters = Arc::new(RuleCounterCollector::default());
@@ -231,6 +246,8 @@ impl Metrics {
             skipped,
             backend,
             ready,
+            datastore_up,
+            datastore_last_sync,
             wireguard,
             rule_counters,
             scrape: Scrape::default(),
@@ -312,6 +329,7 @@ impl Metrics {
 
     /// One reconcile run ended after `elapsed`; `error_kind` names the failure, if any.
     pub fn reconciled(&self, elapsed: Duration, error_kind: Option<&'static str>) {
+        self.health.run_ended(error_kind.is_none());
         self.reconcile_runs.inc();
         self.reconcile_duration.observe(elapsed.as_secs_f64());
         if let Some(kind) = error_kind {
@@ -362,6 +380,22 @@ impl Metrics {
         self.wireguard.set(devices.values().cloned().collect());
     }
 
+    /// How current the datastore view is: the two gauges, and `/readyz`.
+    pub fn set_datastore(&self, state: &SyncState) {
+        self.datastore_up.set(i64::from(state.current()));
+        if let Some(at) = state.last_sync {
+            self.datastore_last_sync
+                .set(i64::try_from(at).unwrap_or(i64::MAX));
+        }
+        if let Ok(mut problem) = self.health.datastore_problem.lock() {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            *problem = state.problem(now);
+        }
+    }
+
     pub fn set_ready(&self) {
         self.health.ready.store(true, Ordering::Relaxed);
         self.ready.set(1);
@@ -382,6 +416,11 @@ pub struct Health {
     heartbeat: Mutex<Instant>,
     stale_after: Duration,
     ready: AtomicBool,
+    /// Why the datastore view is not current, if it is not.
+    datastore_problem: Mutex<Option<String>>,
+    /// Since when every reconcile run has failed (a dataplane that cannot be repaired, such as
+    /// a wireguard-go that cannot be restarted).
+    failing_since: Mutex<Option<Instant>>,
 }
 
 impl Health {
@@ -390,6 +429,8 @@ impl Health {
             heartbeat: Mutex::new(Instant::now()),
             stale_after,
             ready: AtomicBool::new(false),
+            datastore_problem: Mutex::new(None),
+            failing_since: Mutex::new(None),
         }
     }
 
@@ -414,11 +455,48 @@ impl Health {
                 self.stale_after.as_secs()
             ));
         }
+        let failing = self
+            .failing_since
+            .lock()
+            .ok()
+            .and_then(|f| f.map(|since| since.elapsed()));
+        if let Some(failing) = failing.filter(|f| *f > self.stale_after) {
+            return Err(format!(
+                "every reconcile run has failed for {}s (limit {}s); the agent log and `wiremesh status` say why",
+                failing.as_secs(),
+                self.stale_after.as_secs()
+            ));
+        }
         Ok(())
+    }
+
+    /// A reconcile run ended, successfully or not.
+    fn run_ended(&self, succeeded: bool) {
+        if let Ok(mut since) = self.failing_since.lock() {
+            match succeeded {
+                true => *since = None,
+                false => {
+                    since.get_or_insert_with(Instant::now);
+                }
+            }
+        }
     }
 
     pub fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// `/readyz`: synced and applied once, and the datastore view is current.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.ready() {
+            return Err(
+                "waiting for the initial datastore sync and the first successful apply".into(),
+            );
+        }
+        match self.datastore_problem.lock().ok().and_then(|p| p.clone()) {
+            Some(problem) => Err(problem),
+            None => Ok(()),
+        }
     }
 }
 
@@ -899,5 +977,20 @@ mod tests {
         h.beat();
         assert!(h.live().is_ok());
         assert!(!h.ready());
+    }
+
+    #[test]
+    fn health_fails_when_every_run_fails_for_too_long() {
+        let h = Health::new(Duration::from_millis(30));
+        h.run_ended(false);
+        h.beat();
+        assert!(h.live().is_ok(), "a failure is retried first");
+        std::thread::sleep(Duration::from_millis(40));
+        h.beat();
+        h.run_ended(false);
+        let why = h.live().expect_err("failing for longer than allowed");
+        assert!(why.contains("every reconcile run has failed"), "{why}");
+        h.run_ended(true);
+        assert!(h.live().is_ok());
     }
 }

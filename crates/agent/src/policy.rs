@@ -26,6 +26,11 @@ impl PolicySubsystem {
         }
     }
 
+    /// Our table changed behind our back: observe it afresh on the next pass.
+    pub fn forget_observation(&mut self) {
+        self.filter.forget_observation();
+    }
+
     /// The read-only handle the metrics scrape uses for the table's counters.
     pub fn counter_reader(&self) -> Option<Arc<dyn CounterReader>> {
         self.filter.counter_reader()

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{Instrument as _, debug, info, info_span, warn};
-use wiremesh_core::config::EffectiveConfig;
+use wiremesh_core::config::{EffectiveConfig, LastValid};
 use wiremesh_core::error_chain;
 use wiremesh_core::mesh::DataplaneSpec;
 use wiremesh_core::model::{ClusterSnapshot, Family};
@@ -29,6 +29,35 @@ use crate::report::Reports;
 use crate::settings::AgentSettings;
 use crate::status_file::{AgentStatus, unix_now};
 
+/// Where the last valid FelixConfiguration values are kept.
+const LAST_VALID_CONFIG_FILE: &str = "last-valid-config.json";
+
+/// The last valid FelixConfiguration values the agent with `state_dir` keeps in force (none
+/// when it has not recorded any).
+pub fn load_last_valid(state_dir: &std::path::Path) -> LastValid {
+    let path = state_dir.join(LAST_VALID_CONFIG_FILE);
+    match std::fs::read(&path) {
+        Err(_) => LastValid::default(),
+        Ok(body) => serde_json::from_slice(&body).unwrap_or_else(|e| {
+            warn!(error = %e, path = %path.display(), "could not read the last valid FelixConfiguration values; starting without them");
+            LastValid::default()
+        }),
+    }
+}
+
+/// Written atomically (a temporary file, then a rename) so a crash leaves the old or the new.
+fn save_last_valid(state_dir: &std::path::Path, last: &LastValid) {
+    let path = state_dir.join(LAST_VALID_CONFIG_FILE);
+    let tmp = state_dir.join(format!("{LAST_VALID_CONFIG_FILE}.tmp"));
+    let result = serde_json::to_vec(last)
+        .map_err(std::io::Error::other)
+        .and_then(|body| std::fs::write(&tmp, body))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = result {
+        warn!(error = %e, path = %path.display(), "could not record the last valid FelixConfiguration values");
+    }
+}
+
 pub struct Reconciler<W, L, R> {
     settings: Arc<AgentSettings>,
     mesh: MeshSubsystems<W, L, R>,
@@ -36,10 +65,17 @@ pub struct Reconciler<W, L, R> {
     policy: Option<PolicySubsystem>,
     datastore: Arc<dyn Datastore>,
     reports: Reports,
+    /// Each FelixConfiguration field's last valid value (persisted in the state directory),
+    /// which stays in force while the field is invalid, across restarts too.
+    last_valid_config: LastValid,
     /// Wakes the loop when the kernel reports a change to our links, routes or rules.
     kernel_events: Option<tokio::sync::mpsc::Receiver<()>>,
+    /// Wakes the loop, with a fresh look at the table, when our nftables table changes.
+    nftables_events: Option<tokio::sync::mpsc::Receiver<()>>,
     status: AgentStatus,
     metrics: Arc<Metrics>,
+    /// What the last successful pass applied, for the periodic device check.
+    last_applied: Option<DataplaneSpec>,
 }
 
 impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W, L, R> {
@@ -50,6 +86,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         routing: R,
         datastore: Arc<dyn Datastore>,
     ) -> Self {
+        let last_valid_config = load_last_valid(&settings.state_dir);
         let status = AgentStatus {
             node: settings.node_name.clone(),
             backend: Some(wg.backend()),
@@ -63,7 +100,10 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             policy: None,
             datastore,
             reports: Reports::default(),
+            last_valid_config,
             kernel_events: None,
+            nftables_events: None,
+            last_applied: None,
             status,
         }
     }
@@ -90,6 +130,13 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         self
     }
 
+    /// Also run, observing the table afresh, when the kernel reports a change to our nftables
+    /// table (see `wiremesh_dataplane::events::watch_nftables`).
+    pub fn with_nftables_events(mut self, events: tokio::sync::mpsc::Receiver<()>) -> Self {
+        self.nftables_events = Some(events);
+        self
+    }
+
     pub fn status(&self) -> &AgentStatus {
         &self.status
     }
@@ -103,8 +150,17 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         let mut stopwatch = Stopwatch::start();
         let settings = Arc::clone(&self.settings);
         let node = settings.node_name.as_str();
-        let config = EffectiveConfig::for_node(node, &snapshot.felix_configurations);
+        let before = self.last_valid_config.clone();
+        let config = EffectiveConfig::for_node_remembering(
+            node,
+            &snapshot.felix_configurations,
+            &mut self.last_valid_config,
+        );
+        if self.last_valid_config != before {
+            save_last_valid(&settings.state_dir, &self.last_valid_config);
+        }
         self.status.config_errors = self.reports.config(&config.errors);
+        self.reports.unknown_fields(&config.unknown_fields);
         let host_mtu = self.mesh.host_mtu().await?;
         stopwatch.lap(&mut outcome, "link");
         let spec = self.mesh.desired(
@@ -161,6 +217,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             stopwatch.lap(&mut outcome, "policy");
         }
         self.record_status(&spec);
+        self.last_applied = Some(spec);
         Ok(outcome)
     }
 
@@ -173,6 +230,42 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             .map(|(f, d)| (*f, d.peers.len()))
             .collect();
         self.metrics.set_mesh(&peers, &self.status.skipped);
+    }
+
+    /// Records how current the datastore view is (metrics, `/readyz`, status); the status file
+    /// is rewritten when that changes, so `wiremesh status` shows an outage within a second.
+    fn observe_datastore(&mut self) {
+        let state = self.datastore.sync_health().state();
+        self.metrics.set_datastore(&state);
+        let known = self.status.datastore.as_ref();
+        let changed = known.map(|k| (k.unreachable_since, &k.error))
+            != Some((state.unreachable_since, &state.error));
+        self.status.datastore = Some(state);
+        if changed {
+            self.write_status();
+        }
+    }
+
+    /// Whether the WireGuard devices differ from what the last pass applied (a `wg set` behind
+    /// our back). A failed check counts as drift: the full pass then reports the failure.
+    async fn devices_drifted(&mut self) -> bool {
+        let Some(spec) = self.last_applied.as_ref() else {
+            return false;
+        };
+        match self.mesh.wireguard_drift(spec).await {
+            Ok(0) => false,
+            Ok(ops) => {
+                info!(
+                    ops,
+                    "WireGuard device changed behind the agent's back; repairing"
+                );
+                true
+            }
+            Err(e) => {
+                debug!(error = %error_chain(&e), "checking the WireGuard devices failed");
+                true
+            }
+        }
     }
 
     fn write_status(&mut self) {
@@ -193,6 +286,9 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         let mut backoff = Duration::ZERO;
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut kernel_events = self.kernel_events.take();
+        let mut nftables_events = self.nftables_events.take();
+        let mut device_check = tokio::time::interval(self.settings.device_check_interval);
+        device_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The earliest datastore change not yet reflected in an apply (convergence metric).
         let mut pending_change: Option<Instant> = None;
         let mut trigger: &'static str;
@@ -205,6 +301,12 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         loop {
             let kernel_event = async {
                 match kernel_events.as_mut() {
+                    Some(events) => events.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let nftables_event = async {
+                match nftables_events.as_mut() {
                     Some(events) => events.recv().await,
                     None => std::future::pending().await,
                 }
@@ -229,7 +331,25 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                     pending_change.get_or_insert_with(Instant::now);
                 }
                 _ = resync.tick() => trigger = "resync",
+                _ = device_check.tick() => {
+                    trigger = "device-check";
+                    self.observe_datastore();
+                    if !self.devices_drifted().await {
+                        continue;
+                    }
+                }
                 () = retry => trigger = "retry",
+                event = nftables_event => {
+                    trigger = "nftables";
+                    if event.is_none() {
+                        warn!("nftables notifications stopped; relying on the resync timer");
+                        nftables_events = None;
+                    }
+                    // Our own applies notify too; the fresh look then finds nothing to do.
+                    if let Some(policy) = self.policy.as_mut() {
+                        policy.forget_observation();
+                    }
+                }
                 event = kernel_event => {
                     trigger = "kernel";
                     if event.is_none() {
@@ -286,6 +406,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                     retry_at = Some(tokio::time::Instant::now() + backoff);
                 }
             }
+            self.observe_datastore();
             self.write_status();
             tokio::time::sleep(self.settings.min_interval).await;
             if snapshots.has_changed().unwrap_or(false) {

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 
 use tracing::{info, warn};
-use wiremesh_core::config::ConfigFieldError;
+use wiremesh_core::config::{ConfigFieldError, UnknownField};
 use wiremesh_core::mesh::{SkipReason, SkippedNode};
 use wiremesh_core::policy::ValidationError;
 use wiremesh_datastore::{ObjectProblem, ProblemObject};
@@ -15,6 +15,7 @@ use wiremesh_datastore::{ObjectProblem, ProblemObject};
 #[derive(Debug, Default)]
 pub struct Reports {
     config_errors: Vec<String>,
+    unknown_fields: Vec<UnknownField>,
     skipped: BTreeSet<SkippedNode>,
     policy_errors: Vec<String>,
     pending: Vec<ObjectProblem>,
@@ -26,7 +27,7 @@ impl Reports {
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         for (error, message) in errors.iter().zip(&text) {
             if !self.config_errors.contains(message) {
-                warn!(error = %message, "ignoring invalid FelixConfiguration field");
+                warn!(error = %message, "FelixConfiguration field does not take effect");
                 self.pending.push(ObjectProblem {
                     object: ProblemObject::FelixConfiguration(error.object.clone()),
                     reason: "InvalidFelixConfiguration".to_string(),
@@ -36,6 +37,19 @@ impl Reports {
         }
         self.config_errors = text.clone();
         text
+    }
+
+    /// Fields no Felix has: a warning (and an Event) when one appears.
+    pub fn unknown_fields(&mut self, unknown: &[UnknownField]) {
+        for field in unknown.iter().filter(|f| !self.unknown_fields.contains(f)) {
+            warn!(object = %field.object, field = %field.field, "FelixConfiguration has a field no Felix has; it is ignored");
+            self.pending.push(ObjectProblem {
+                object: ProblemObject::FelixConfiguration(field.object.clone()),
+                reason: "UnknownFelixConfigurationField".to_string(),
+                message: field.to_string(),
+            });
+        }
+        self.unknown_fields = unknown.to_vec();
     }
 
     /// Nodes not peered, and nodes peered again.

@@ -51,6 +51,7 @@ const RESYNC_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::fr
 impl AgentConfig {
     /// Checks what the type cannot: a single-bit mark, a usable table, a sane resync period.
     pub fn validate(&self) -> Result<(), AgentError> {
+        validate_node_name(&self.node_name).map_err(AgentError::Flag)?;
         if self.fwmark == 0 || !self.fwmark.is_power_of_two() {
             return Err(AgentError::Flag(format!(
                 "--fwmark {:#x} must be a single bit",
@@ -71,6 +72,25 @@ impl AgentConfig {
             )));
         }
         Ok(())
+    }
+}
+
+/// A node name as a Node object and Calico's etcd keys can carry it (an empty one, as from
+/// `NODENAME=`, would run as node "" and match no Node).
+fn validate_node_name(name: &str) -> Result<(), String> {
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    match name {
+        "" => Err("--node-name is empty (is NODENAME set to the node's name?)".into()),
+        _ if name.len() > 253 => Err(format!(
+            "--node-name is {} characters long; a node name has at most 253",
+            name.len()
+        )),
+        _ if !valid_chars => Err(format!(
+            "--node-name {name:?} is not a node name (letters, digits, '-', '.' and '_')"
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -118,6 +138,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let handle = netlink_handle()?;
     let userspace = UserspaceConfig {
         binary: config.wireguard_go.clone(),
+        restart_unresponsive: true,
         ..UserspaceConfig::default()
     };
     let wg = select_backend(config.wireguard_backend, handle.clone(), userspace)?;
@@ -146,7 +167,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     .with_kernel_events(kernel_rx)
     .with_metrics(metrics);
     let reconciler = if config.host_policy {
-        reconciler.with_filter(Box::new(KernelNft::new()))
+        let (nftables_tx, nftables_rx) = tokio::sync::mpsc::channel(1);
+        wiremesh_dataplane::events::watch_nftables(
+            wiremesh_core::policy::render::TABLE,
+            nftables_tx,
+        )?;
+        reconciler
+            .with_filter(Box::new(KernelNft::new()))
+            .with_nftables_events(nftables_rx)
     } else {
         if let Err(e) = remove_table(&mut KernelNft::new()).await {
             warn!(error = %error_chain(&e), "could not remove the nftables table inet wiremesh");
@@ -186,4 +214,19 @@ fn create_state_dir(path: &std::path::Path) -> Result<(), AgentError> {
     };
     std::fs::create_dir_all(path).map_err(wrap)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(wrap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_node_name;
+
+    #[test]
+    fn node_names() {
+        for good in ["node1", "ip-10-0-0-1.ec2.internal", "worker_3"] {
+            assert_eq!(validate_node_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", " ", "a/b", "node 1", &"n".repeat(254)] {
+            assert!(validate_node_name(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -14,6 +14,10 @@ pub struct AgentSettings {
     pub resync_interval: Duration,
     /// Least time between two runs; changes arriving meanwhile are coalesced.
     pub min_interval: Duration,
+    /// How often the WireGuard devices are compared with what was last applied, so a change
+    /// made with `wg set` (which sends no notification) is repaired within this time instead
+    /// of at the next resync.
+    pub device_check_interval: Duration,
 }
 
 impl AgentSettings {
@@ -25,6 +29,7 @@ impl AgentSettings {
             routing_table: wiremesh_core::config::DEFAULT_ROUTING_TABLE,
             resync_interval: Duration::from_secs(90),
             min_interval: Duration::from_millis(50),
+            device_check_interval: Duration::from_secs(1),
         }
     }
 

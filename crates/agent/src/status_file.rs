@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use wiremesh_core::mesh::{DataplaneSpec, PeerSpec, SkippedNode};
 use wiremesh_core::model::{Family, WgKey};
 use wiremesh_dataplane::Backend;
+use wiremesh_datastore::SyncState;
 
 /// The file's name in the state directory.
 pub const FILE_NAME: &str = "status.json";
@@ -38,6 +39,8 @@ pub struct AgentStatus {
     pub ready: bool,
     /// The agent's resync period in seconds (how stale `updatedAt` may normally get).
     pub resync_seconds: u64,
+    /// How current the agent's view of the datastore is (written within a second of a change).
+    pub datastore: Option<SyncState>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

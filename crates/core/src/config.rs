@@ -1,13 +1,17 @@
 //! The effective configuration: every setting the agent reads from FelixConfiguration, built
-//! once from `default` then `node.<nodename>` over Calico's defaults, each field validated here
-//! (a bad one is reported and the layer below applies).
+//! once from `default` then `node.<nodename>` over Calico's defaults, each field validated here.
+//! A bad field is reported and keeps its last valid value ([`LastValid`]); where there never
+//! was one, the layer below applies.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+
+use serde_json::{Map, Value};
 
 use crate::model::{Family, FelixConfigurations};
 use crate::policy::program::{FailsafePort, PolicySettings};
-use crate::wire::FelixConfigurationSpec;
-use crate::wire::felix::ProtoPort;
+use crate::wire::felix::{DecodedFelix, ProtoPort, shown};
+use crate::wire::{FelixConfigurationSpec, did_you_mean, field_names};
 
 pub const DEFAULT_INTERFACE_V4: &str = "wireguard.cali";
 pub const DEFAULT_INTERFACE_V6: &str = "wg-v6.cali";
@@ -27,16 +31,70 @@ pub const MTU_OVERHEAD_V6: u32 = 80;
 /// Felix's fallback host MTU when no interface matches its pattern.
 pub const FALLBACK_HOST_MTU: u32 = 1460;
 
-/// A FelixConfiguration field that failed validation; it is ignored (the lower layer's value or
-/// the default applies) and reported.
+/// A FelixConfiguration field that failed validation, or a likely misspelt one. It is reported
+/// and does not take effect; what applies instead is in [`Fallback`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("FelixConfiguration {object}: field {field}: {reason}")]
+#[error("FelixConfiguration {object}: field {field}{}: {reason}; {fallback}", value_text(.value))]
 pub struct ConfigFieldError {
     pub object: String,
     /// The field's path in the spec, e.g. `wireguardMTU` or `failsafeInboundHostPorts[1].port`
     /// (`spec` when the whole object does not decode).
     pub field: String,
+    /// The value as written, as JSON text cut to a readable length (none for a whole object).
+    pub value: Option<String>,
     pub reason: String,
+    pub fallback: Fallback,
+}
+
+impl ConfigFieldError {
+    /// What is wrong, without what applies instead (for tools that check a file).
+    pub fn problem(&self) -> String {
+        format!(
+            "FelixConfiguration {}: field {}{}: {}",
+            self.object,
+            self.field,
+            value_text(&self.value),
+            self.reason
+        )
+    }
+}
+
+fn value_text(value: &Option<String>) -> String {
+    value
+        .as_ref()
+        .map(|v| format!(" = {v}"))
+        .unwrap_or_default()
+}
+
+/// What applies in place of a field that does not take effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The field's last valid value in this object stays in force.
+    LastValid,
+    /// There never was a valid one: `default`'s value (for a node object) or Calico's default.
+    LayerBelow,
+    /// The field is not one wiremesh reads (a misspelling of one it does).
+    Ignored,
+}
+
+impl std::fmt::Display for Fallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Fallback::LastValid => "its last valid value stays in force",
+            Fallback::LayerBelow => "no valid value was seen before, so the layer below applies",
+            Fallback::Ignored => "the field is ignored",
+        })
+    }
+}
+
+/// The last valid value of every field of the FelixConfiguration objects a node reads, so that
+/// an invalid field (or an object that no longer decodes) keeps what was in force instead of
+/// falling back to a default: input can never turn encryption off, only a valid
+/// `wireguardEnabled: false` can. Removing a field or the object is valid and is forgotten.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct LastValid {
+    objects: BTreeMap<String, Map<String, Value>>,
 }
 
 /// Everything the agent reads from FelixConfiguration, for one node.
@@ -48,8 +106,20 @@ pub struct EffectiveConfig {
     pub failsafe_outbound: Vec<FailsafePort>,
     /// Prefix of `Log` rules' kernel log lines.
     pub log_prefix: String,
-    /// The fields that were ignored, and why.
+    /// The fields that do not take effect as written, and why.
     pub errors: Vec<ConfigFieldError>,
+    /// Fields that are not Felix fields at all (see [`unknown_fields`]).
+    pub unknown_fields: Vec<UnknownField>,
+}
+
+/// A field that no Felix has, in a FelixConfiguration object: ignored, worth a warning.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "FelixConfiguration {object}: field {field} is not a FelixConfiguration field; it is ignored"
+)]
+pub struct UnknownField {
+    pub object: String,
+    pub field: String,
 }
 
 impl Default for EffectiveConfig {
@@ -61,31 +131,56 @@ impl Default for EffectiveConfig {
             failsafe_outbound: policy.failsafe_outbound,
             log_prefix: policy.log_prefix,
             errors: Vec::new(),
+            unknown_fields: Vec::new(),
         }
     }
 }
 
 impl EffectiveConfig {
     /// The configuration of node `node_name`: defaults, then `default`, then
-    /// `node.<node_name>`. An object that does not decode is reported and its layer skipped.
+    /// `node.<node_name>`, with no memory of earlier values (tools that look from outside).
     pub fn for_node(node_name: &str, configs: &FelixConfigurations) -> EffectiveConfig {
+        EffectiveConfig::for_node_remembering(node_name, configs, &mut LastValid::default())
+    }
+
+    /// As [`EffectiveConfig::for_node`], for the agent: an invalid field, or an object that
+    /// does not decode, keeps its last valid value from `last`, which is updated.
+    pub fn for_node_remembering(
+        node_name: &str,
+        configs: &FelixConfigurations,
+        last: &mut LastValid,
+    ) -> EffectiveConfig {
         let node_object = format!("node.{node_name}");
-        let mut layers = Vec::new();
+        let mut specs = Vec::new();
         let mut errors = Vec::new();
+        let mut unknown = Vec::new();
         for name in ["default", node_object.as_str()] {
-            match configs.get(name) {
-                Some(Ok(spec)) => layers.push((name, spec)),
-                Some(Err(reason)) => errors.push(ConfigFieldError {
-                    object: name.to_string(),
-                    field: "spec".into(),
-                    reason: reason.clone(),
-                }),
-                None => {}
+            let Some(stored) = configs.get(name) else {
+                last.objects.remove(name);
+                continue;
+            };
+            let (spec, mut found) = last.resolve(name, stored);
+            errors.append(&mut found);
+            if let Ok(decoded) = stored {
+                unknown.extend(
+                    unknown_fields(decoded)
+                        .into_iter()
+                        .map(|field| UnknownField {
+                            object: name.to_string(),
+                            field,
+                        }),
+                );
             }
+            specs.push((name, spec));
         }
+        last.objects
+            .retain(|name, _| name == "default" || *name == node_object);
+        let layers: Vec<(&str, &FelixConfigurationSpec)> =
+            specs.iter().map(|(name, spec)| (*name, spec)).collect();
         let mut config = EffectiveConfig::merge(&layers);
         errors.append(&mut config.errors);
         config.errors = errors;
+        config.unknown_fields = unknown;
         config
     }
 
@@ -122,8 +217,10 @@ impl EffectiveConfig {
             out.errors
                 .extend(errors.into_iter().map(|(field, reason)| ConfigFieldError {
                     object: (*object).to_string(),
+                    value: field_value(spec, &field),
                     field,
                     reason,
+                    fallback: Fallback::LayerBelow,
                 }));
         }
         out
@@ -139,6 +236,153 @@ impl EffectiveConfig {
             ..PolicySettings::default()
         }
     }
+}
+
+impl LastValid {
+    /// The spec object `name` takes effect with, and what is wrong with it: its valid fields
+    /// as stored, and for each invalid one the last valid value when there was one.
+    fn resolve(
+        &mut self,
+        name: &str,
+        stored: &Result<DecodedFelix, String>,
+    ) -> (FelixConfigurationSpec, Vec<ConfigFieldError>) {
+        let remembered = self.objects.get(name);
+        let fallback =
+            |field: &str| match remembered.is_some_and(|r| r.contains_key(top_level(field))) {
+                true => Fallback::LastValid,
+                false => Fallback::LayerBelow,
+            };
+        let decoded = match stored {
+            Ok(decoded) => decoded,
+            Err(reason) => {
+                // Nothing of it can be trusted: the whole object as it last was stays.
+                let error = ConfigFieldError {
+                    object: name.to_string(),
+                    field: "spec".into(),
+                    value: None,
+                    reason: reason.clone(),
+                    fallback: match remembered {
+                        Some(_) => Fallback::LastValid,
+                        None => Fallback::LayerBelow,
+                    },
+                };
+                let spec = remembered.map(spec_of).unwrap_or_default();
+                return (spec, vec![error]);
+            }
+        };
+        let mut errors: Vec<ConfigFieldError> = decoded
+            .invalid
+            .iter()
+            .map(|invalid| ConfigFieldError {
+                object: name.to_string(),
+                field: invalid.field.clone(),
+                value: Some(invalid.value.clone()),
+                reason: invalid.reason.clone(),
+                fallback: fallback(&invalid.field),
+            })
+            .collect();
+        for mut error in EffectiveConfig::merge(&[(name, &decoded.spec)]).errors {
+            error.fallback = fallback(&error.field);
+            errors.push(error);
+        }
+        errors.extend(unknown_field_errors(name, decoded));
+        let invalid: BTreeSet<&str> = errors
+            .iter()
+            .filter(|e| e.fallback != Fallback::Ignored)
+            .map(|e| top_level(&e.field))
+            .collect();
+        let mut fields = fields_of(&decoded.spec);
+        for field in &invalid {
+            fields.remove(*field);
+            if let Some(value) = remembered.and_then(|r| r.get(*field)) {
+                fields.insert((*field).to_string(), value.clone());
+            }
+        }
+        let spec = spec_of(&fields);
+        self.objects.insert(name.to_string(), fields);
+        (spec, errors)
+    }
+}
+
+/// The fields of `decoded` that no Felix has and that look like a misspelling of one wiremesh
+/// reads (`wireguardEnabeld`): the author meant something that does not take effect. Other
+/// unknown fields go to [`unknown_fields`].
+fn unknown_field_errors(name: &str, decoded: &DecodedFelix) -> Vec<ConfigFieldError> {
+    let ours = field_names::<FelixConfigurationSpec>();
+    decoded
+        .unknown_fields
+        .iter()
+        .filter(|field| !is_felix_field(field))
+        .filter_map(|field| {
+            let meant = did_you_mean(field, &ours)?;
+            Some(ConfigFieldError {
+                object: name.to_string(),
+                field: field.clone(),
+                value: None,
+                reason: format!("unknown field (did you mean {meant}?)"),
+                fallback: Fallback::Ignored,
+            })
+        })
+        .collect()
+}
+
+/// Fields of `decoded` that are neither read by wiremesh nor a Felix field at all (a newer
+/// Calico's, or a typo of a field wiremesh does not read): worth a warning, not a degraded
+/// status. Felix fields wiremesh does not read are not listed.
+pub fn unknown_fields(decoded: &DecodedFelix) -> Vec<String> {
+    let ours = field_names::<FelixConfigurationSpec>();
+    decoded
+        .unknown_fields
+        .iter()
+        .filter(|field| !is_felix_field(field) && did_you_mean(field, &ours).is_none())
+        .cloned()
+        .collect()
+}
+
+/// Every top-level field of Calico's `FelixConfigurationSpec` (projectcalico/calico,
+/// api/pkg/apis/projectcalico/v3/felixconfig.go), one per line.
+const FELIX_FIELDS: &str = include_str!("wire/felix_fields.txt");
+
+fn is_felix_field(field: &str) -> bool {
+    FELIX_FIELDS.lines().any(|known| known == field)
+}
+
+/// The field of the spec a path is in (`failsafeInboundHostPorts[1].port` ->
+/// `failsafeInboundHostPorts`).
+fn top_level(path: &str) -> &str {
+    path.split(['.', '[']).next().unwrap_or(path)
+}
+
+/// The fields a spec sets, by their JSON names.
+fn fields_of(spec: &FelixConfigurationSpec) -> Map<String, Value> {
+    match serde_json::to_value(spec) {
+        Ok(Value::Object(fields)) => fields,
+        _ => Map::new(),
+    }
+}
+
+/// A spec from fields that were all valid once (so they decode again).
+fn spec_of(fields: &Map<String, Value>) -> FelixConfigurationSpec {
+    serde_json::from_value(Value::Object(fields.clone())).unwrap_or_default()
+}
+
+/// The value a spec holds at a field path, shown as in reports.
+fn field_value(spec: &FelixConfigurationSpec, path: &str) -> Option<String> {
+    let fields = fields_of(spec);
+    let value = fields.get(top_level(path))?;
+    let below = path
+        .strip_prefix(top_level(path))
+        .unwrap_or_default()
+        .replace('[', "/")
+        .replace(']', "")
+        .replace('.', "/");
+    Some(shown(value.pointer(&below).unwrap_or(value)))
+}
+
+/// Every problem with one stored FelixConfiguration on its own, as the agent would report it
+/// the first time it sees it (for the policy tools and `lab set`).
+pub fn check_object(name: &str, stored: &Result<DecodedFelix, String>) -> Vec<ConfigFieldError> {
+    LastValid::default().resolve(name, stored).1
 }
 
 /// A whole failsafe list, or the first bad entry (`[i].field`, why): a list is taken or left as
@@ -440,6 +684,147 @@ mod tests {
         assert_eq!(s.v6.interface_name, "wg1");
         assert_eq!(s.v6.listening_port, 28151);
         assert_eq!(s.keepalive, Duration::from_secs(90));
+    }
+
+    fn stored(spec: serde_json::Value) -> Result<DecodedFelix, String> {
+        FelixConfigurationSpec::from_object(&serde_json::json!({ "spec": spec }))
+    }
+
+    fn configs(default: serde_json::Value) -> FelixConfigurations {
+        [("default".to_string(), stored(default))].into()
+    }
+
+    #[test]
+    fn an_invalid_field_keeps_its_last_valid_value_and_costs_nothing_else() {
+        let mut last = LastValid::default();
+        let on = configs(serde_json::json!({"wireguardEnabled": true, "wireguardMTU": 1380}));
+        let config = EffectiveConfig::for_node_remembering("n1", &on, &mut last);
+        assert!(config.errors.is_empty() && config.wireguard.v4.enabled);
+
+        // A wrongly typed MTU and a non-boolean switch: both keep what was in force.
+        let bad = configs(serde_json::json!({
+            "wireguardEnabled": "maybe", "wireguardMTU": "1400", "wireguardKeepAlive": "25s"
+        }));
+        let config = EffectiveConfig::for_node_remembering("n1", &bad, &mut last);
+        assert!(config.wireguard.v4.enabled, "encryption stays on");
+        assert_eq!(config.wireguard.v4.mtu, 1380);
+        assert_eq!(
+            config.wireguard.keepalive,
+            Duration::from_secs(25),
+            "valid fields apply"
+        );
+        let shown: Vec<String> = config.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "FelixConfiguration default: field wireguardEnabled = \"maybe\": invalid type: string \"maybe\", expected a boolean; its last valid value stays in force",
+                "FelixConfiguration default: field wireguardMTU = \"1400\": invalid type: string \"1400\", expected i32; its last valid value stays in force",
+            ]
+        );
+
+        // A restart with the remembered values (serialised) keeps them too.
+        let json = serde_json::to_string(&last).expect("serialises");
+        let mut restarted: LastValid = serde_json::from_str(&json).expect("reads back");
+        let config = EffectiveConfig::for_node_remembering("n1", &bad, &mut restarted);
+        assert!(config.wireguard.v4.enabled);
+
+        // Out of range is as invalid as a wrong type.
+        let huge = configs(serde_json::json!({"wireguardEnabled": true, "wireguardMTU": 1e20}));
+        let config = EffectiveConfig::for_node_remembering("n1", &huge, &mut last);
+        assert_eq!(config.wireguard.v4.mtu, 1380);
+        assert_eq!(config.errors[0].value.as_deref(), Some("1e+20"));
+
+        // Only a valid false turns it off; removing the field restores the default.
+        let off = configs(serde_json::json!({"wireguardEnabled": false}));
+        let config = EffectiveConfig::for_node_remembering("n1", &off, &mut last);
+        assert!(!config.wireguard.v4.enabled && config.errors.is_empty());
+        assert_eq!(config.wireguard.v4.mtu, 0, "the removed MTU is forgotten");
+    }
+
+    #[test]
+    fn without_a_valid_value_before_the_layer_below_applies() {
+        let mut last = LastValid::default();
+        let mut both = configs(serde_json::json!({"wireguardEnabled": true}));
+        both.insert(
+            "node.n1".into(),
+            stored(serde_json::json!({"wireguardEnabled": "no"})),
+        );
+        let config = EffectiveConfig::for_node_remembering("n1", &both, &mut last);
+        assert!(config.wireguard.v4.enabled, "default's value applies");
+        assert_eq!(config.errors.len(), 1);
+        assert_eq!(config.errors[0].object, "node.n1");
+        assert_eq!(config.errors[0].fallback, Fallback::LayerBelow);
+    }
+
+    #[test]
+    fn an_undecodable_object_keeps_its_last_valid_version() {
+        let mut last = LastValid::default();
+        let on = configs(serde_json::json!({"wireguardEnabled": true}));
+        EffectiveConfig::for_node_remembering("n1", &on, &mut last);
+        let garbage: FelixConfigurations =
+            [("default".to_string(), Err("is not valid JSON".to_string()))].into();
+        let config = EffectiveConfig::for_node_remembering("n1", &garbage, &mut last);
+        assert!(config.wireguard.v4.enabled);
+        assert_eq!(config.errors[0].field, "spec");
+        assert_eq!(config.errors[0].fallback, Fallback::LastValid);
+        // Deleting the object is valid: the default applies and nothing is remembered.
+        let config = EffectiveConfig::for_node_remembering("n1", &BTreeMap::new(), &mut last);
+        assert!(!config.wireguard.v4.enabled && config.errors.is_empty());
+        assert_eq!(last, LastValid::default());
+    }
+
+    #[test]
+    fn a_bad_failsafe_entry_keeps_the_whole_last_valid_list() {
+        let mut last = LastValid::default();
+        let good = configs(serde_json::json!({"failsafeInboundHostPorts": [{"port": 22}]}));
+        EffectiveConfig::for_node_remembering("n1", &good, &mut last);
+        let bad = configs(serde_json::json!({
+            "failsafeInboundHostPorts": [{"port": 22}, {"port": 70000}]
+        }));
+        let config = EffectiveConfig::for_node_remembering("n1", &bad, &mut last);
+        assert_eq!(config.failsafe_inbound.len(), 1);
+        assert_eq!(config.errors[0].field, "failsafeInboundHostPorts[1].port");
+        assert_eq!(config.errors[0].value.as_deref(), Some("70000"));
+    }
+
+    #[test]
+    fn unknown_fields_are_sorted_by_what_they_likely_are() {
+        let config = EffectiveConfig::for_node(
+            "n1",
+            &configs(serde_json::json!({
+                "wireguardEnabeld": false, "bpfEnabled": false, "madeUpSetting": 1
+            })),
+        );
+        let errors: Vec<String> = config.errors.iter().map(|e| e.problem()).collect();
+        assert_eq!(
+            errors,
+            [
+                "FelixConfiguration default: field wireguardEnabeld: unknown field (did you mean wireguardEnabled?)"
+            ]
+        );
+        assert_eq!(config.errors[0].fallback, Fallback::Ignored);
+        let unknown: Vec<&str> = config
+            .unknown_fields
+            .iter()
+            .map(|u| u.field.as_str())
+            .collect();
+        assert_eq!(
+            unknown,
+            ["madeUpSetting"],
+            "Felix's own bpfEnabled is not reported"
+        );
+    }
+
+    #[test]
+    fn a_long_bad_value_is_shown_cut() {
+        let long = "x".repeat(500);
+        let config = EffectiveConfig::for_node(
+            "n1",
+            &configs(serde_json::json!({"wireguardEnabled": long})),
+        );
+        let value = config.errors[0].value.clone().expect("a value");
+        assert_eq!(value.chars().count(), 65, "64 characters and an ellipsis");
+        assert!(value.ends_with('…'));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use serde::Deserialize as _;
 use serde_json::Value;
 
-use crate::config::EffectiveConfig;
+use crate::config::check_object;
 use crate::policy::{PolicyResources, ValidationError};
 use crate::wire::{FelixConfigurationSpec, Kind, RawPolicyResources};
 
@@ -166,17 +166,13 @@ impl Manifest {
             problems.push(self.position_error(e));
         }
         for o in self.objects.iter().filter(|o| o.kind.is_none()) {
-            match FelixConfigurationSpec::from_object(&o.value) {
-                Err(e) => problems.push(format!(
-                    "{}: FelixConfiguration {:?}: {e}",
-                    o.position, o.key
-                )),
-                Ok(spec) => {
-                    for e in EffectiveConfig::merge(&[(o.key.as_str(), &spec)]).errors {
-                        let at = o.field_position(&format!("spec.{}", e.field));
-                        problems.push(format!("{at}: {e}"));
-                    }
-                }
+            let stored = FelixConfigurationSpec::from_object(&o.value);
+            for e in check_object(&o.key, &stored) {
+                let at = match e.field.as_str() {
+                    "spec" => o.position.clone(),
+                    field => o.field_position(&format!("spec.{field}")),
+                };
+                problems.push(format!("{at}: {}", e.problem()));
             }
         }
         (res, problems)

@@ -13,7 +13,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{FelixConfigurationSpec, RawPolicyResources};
+use crate::wire::RawPolicyResources;
+use crate::wire::felix::DecodedFelix;
 
 /// A WireGuard public key (Curve25519 point), 32 bytes, shown as standard base64.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -232,4 +233,4 @@ pub struct ClusterSnapshot {
 
 /// FelixConfigurations by name as a datastore holds them: the decoded spec, or why it does not
 /// decode (`config::EffectiveConfig` layers and validates them).
-pub type FelixConfigurations = BTreeMap<String, Result<FelixConfigurationSpec, String>>;
+pub type FelixConfigurations = BTreeMap<String, Result<DecodedFelix, String>>;

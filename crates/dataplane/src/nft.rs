@@ -52,6 +52,9 @@ pub trait FilterDataplane: Send {
     fn counter_reader(&self) -> Option<Arc<dyn CounterReader>> {
         None
     }
+    /// The table was changed by someone (an nftables notification): the next observe must
+    /// read the kernel, not a cached view.
+    fn forget_observation(&mut self) {}
 }
 
 /// Reads our table's named counters.
@@ -513,6 +516,10 @@ impl FilterDataplane for KernelNft {
         }
         self.cache = Some((Instant::now(), full.clone()));
         Ok(full)
+    }
+
+    fn forget_observation(&mut self) {
+        self.cache = None;
     }
 
     fn counter_reader(&self) -> Option<Arc<dyn CounterReader>> {

@@ -40,10 +40,14 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
-use super::{Datastore, DatastoreError, ReadScope, SnapshotSender};
+use super::{Datastore, DatastoreError, ReadScope, SnapshotSender, SyncHealth};
 use wiremesh_core::config::EffectiveConfig;
-use wiremesh_core::model::{ClusterSnapshot, Family, NodeResource, PublishedWireguard};
+use wiremesh_core::model::{
+    ClusterSnapshot, Family, FelixConfigurations, NodeResource, PublishedWireguard,
+};
 use wiremesh_core::wire::FelixConfigurationSpec;
+use wiremesh_core::wire::felix::DecodedFelix;
+use wiremesh_core::wire::json_kind;
 
 /// Prefix of Calico Node resources.
 pub const NODES_PREFIX: &str = "/calico/resources/v3/projectcalico.org/nodes/";
@@ -226,17 +230,6 @@ fn node_with_error(name: &str, error: String) -> NodeResource {
     }
 }
 
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 /// Parses a block-affinity key into (node, family, CIDR). `None` for anything that is not exactly
 /// `/calico/ipam/v2/host/<node>/ipv<4|6>/block/<cidr>` with a CIDR of that family.
 fn decode_affinity_key(key: &str) -> Option<(String, Family, IpNet)> {
@@ -280,7 +273,7 @@ fn decode_affinity_value(value: &[u8]) -> Result<bool, String> {
 
 /// Decodes a Calico FelixConfiguration object into its spec (unknown fields ignored; a missing
 /// spec is an empty spec).
-pub fn decode_felix_configuration(value: &[u8]) -> Result<FelixConfigurationSpec, String> {
+pub fn decode_felix_configuration(value: &[u8]) -> Result<DecodedFelix, String> {
     match serde_json::from_slice::<Value>(value) {
         Ok(object) => FelixConfigurationSpec::from_object(&object),
         Err(e) => Err(format!("is not valid JSON: {e}")),
@@ -387,7 +380,7 @@ struct State {
     nodes: BTreeMap<String, NodeResource>,
     /// Counting block affinities: key -> (node, CIDR).
     affinities: BTreeMap<String, (String, IpNet)>,
-    felix: BTreeMap<String, Result<FelixConfigurationSpec, String>>,
+    felix: BTreeMap<String, Result<DecodedFelix, String>>,
     policy: wiremesh_core::wire::RawPolicyResources,
 }
 
@@ -566,6 +559,7 @@ fn replace_entry<V: PartialEq>(
 pub struct EtcdDatastore {
     endpoints: Vec<String>,
     client: Client,
+    health: std::sync::Arc<SyncHealth>,
 }
 
 fn connect_options() -> ConnectOptions {
@@ -649,7 +643,11 @@ impl EtcdDatastore {
     /// Connects to etcd (bounded by [`CONNECT_TIMEOUT`]); fails if etcd does not answer.
     pub async fn connect(endpoints: Vec<String>) -> Result<Self, DatastoreError> {
         let client = connect_client(&endpoints).await?;
-        Ok(EtcdDatastore { endpoints, client })
+        Ok(EtcdDatastore {
+            endpoints,
+            client,
+            health: Default::default(),
+        })
     }
 
     /// A writer sharing this adapter's connection.
@@ -753,6 +751,7 @@ impl EtcdDatastore {
             Err(end) => return end,
         };
         info!(revisions = ?next_revision, "etcd watches established");
+        self.health.synced();
         *backoff = BACKOFF_MIN;
         while let Some((index, item)) = streams.next().await {
             let prefix = PREFIXES[index];
@@ -871,6 +870,7 @@ impl Datastore for EtcdDatastore {
                             felix_configurations = snapshot.felix_configurations.len(),
                             "etcd listed"
                         );
+                        self.health.synced();
                         // One atomic replacement: readers never see a partial list.
                         cache.send_if_modified(|snap| {
                             if *snap == snapshot {
@@ -883,6 +883,7 @@ impl Datastore for EtcdDatastore {
                         (state, [revision + 1; PREFIXES.len()])
                     }
                     Err(error) => {
+                        self.health.failed(&wiremesh_core::error_chain(&error));
                         warn!(error = %error, source = ?std::error::Error::source(&error), ?backoff, "etcd list failed; retrying");
                         sleep_backoff(&mut backoff).await;
                         client = self.reconnect(client).await;
@@ -904,6 +905,7 @@ impl Datastore for EtcdDatastore {
                     // `listed` stays None: re-list at the top of the loop.
                 }
                 WatchEnd::Error(error) => {
+                    self.health.failed(&wiremesh_core::error_chain(&error));
                     warn!(error = %error, source = ?std::error::Error::source(&error), ?backoff, revisions = ?next_revision, "etcd watch failed; resuming");
                     sleep_backoff(&mut backoff).await;
                     client = self.reconnect(client).await;
@@ -920,6 +922,10 @@ impl Datastore for EtcdDatastore {
     ) -> Result<(), DatastoreError> {
         let mut client = self.client.clone();
         publish_on(&mut client, node, published).await
+    }
+
+    fn sync_health(&self) -> std::sync::Arc<SyncHealth> {
+        std::sync::Arc::clone(&self.health)
     }
 }
 
@@ -1171,7 +1177,7 @@ impl EtcdWriter {
     pub async fn get_felix_configuration(
         &mut self,
         name: &str,
-    ) -> Result<Option<Result<FelixConfigurationSpec, String>>, WriteError> {
+    ) -> Result<Option<Result<DecodedFelix, String>>, WriteError> {
         let value = self.get_raw(&felix_configuration_key(name)).await?;
         Ok(value.map(|bytes| decode_felix_configuration(&bytes)))
     }
@@ -1180,13 +1186,24 @@ impl EtcdWriter {
     /// `node.<node>`, layered as the agent layers them (an object that does not decode and an
     /// invalid field are reported and left out).
     pub async fn effective_config(&mut self, node: &str) -> Result<EffectiveConfig, WriteError> {
+        Ok(EffectiveConfig::for_node(
+            node,
+            &self.node_felix_configurations(node).await?,
+        ))
+    }
+
+    /// The FelixConfiguration objects agent `node` reads: `default` and `node.<node>`.
+    pub async fn node_felix_configurations(
+        &mut self,
+        node: &str,
+    ) -> Result<FelixConfigurations, WriteError> {
         let mut configs = BTreeMap::new();
         for name in ["default".to_string(), format!("node.{node}")] {
             if let Some(spec) = self.get_felix_configuration(&name).await? {
                 configs.insert(name, spec);
             }
         }
-        Ok(EffectiveConfig::for_node(node, &configs))
+        Ok(configs)
     }
 
     /// Sets one field of a FelixConfiguration's spec (creating the object when missing), as a
@@ -1436,12 +1453,14 @@ mod tests {
             br#"{"kind":"FelixConfiguration","metadata":{"name":"default"},"spec":{"wireguardEnabled":true,"logSeverityScreen":"Info"}}"#,
         )
         .expect("decodes");
-        assert_eq!(spec.wireguard_enabled, Some(true));
+        assert_eq!(spec.spec.wireguard_enabled, Some(true));
         assert_eq!(
             decode_felix_configuration(br#"{"metadata":{}}"#),
-            Ok(FelixConfigurationSpec::default())
+            Ok(DecodedFelix::default())
         );
-        assert!(decode_felix_configuration(br#"{"spec":{"wireguardEnabled":"yes"}}"#).is_err());
+        let decoded = decode_felix_configuration(br#"{"spec":{"wireguardEnabled":"yes"}}"#)
+            .expect("a bad field costs that field");
+        assert_eq!(decoded.invalid[0].field, "wireguardEnabled");
         assert!(decode_felix_configuration(b"{").is_err());
         assert!(decode_felix_configuration(b"[1]").is_err());
     }

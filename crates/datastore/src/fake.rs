@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Datastore, DatastoreError, ObjectProblem, ReadScope, SnapshotSender};
+use super::{Datastore, DatastoreError, ObjectProblem, ReadScope, SnapshotSender, SyncHealth};
 use wiremesh_core::model::{ClusterSnapshot, NodeResource, PublishedWireguard};
 
 pub struct FakeDatastore {
@@ -16,15 +16,21 @@ pub struct FakeDatastore {
     pub fail_next_publish: Mutex<bool>,
     /// Every reported problem, in order.
     pub reported: Mutex<Vec<ObjectProblem>>,
+    /// What the tests say the connection is like.
+    pub health: std::sync::Arc<SyncHealth>,
 }
 
 impl FakeDatastore {
+    /// A fake that is synced (tests mark it failed through `health`).
     pub fn new(cache: SnapshotSender) -> Self {
+        let health = std::sync::Arc::new(SyncHealth::default());
+        health.synced();
         FakeDatastore {
             cache,
             published: Mutex::new(Vec::new()),
             fail_next_publish: Mutex::new(false),
             reported: Mutex::new(Vec::new()),
+            health,
         }
     }
 
@@ -49,6 +55,10 @@ impl Datastore for FakeDatastore {
 
     async fn run(&self, _cache: SnapshotSender) -> Result<(), DatastoreError> {
         std::future::pending().await
+    }
+
+    fn sync_health(&self) -> std::sync::Arc<SyncHealth> {
+        std::sync::Arc::clone(&self.health)
     }
 
     async fn read_once(&self, _scope: ReadScope) -> Result<ClusterSnapshot, DatastoreError> {

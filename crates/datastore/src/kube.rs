@@ -44,9 +44,12 @@ use kube::{Api, Client, Config, ResourceExt as _};
 use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
-use super::{Datastore, DatastoreError, ObjectProblem, ProblemObject, ReadScope, SnapshotSender};
+use super::{
+    Datastore, DatastoreError, ObjectProblem, ProblemObject, ReadScope, SnapshotSender, SyncHealth,
+};
 use wiremesh_core::model::{ClusterSnapshot, Family, NodeResource, PublishedWireguard};
 use wiremesh_core::wire::FelixConfigurationSpec;
+use wiremesh_core::wire::felix::DecodedFelix;
 use wiremesh_core::wire::{Kind, RawPolicyResources};
 
 pub const ANNOTATION_PUBLIC_KEY: &str = "projectcalico.org/WireguardPublicKey";
@@ -154,9 +157,7 @@ pub fn decode_node(node: &Node) -> NodeResource {
 }
 
 /// Decodes an untyped FelixConfiguration's spec (unknown fields ignored; no spec = empty spec).
-pub fn decode_felix_configuration(
-    object: &DynamicObject,
-) -> Result<FelixConfigurationSpec, String> {
+pub fn decode_felix_configuration(object: &DynamicObject) -> Result<DecodedFelix, String> {
     FelixConfigurationSpec::from_object(&object.data)
 }
 
@@ -412,7 +413,7 @@ type Uids = BTreeMap<ProblemObject, String>;
 /// A FelixConfiguration as cached: its decoded spec (or why it does not decode) and its UID.
 #[derive(Debug, Clone, PartialEq)]
 struct FelixObject {
-    spec: Result<FelixConfigurationSpec, String>,
+    spec: Result<DecodedFelix, String>,
     uid: Option<String>,
 }
 
@@ -523,6 +524,7 @@ pub struct KubeDatastore {
     watch_policy: bool,
     /// Written by `run`, read by `report`.
     uids: Arc<Mutex<Uids>>,
+    health: Arc<SyncHealth>,
 }
 
 /// The Events' reporting controller.
@@ -617,6 +619,7 @@ impl KubeDatastore {
             recorder,
             watch_policy: false,
             uids: Arc::default(),
+            health: Arc::default(),
         }
     }
 
@@ -675,7 +678,7 @@ impl KubeDatastore {
     /// Every FelixConfiguration, read once (no watch, no write).
     async fn list_felix_configurations(
         &self,
-    ) -> Result<BTreeMap<String, Result<FelixConfigurationSpec, String>>, DatastoreError> {
+    ) -> Result<BTreeMap<String, Result<DecodedFelix, String>>, DatastoreError> {
         let api: Api<DynamicObject> =
             Api::all_with(self.client.clone(), &felix_configuration_resource());
         let list =
@@ -761,10 +764,24 @@ enum Item {
     Policy(Kind, Box<Result<Event<DynamicObject>, watcher::Error>>),
 }
 
+impl Item {
+    fn error(&self) -> Option<&watcher::Error> {
+        match self {
+            Item::Node(item) => item.as_ref().as_ref().err(),
+            Item::Felix(item) => item.as_ref().as_ref().err(),
+            Item::Policy(_, item) => item.as_ref().as_ref().err(),
+        }
+    }
+}
+
 #[async_trait]
 impl Datastore for KubeDatastore {
     fn kind(&self) -> &'static str {
         "kubernetes"
+    }
+
+    fn sync_health(&self) -> Arc<SyncHealth> {
+        Arc::clone(&self.health)
     }
 
     async fn read_once(&self, scope: ReadScope) -> Result<ClusterSnapshot, DatastoreError> {
@@ -814,6 +831,10 @@ impl Datastore for KubeDatastore {
         let mut events = futures::stream::select_all(streams);
         let mut state = State::new(self.policy_kinds());
         while let Some(item) = events.next().await {
+            match item.error() {
+                None => self.health.synced(),
+                Some(error) => self.health.failed(&error.to_string()),
+            }
             let changed = match item {
                 Item::Node(item) => match *item {
                     Ok(event) => state.nodes.apply(event, node_entry),
@@ -1034,7 +1055,7 @@ mod tests {
         }))
         .expect("object");
         assert_eq!(
-            decode_felix_configuration(&ok).map(|s| s.wireguard_enabled),
+            decode_felix_configuration(&ok).map(|s| s.spec.wireguard_enabled),
             Ok(Some(true))
         );
         let bad: DynamicObject = serde_json::from_value(serde_json::json!({
@@ -1043,7 +1064,11 @@ mod tests {
             "spec": {"wireguardEnabled": "yes please"}
         }))
         .expect("object");
-        assert!(decode_felix_configuration(&bad).is_err());
+        // A bad field costs that field, not the object.
+        let decoded = decode_felix_configuration(&bad).expect("the object decodes");
+        assert_eq!(decoded.spec.wireguard_enabled, None);
+        assert_eq!(decoded.invalid[0].field, "wireguardEnabled");
+        assert_eq!(decoded.invalid[0].value, r#""yes please""#);
         let empty: DynamicObject = serde_json::from_value(serde_json::json!({
             "apiVersion": "projectcalico.org/v3", "kind": "FelixConfiguration",
             "metadata": {"name": "node.y"}
@@ -1051,7 +1076,7 @@ mod tests {
         .expect("object");
         assert_eq!(
             decode_felix_configuration(&empty),
-            Ok(FelixConfigurationSpec::default())
+            Ok(DecodedFelix::default())
         );
     }
 

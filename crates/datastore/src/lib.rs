@@ -125,6 +125,97 @@ pub trait Datastore: Send + Sync {
     /// the caller and rate-limit repeats itself. Called when problems appear. The default does
     /// nothing (etcd has no event stream).
     async fn report(&self, _problems: &[ObjectProblem]) {}
+
+    /// How current [`Datastore::run`]'s view is.
+    fn sync_health(&self) -> std::sync::Arc<SyncHealth>;
+}
+
+/// How current an adapter's view of the datastore is: the adapter records each list, watch
+/// event and failure; the agent reads it for `/readyz`, metrics and status. While the datastore
+/// is unreachable the last synced snapshot stays in force (the dataplane is not torn down); this
+/// is how that becomes visible.
+#[derive(Debug, Default)]
+pub struct SyncHealth(std::sync::Mutex<SyncState>);
+
+/// A copy of [`SyncHealth`] at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncState {
+    /// Unix seconds when the view was last known current: now while the watches are live.
+    /// `None` before the first successful list.
+    pub last_sync: Option<u64>,
+    /// Unix seconds since when the datastore cannot be reached or watched; `None` while it can.
+    pub unreachable_since: Option<u64>,
+    /// The latest failure while unreachable.
+    pub error: Option<String>,
+}
+
+impl SyncState {
+    /// Whether the view is current (synced once, no failure since).
+    pub fn current(&self) -> bool {
+        self.last_sync.is_some() && self.unreachable_since.is_none()
+    }
+
+    /// What an operator must know when the view is not current, as of `now` (Unix seconds).
+    pub fn problem(&self, now: u64) -> Option<String> {
+        let since = self.unreachable_since?;
+        let error = self
+            .error
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        Some(format!(
+            "the datastore has been unreachable for {}s{error}; the last synced state stays in force",
+            now.saturating_sub(since)
+        ))
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+impl SyncHealth {
+    /// A list or a watch event arrived, or the watches were (re-)established.
+    pub fn synced(&self) {
+        if let Ok(mut state) = self.0.lock() {
+            if let Some(since) = state.unreachable_since.take() {
+                tracing::info!(
+                    unreachable_seconds = unix_now().saturating_sub(since),
+                    "the datastore is reachable again"
+                );
+            }
+            state.last_sync = Some(unix_now());
+            state.error = None;
+        }
+    }
+
+    /// Listing or watching failed; the adapter retries by itself.
+    pub fn failed(&self, error: &str) {
+        if let Ok(mut state) = self.0.lock() {
+            if state.current() {
+                // It was current until now.
+                state.last_sync = Some(unix_now());
+                tracing::warn!(
+                    error,
+                    "the datastore is unreachable; the last synced state stays in force"
+                );
+            }
+            state.unreachable_since.get_or_insert_with(unix_now);
+            state.error = Some(error.to_string());
+        }
+    }
+
+    pub fn state(&self) -> SyncState {
+        let mut state = self.0.lock().map(|s| s.clone()).unwrap_or_default();
+        if state.current() {
+            state.last_sync = Some(unix_now());
+        }
+        state
+    }
 }
 
 /// What [`Datastore::read_once`] reads: only what a tool needs, so it needs no more rights.
@@ -149,4 +240,37 @@ impl ReadScope {
         configuration: false,
         policy: true,
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_health_follows_failures_and_recovery() {
+        let health = SyncHealth::default();
+        assert!(
+            !health.state().current(),
+            "not current before the first list"
+        );
+        health.failed("connection refused");
+        let state = health.state();
+        assert_eq!(state.last_sync, None);
+        assert!(state.unreachable_since.is_some());
+        health.synced();
+        assert!(health.state().current());
+        assert_eq!(health.state().problem(unix_now()), None);
+        health.failed("watch stream ended");
+        health.failed("connection refused");
+        let state = health.state();
+        let since = state.unreachable_since.expect("unreachable");
+        let problem = state.problem(since + 42).expect("a problem");
+        assert_eq!(
+            problem,
+            "the datastore has been unreachable for 42s (connection refused); the last synced state stays in force"
+        );
+        assert!(state.last_sync.is_some_and(|t| t <= since + 1));
+        health.synced();
+        assert!(health.state().current());
+    }
 }

@@ -24,6 +24,8 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 pub use verify::{Expectation, PairResult, VerifyExpect};
+use wiremesh_core::config;
+use wiremesh_core::wire::FelixConfigurationSpec;
 /// The lab's datastore errors are those of the etcd adapter's writer.
 pub use wiremesh_datastore::etcd::WriteError as StoreError;
 use wiremesh_datastore::etcd::{EtcdWriter, NodeRegistration};
@@ -911,12 +913,14 @@ impl Lab {
     }
 
     /// Sets one FelixConfiguration field, in `default` or (with `node`) in `node.<name>`.
-    /// `Value::Null` removes the field.
+    /// `Value::Null` removes the field. A value the agent would not take (wrong type, out of
+    /// range, a field no Felix has) is refused and nothing is written.
     pub async fn set(&self, field: &str, value: Value, node: Option<&str>) -> Result<(), LabError> {
         let object = match node {
             None => "default".to_string(),
             Some(n) => format!("node.{}", self.target(n)?.1.name),
         };
+        check_felix_field(&object, field, &value)?;
         if let Some(kubeconfig) = &self.state.kubeconfig {
             let client = k8s::client(kubeconfig).await?;
             let mut spec = serde_json::Map::new();
@@ -1204,6 +1208,32 @@ pub fn down(name: &str, state_dir: Option<&Path>) -> Result<(), LabError> {
     } else {
         Err(LabError::Leftovers(problems.join("; ")))
     }
+}
+
+/// Refuses a FelixConfiguration field value the agent would not take.
+fn check_felix_field(object: &str, field: &str, value: &Value) -> Result<(), LabError> {
+    if value.is_null() {
+        return Ok(());
+    }
+    let refuse = |reason: String| LabError::InvalidArgument {
+        what: format!("FelixConfiguration {object} field {field}"),
+        reason,
+    };
+    let stored = FelixConfigurationSpec::from_object(&serde_json::json!({
+        "spec": { field: value }
+    }));
+    if let Some(e) = config::check_object(object, &stored).first() {
+        return Err(refuse(e.problem()));
+    }
+    if let Ok(decoded) = &stored
+        && !config::unknown_fields(decoded).is_empty()
+    {
+        return Err(refuse(
+            "is not a FelixConfiguration field (docs/encryption.md lists the fields wiremesh reads)"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::sys::{self, wait_until};
 use super::{Lab, LabError, NodeState};
+use wiremesh_agent::reconcile::load_last_valid;
 use wiremesh_agent::status_file::AgentStatus;
 use wiremesh_core::config::EffectiveConfig;
 use wiremesh_core::mesh::SkipReason;
@@ -81,33 +82,45 @@ impl fmt::Display for PairResult {
     }
 }
 
-/// Effective WireGuard expectation and port of every node, from etcd.
+/// Effective WireGuard expectation and port of every node: its FelixConfiguration objects, as
+/// its agent sees them (with the last valid values it keeps for fields that are invalid now).
 async fn effective(lab: &Lab) -> Result<Vec<(u32, bool, u16)>, LabError> {
-    let names: Vec<(u32, String)> = lab
+    let nodes: Vec<(u32, String, PathBuf)> = lab
         .state
         .nodes
         .values()
-        .map(|n| (n.index, n.name.clone()))
+        .map(|n| (n.index, n.name.clone(), n.state_dir.clone()))
         .collect();
-    if let Some(kubeconfig) = &lab.state.kubeconfig {
-        let client = super::k8s::client(kubeconfig).await?;
-        let configs = super::k8s::felix_configurations(&client).await?;
-        let mut out = Vec::new();
-        for (index, name) in names {
-            let config = EffectiveConfig::for_node(&name, &configs);
-            out.push(expectation(index, &name, config));
+    let all = match &lab.state.kubeconfig {
+        Some(kubeconfig) => {
+            let client = super::k8s::client(kubeconfig).await?;
+            Some(super::k8s::felix_configurations(&client).await?)
         }
-        return Ok(out);
-    }
-    lab.with_store("reading FelixConfiguration", move |mut w| async move {
-        let mut out = Vec::new();
-        for (index, name) in names {
-            let config = w.effective_config(&name).await?;
-            out.push(expectation(index, &name, config));
+        None => None,
+    };
+    let names: Vec<String> = nodes.iter().map(|(_, name, _)| name.clone()).collect();
+    let per_node = match all {
+        Some(all) => names.iter().map(|_| all.clone()).collect(),
+        None => {
+            lab.with_store("reading FelixConfiguration", move |mut w| async move {
+                let mut out = Vec::new();
+                for name in &names {
+                    out.push(w.node_felix_configurations(name).await?);
+                }
+                Ok(out)
+            })
+            .await?
         }
-        Ok(out)
-    })
-    .await
+    };
+    Ok(nodes
+        .into_iter()
+        .zip(per_node)
+        .map(|((index, name, state_dir), configs)| {
+            let mut last = load_last_valid(&state_dir);
+            let config = EffectiveConfig::for_node_remembering(&name, &configs, &mut last);
+            expectation(index, &name, config)
+        })
+        .collect())
 }
 
 /// (node index, IPv4 WireGuard on, port) as the agent of `name` sees its configuration.

@@ -6,7 +6,7 @@
 //!
 //! ```
 //! use std::collections::BTreeMap;
-//! use wiremesh::selector::Selector;
+//! use wiremesh_core::selector::Selector;
 //!
 //! let sel: Selector = "role == 'db' && env in {'prod', 'staging'}".parse().unwrap();
 //! assert_eq!(sel.to_string(), r#"(role == "db" && env in {"prod", "staging"})"#);

@@ -110,29 +110,109 @@ pub struct ProtoPort {
 /// TCP or UDP in any case, as Felix accepts them.
 const FAILSAFE_PROTOCOL_PATTERN: &str = r"^([tT][cC][pP]|[uU][dD][pP])$";
 
-impl FelixConfigurationSpec {
-    /// The spec of a stored FelixConfiguration (its JSON object, as etcd or the API server
-    /// holds it): the one decoder both datastores use. No spec is an empty spec; unknown
-    /// fields (Felix has many wiremesh does not read) are accepted.
-    pub fn from_object(object: &serde_json::Value) -> Result<FelixConfigurationSpec, String> {
-        use serde_json::Value;
-        match object {
-            Value::Object(fields) if fields.get("spec").is_none_or(Value::is_null) => {
-                Ok(FelixConfigurationSpec::default())
-            }
-            Value::Object(_) => super::decode::<super::Object<FelixConfigurationSpec>>(object)
-                .map(|decoded| decoded.value.spec)
-                .map_err(|e| format!("does not decode: {e}")),
-            other => Err(format!(
-                "is not a JSON object but {}",
-                match other {
-                    Value::Null => "null",
-                    Value::Bool(_) => "a boolean",
-                    Value::Number(_) => "a number",
-                    Value::String(_) => "a string",
-                    _ => "an array",
-                }
-            )),
+/// A stored FelixConfiguration decoded field by field: one bad field costs that field, not
+/// the object.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DecodedFelix {
+    /// Every field that decodes.
+    pub spec: FelixConfigurationSpec,
+    /// The fields that do not, with what they hold and why.
+    pub invalid: Vec<InvalidField>,
+    /// Top-level fields no wiremesh type has (Felix has many wiremesh does not read; a typo of
+    /// one it does is among them).
+    pub unknown_fields: Vec<String>,
+}
+
+impl From<FelixConfigurationSpec> for DecodedFelix {
+    fn from(spec: FelixConfigurationSpec) -> Self {
+        DecodedFelix {
+            spec,
+            ..DecodedFelix::default()
         }
     }
+}
+
+/// A field that does not decode: its path in the spec (`wireguardMTU`,
+/// `failsafeInboundHostPorts[1].port`), its value as written (shortened) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidField {
+    pub field: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// How much of a bad value a report shows.
+const SHOWN_VALUE: usize = 64;
+
+/// `value` as JSON text, cut to [`SHOWN_VALUE`] characters.
+pub fn shown(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    if text.chars().count() <= SHOWN_VALUE {
+        return text;
+    }
+    let cut: String = text.chars().take(SHOWN_VALUE).collect();
+    format!("{cut}…")
+}
+
+impl FelixConfigurationSpec {
+    /// The spec of a stored FelixConfiguration (its JSON object, as etcd or the API server
+    /// holds it): the one decoder both datastores use, field by field. No spec is an empty
+    /// spec; a field that does not decode is left out and listed; unknown fields are listed.
+    /// Only a value that is not an object at all fails as a whole.
+    pub fn from_object(object: &serde_json::Value) -> Result<DecodedFelix, String> {
+        use serde_json::Value;
+        let kind = super::json_kind;
+        let Value::Object(fields) = object else {
+            return Err(format!("is not a JSON object but {}", kind(object)));
+        };
+        let mut spec = match fields.get("spec") {
+            None | Some(Value::Null) => return Ok(DecodedFelix::default()),
+            Some(Value::Object(spec)) => spec.clone(),
+            Some(other) => return Err(format!("spec is not an object but {}", kind(other))),
+        };
+        let mut invalid = Vec::new();
+        // Each failed decode names one field; take it out and decode the rest again.
+        loop {
+            match super::decode::<FelixConfigurationSpec>(&Value::Object(spec.clone())) {
+                Ok(decoded) => {
+                    let unknown_fields = decoded
+                        .unknown_fields
+                        .iter()
+                        .filter(|f| !f.contains(['.', '[']))
+                        .cloned()
+                        .collect();
+                    return Ok(DecodedFelix {
+                        spec: decoded.value,
+                        invalid,
+                        unknown_fields,
+                    });
+                }
+                Err(e) => {
+                    let top = e.path.split(['.', '[']).next().unwrap_or_default();
+                    let Some(value) = spec.remove(top) else {
+                        return Err(format!("does not decode: {e}"));
+                    };
+                    invalid.push(InvalidField {
+                        field: e.path.clone(),
+                        value: shown(
+                            value
+                                .pointer(&pointer_below(&e.path, top))
+                                .unwrap_or(&value),
+                        ),
+                        reason: e.message,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The JSON pointer, inside the top-level field `top`, of the spec path `path`
+/// (`failsafeInboundHostPorts[1].port` -> `/1/port`).
+fn pointer_below(path: &str, top: &str) -> String {
+    path.strip_prefix(top)
+        .unwrap_or_default()
+        .replace('[', "/")
+        .replace(']', "")
+        .replace('.', "/")
 }

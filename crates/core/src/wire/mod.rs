@@ -186,6 +186,19 @@ fn ignored_path(path: &serde_ignored::Path<'_>) -> String {
     }
 }
 
+/// What kind of JSON value `value` is, for messages ("is not an object but a string").
+pub fn json_kind(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// The field names `T`'s schema declares at the top level (for did-you-mean hints).
 pub fn field_names<T: schemars::JsonSchema>() -> Vec<String> {
     let schema = schemars::SchemaGenerator::default().into_root_schema_for::<T>();

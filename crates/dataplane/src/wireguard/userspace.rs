@@ -41,6 +41,9 @@ pub struct UserspaceConfig {
     pub run_dir: PathBuf,
     /// Bound on every socket call and on daemon start-up.
     pub timeout: Duration,
+    /// Kill a daemon that does not answer a `get` within `timeout` (hung, or stopped), so the
+    /// next apply starts a new one. Only the agent's own handle does this, never a reader.
+    pub restart_unresponsive: bool,
 }
 
 impl Default for UserspaceConfig {
@@ -49,6 +52,7 @@ impl Default for UserspaceConfig {
             binary: PathBuf::from("wireguard-go"),
             run_dir: PathBuf::from(DEFAULT_RUN_DIR),
             timeout: Duration::from_secs(5),
+            restart_unresponsive: false,
         }
     }
 }
@@ -205,6 +209,16 @@ impl UserspaceWireguard {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+                Err(TransactError::Timeout) if self.config.restart_unresponsive => {
+                    tracing::warn!(
+                        device = name,
+                        seconds = self.timeout_secs(),
+                        "wireguard-go does not answer on its socket; killing it so that a new one takes over"
+                    );
+                    signal_daemon(&self.config.binary, name, nix::sys::signal::Signal::SIGKILL);
+                    self.wait_until_gone(name).await?;
+                    return Ok(None);
+                }
                 Err(e) => return Err(e.into_dataplane(&what, self.timeout_secs())),
             }
         };
@@ -331,6 +345,21 @@ impl UserspaceWireguard {
         }
     }
 
+    /// Waits for a killed daemon's socket to stop answering (a stale socket is removed).
+    async fn wait_until_gone(&self, name: &str) -> Result<(), DataplaneError> {
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        while self.connect(name).await?.is_some() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DataplaneError::Timeout {
+                    what: format!("waiting for the killed wireguard-go of {name} to exit"),
+                    seconds: self.timeout_secs(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
     async fn delete(&self, name: &str) -> Result<(), DataplaneError> {
         let op = format!("delete WireGuard device {name}");
         delete_link(&self.handle, name)
@@ -347,7 +376,12 @@ impl UserspaceWireguard {
                 ));
             }
             if !killed && tokio::time::Instant::now() + self.config.timeout / 2 >= deadline {
-                killed = kill_daemon(&self.config.binary, name);
+                tracing::warn!(
+                    device = name,
+                    "wireguard-go outlived its link; sending SIGTERM"
+                );
+                killed =
+                    signal_daemon(&self.config.binary, name, nix::sys::signal::Signal::SIGTERM);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -408,9 +442,10 @@ fn remove_file_if_exists(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Last resort when a daemon outlives its TUN: SIGTERM the process running `<binary> <name>` in
-/// our network namespace (found through /proc). Returns whether one was signalled.
-fn kill_daemon(binary: &Path, name: &str) -> bool {
+/// Sends `signal` to the process running `<binary> <name>` in our network namespace (found
+/// through /proc): SIGTERM when a daemon outlives its TUN, SIGKILL when it stopped answering.
+/// Returns whether one was signalled.
+fn signal_daemon(binary: &Path, name: &str, signal: nix::sys::signal::Signal) -> bool {
     let Ok(own_ns) = std::fs::read_link("/proc/thread-self/ns/net") else {
         return false;
     };
@@ -454,16 +489,8 @@ fn kill_daemon(binary: &Path, name: &str) -> bool {
         {
             continue;
         }
-        tracing::warn!(
-            pid,
-            device = name,
-            "wireguard-go outlived its link; sending SIGTERM"
-        );
-        found |= nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .is_ok();
+        tracing::debug!(pid, device = name, %signal, "signalling wireguard-go");
+        found |= nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).is_ok();
     }
     found
 }
@@ -612,7 +639,10 @@ impl WireguardDataplane for UserspaceWireguard {
     fn stats_reader(&self) -> Option<std::sync::Arc<dyn WireguardStats>> {
         Some(std::sync::Arc::new(UserspaceWireguard::with_config(
             self.handle.clone(),
-            self.config.clone(),
+            UserspaceConfig {
+                restart_unresponsive: false,
+                ..self.config.clone()
+            },
         )))
     }
 
