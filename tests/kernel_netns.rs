@@ -29,7 +29,8 @@ use wiremesh_dataplane::netlink::netlink_handle;
 use wiremesh_dataplane::route::NetlinkRouting;
 use wiremesh_dataplane::route::RoutingDataplane;
 use wiremesh_dataplane::wireguard::WireguardDataplane;
-use wiremesh_dataplane::wireguard::userspace::UserspaceWireguard;
+use wiremesh_dataplane::wireguard::backend::{BackendChoice, select_backend};
+use wiremesh_dataplane::wireguard::userspace::{UserspaceConfig, UserspaceWireguard};
 
 // ---------------------------------------------------------------------------------------------
 // Harness
@@ -341,6 +342,55 @@ fn userspace_stale_socket_is_absent_device() {
             .expect("re-create");
         assert_eq!(wg.observe(&names).await.expect("observe").len(), 1);
     });
+}
+
+/// The backend is chosen by asking the kernel for a WireGuard link, which loads the module on
+/// demand (the image needs no `modprobe`); the probe link leaves nothing behind, and the
+/// choice comes with its reason. Without the module, `auto` falls back to wireguard-go and
+/// says why, and `kernel` is refused with that reason.
+#[test]
+fn backend_choice_asks_the_kernel_and_says_why() {
+    if !root_or_skip("backend_choice_asks_the_kernel_and_says_why") {
+        return;
+    }
+    let ns = Ns::new("backend");
+    let (auto, kernel) = ns.enter(|| async {
+        let handle = netlink_handle().expect("netlink");
+        let auto = select_backend(
+            BackendChoice::Auto,
+            handle.clone(),
+            UserspaceConfig::default(),
+        )
+        .await
+        .map(|(wg, why)| (wg.backend(), why))
+        .expect("a backend");
+        let kernel = select_backend(BackendChoice::Kernel, handle, UserspaceConfig::default())
+            .await
+            .map(|(wg, why)| (wg.backend(), why))
+            .map_err(|e| e.to_string());
+        (auto, kernel)
+    });
+    if Path::new("/sys/module/wireguard").exists() {
+        assert_eq!(auto.0, wiremesh_dataplane::Backend::Kernel, "{}", auto.1);
+        assert!(kernel.is_ok(), "{kernel:?}");
+    } else {
+        assert_eq!(auto.0, wiremesh_dataplane::Backend::Userspace);
+        assert!(
+            auto.1.contains("the kernel cannot create WireGuard links")
+                && auto.1.ends_with("using wireguard-go"),
+            "{}",
+            auto.1
+        );
+        let refused = kernel.expect_err("no kernel WireGuard here");
+        assert!(
+            refused.contains("cannot create WireGuard links"),
+            "{refused}"
+        );
+    }
+    assert!(
+        !ns.ip(&["link"]).contains("wm-probe0"),
+        "the probe link is gone"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

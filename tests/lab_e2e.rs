@@ -666,6 +666,88 @@ async fn s6_shared_public_key_peers_neither_and_is_reported() {
         routes.contains("throw 10.244.2.0/24") && routes.contains("throw 10.244.3.0/24"),
         "{routes}"
     );
+    // Issue 10, finding 2: the victim kept encrypting to nodes that had dropped it (a black
+    // hole: 4 of 6 pairs dead) and said OK. Now every node reaches the same verdict: node2 and
+    // node3 peer none either, every pair talks (in clear), and both say why.
+    wait_for("node2 and node3 to peer none", async || {
+        ["node2", "node3"]
+            .iter()
+            .all(|n| wg_peers(&lab, n).is_some_and(|p| p.is_empty()))
+    })
+    .await;
+    every_pair_reachable(&lab);
+    for node in ["node2", "node3"] {
+        let report = node_status_report(&lab, node);
+        assert_eq!(report["verdict"]["level"], "degraded", "{report}");
+        let summary = report["verdict"]["summary"].as_str().unwrap_or_default();
+        assert!(
+            summary.contains("every node skips this one") && summary.contains("also published by"),
+            "{summary}"
+        );
+    }
+}
+
+/// Every ordered pair of pods answers a ping.
+fn every_pair_reachable(lab: &Lab) {
+    for from in 1..=3 {
+        for to in (1..=3).filter(|to| *to != from) {
+            let result = lab
+                .ping(&format!("pod{from}"), &format!("pod{to}"), 3)
+                .expect("ping");
+            assert!(result.reachable(), "pod{from} -> pod{to}: {result:?}");
+        }
+    }
+}
+
+/// Issue 10, finding 2: a node claiming another node's pod CIDR made the others un-peer the
+/// victim, unreported. Now the older claim (node2's block affinity) wins everywhere: node3, the
+/// later claimant, is peered by nobody and peers nobody, node1 and node2 stay encrypted, every
+/// pair talks, and node3 says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_cidr_claim_goes_to_the_older_claim_everywhere() {
+    if !root_or_skip("pod CIDR claim") {
+        return;
+    }
+    let (lab, _guard) = start("pc", true).await;
+    wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
+    lab.write_raw(
+        "/calico/ipam/v2/host/node3/ipv4/block/10.244.2.0-24",
+        r#"{"state":"confirmed"}"#,
+    )
+    .await
+    .expect("claim node2's block for node3");
+    wait_for(
+        "node3 to be skipped by every node, itself included",
+        async || {
+            wg_peers(&lab, "node3").is_some_and(|p| p.is_empty())
+                && ["node1", "node2"]
+                    .iter()
+                    .all(|n| wg_peers(&lab, n).is_some_and(|p| p.len() == 1))
+        },
+    )
+    .await;
+    every_pair_reachable(&lab);
+    let results = verify::verify(&lab, VerifyExpect::Auto, 2)
+        .await
+        .expect("verify");
+    let encrypted: Vec<(&str, &str, u64)> = results
+        .iter()
+        .filter(|r| {
+            (r.from == "node1" && r.to == "node2") || (r.from == "node2" && r.to == "node1")
+        })
+        .map(|r| (r.from.as_str(), r.to.as_str(), r.clear_packets))
+        .collect();
+    assert_eq!(encrypted, [("node1", "node2", 0), ("node2", "node1", 0)]);
+    let report = node_status_report(&lab, "node3");
+    let summary = report["verdict"]["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.contains("every node skips this one")
+            && summary.contains("overlaps a CIDR node2 claimed first"),
+        "{summary}"
+    );
+    let skipped = status(&lab, 1)["skipped"].clone();
+    assert_eq!(skipped[0]["node"], "node3", "{skipped}");
+    assert_eq!(skipped[0]["reason"], "podCidrConflict", "{skipped}");
 }
 
 /// Scenario 7: malformed key, address, tunnel address, CIDR or object on some nodes: those are

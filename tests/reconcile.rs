@@ -424,6 +424,40 @@ async fn key_collision_and_malformed_nodes_are_in_the_status() {
     assert_eq!(json["skipped"][2]["reason"], "malformedKey");
 }
 
+/// Issue 10: a node whose object turns to garbage keeps being peered as its last good version
+/// (cutting it off would black-hole it while it keeps sending); deleting it removes it.
+#[tokio::test]
+async fn an_undecodable_node_keeps_its_last_good_version() {
+    let h = Harness::new(cluster(true));
+    let mut r = h.reconciler();
+    r.reconcile_once(&h.snap()).await.expect("on");
+    h.store.edit(|s| {
+        s.nodes.insert(
+            "node2".into(),
+            NodeResource {
+                name: "node2".into(),
+                decode_error: Some("expected value at line 1 column 1".into()),
+                ..Default::default()
+            },
+        );
+    });
+    r.reconcile_once(&h.snap()).await.expect("runs");
+    assert_eq!(h.kernel.state().devices["wireguard.cali"].peers.len(), 2);
+    assert_eq!(
+        r.status().stale_nodes,
+        [
+            "node node2 cannot be decoded (expected value at line 1 column 1); its last good version stays in use"
+        ]
+    );
+    assert!(r.status().skipped.is_empty());
+    h.store.edit(|s| {
+        s.nodes.remove("node2");
+    });
+    r.reconcile_once(&h.snap()).await.expect("runs");
+    assert_eq!(h.kernel.state().devices["wireguard.cali"].peers.len(), 1);
+    assert!(r.status().stale_nodes.is_empty());
+}
+
 /// The loop records metrics and readiness: not ready before the initial sync, ready after the
 /// first apply; a datastore change that costs operations lands in the convergence histogram; a
 /// failure is counted by kind.

@@ -293,6 +293,29 @@ fn an_unreachable_datastore_is_degraded() {
     );
 }
 
+/// A node every node skips (its key is also published elsewhere) peers none, and says so.
+#[test]
+fn a_node_every_node_skips_is_degraded() {
+    let mut a = agent();
+    a.devices[0].peers.clear();
+    a.skipped.push(SkippedNode {
+        node: "node1".into(),
+        family: Family::V4,
+        reason: SkipReason::KeyCollision {
+            with: vec!["node3".into()],
+        },
+    });
+    let r = status::build("node1", Some(&a), Ok(&live(vec![])), None, NOW);
+    assert_eq!(r.verdict.level, Level::Degraded);
+    assert!(
+        r.verdict.summary.contains(
+            "every node skips this one for IPv4 and it peers none, so its pod traffic is in clear: public key is also published by node3"
+        ),
+        "{}",
+        r.verdict
+    );
+}
+
 #[test]
 fn json_schema_is_stable() {
     let a = agent();
@@ -384,9 +407,9 @@ fn cluster_view_flags_collisions_malformed_and_missing_keys() {
     assert!(text.lines().count() >= 6, "{text}");
 }
 
-/// `status --cluster` judges nodes with the agent's own validation: a pod CIDR two nodes
-/// claim (which the agent routes to neither) and IPv6 problems are shown too, and a skipped
-/// node reads as the agent's reason.
+/// `status --cluster` judges nodes with the agent's own validation: of two nodes claiming a
+/// pod CIDR the later claim loses (node names break the tie), IPv6 problems are shown too, and
+/// a skipped node reads as the agent's reason.
 #[test]
 fn cluster_view_judges_nodes_as_the_agent_does() {
     let mut nodes: BTreeMap<String, NodeResource> = BTreeMap::new();
@@ -407,14 +430,11 @@ fn cluster_view_judges_nodes_as_the_agent_does() {
     // IPv6 is in use (node1 publishes a key), so a node without one cannot be peered for it.
     assert_eq!(
         by["node2"].problems,
-        [
-            "pod CIDR 10.244.2.0/24 is also claimed by node3",
-            "IPv6: publishes no WireGuard public key"
-        ]
+        ["IPv6: publishes no WireGuard public key"]
     );
     assert_eq!(
         by["node3"].problems[0],
-        "pod CIDR 10.244.2.0/24 is also claimed by node2"
+        "claims pod CIDR 10.244.2.0/24, which overlaps a CIDR node2 claimed first"
     );
     assert!(
         by["node1"].problems[0].starts_with("IPv6: malformed WireGuard public key"),

@@ -206,6 +206,14 @@ pub fn build(
         problems
             .push("the agent is not ready (initial datastore sync or first apply not done)".into());
     }
+    problems.extend(agent.stale_nodes.iter().cloned());
+    // With symmetric verdicts, a node the others skip knows it: it peers none itself.
+    for s in agent.skipped.iter().filter(|s| s.node == agent.node) {
+        problems.push(format!(
+            "every node skips this one for {} and it peers none, so its pod traffic is in clear: {}",
+            s.family, s.reason
+        ));
+    }
     if let Some(problem) = agent.datastore.as_ref().and_then(|d| d.problem(now)) {
         problems.push(problem);
     }
@@ -636,19 +644,6 @@ pub fn build_cluster(nodes: &BTreeMap<String, NodeResource>) -> ClusterReport {
                 .entry(s.node.clone())
                 .or_default()
                 .push(format!("{prefix}{}", s.reason));
-        }
-        for (cidr, owners) in &validation.shared_cidrs {
-            for owner in owners {
-                let others: Vec<&str> = owners
-                    .iter()
-                    .filter(|o| *o != owner)
-                    .map(String::as_str)
-                    .collect();
-                problems.entry(owner.clone()).or_default().push(format!(
-                    "{prefix}pod CIDR {cidr} is also claimed by {}",
-                    others.join(", ")
-                ));
-            }
         }
     }
     let out: Vec<ClusterNode> = nodes

@@ -80,6 +80,7 @@ pub struct Metrics {
     ready: Gauge,
     datastore_up: Gauge,
     datastore_last_sync: Gauge,
+    local_skipped: Gauge,
     wireguard: Arc<WireguardCollector>,
     rule_counters: Arc<RuleCounterCollector>,
     scrape: Scrape,
@@ -231,6 +232,12 @@ impl Metrics {
             "Unix time the agent's view of the datastore was last known current (now while it is up)",
             datastore_last_sync.clone(),
         );
+        let local_skipped = Gauge::default();
+        registry.register(
+            "wiremesh_local_node_skipped",
+            "1 while every node skips this one (a key collision or a pod-CIDR conflict): it peers none and its pod traffic is in clear",
+            local_skipped.clone(),
+        );
         let wireguard = Arc::new(WireguardCollector::default());
         registry.register_collector(Box::new(Arc::clone(&wireguard)));
         let rule_counters = Arc::new(RuleCounterCollector::default());
@@ -248,6 +255,7 @@ impl Metrics {
             ready,
             datastore_up,
             datastore_last_sync,
+            local_skipped,
             wireguard,
             rule_counters,
             scrape: Scrape::default(),
@@ -353,6 +361,11 @@ impl Metrics {
                 ])
                 .inc_by(*n as u64);
         }
+    }
+
+    /// Whether every node skips this one (see `mesh::validate_nodes`).
+    pub fn set_local_skipped(&self, skipped: bool) {
+        self.local_skipped.set(i64::from(skipped));
     }
 
     /// Peers per family and skipped nodes per reason, as of the last desired state.

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 use wiremesh_core::config::{EffectiveConfig, LastValid};
 use wiremesh_core::error_chain;
-use wiremesh_core::mesh::DataplaneSpec;
+use wiremesh_core::mesh::{DataplaneSpec, LastGoodNodes};
 use wiremesh_core::model::{ClusterSnapshot, Family};
 use wiremesh_dataplane::link::LinkDataplane;
 use wiremesh_dataplane::nft::FilterDataplane;
@@ -68,6 +68,8 @@ pub struct Reconciler<W, L, R> {
     /// Each FelixConfiguration field's last valid value (persisted in the state directory),
     /// which stays in force while the field is invalid, across restarts too.
     last_valid_config: LastValid,
+    /// Each node's last version that decoded, used while its object does not.
+    last_good_nodes: LastGoodNodes,
     /// Wakes the loop when the kernel reports a change to our links, routes or rules.
     kernel_events: Option<tokio::sync::mpsc::Receiver<()>>,
     /// Wakes the loop, with a fresh look at the table, when our nftables table changes.
@@ -101,6 +103,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             datastore,
             reports: Reports::default(),
             last_valid_config,
+            last_good_nodes: LastGoodNodes::default(),
             kernel_events: None,
             nftables_events: None,
             last_applied: None,
@@ -163,12 +166,11 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         self.reports.unknown_fields(&config.unknown_fields);
         let host_mtu = self.mesh.host_mtu().await?;
         stopwatch.lap(&mut outcome, "link");
-        let spec = self.mesh.desired(
-            &settings,
-            config.wireguard.clone(),
-            &snapshot.nodes,
-            host_mtu,
-        )?;
+        let (nodes, stale) = self.last_good_nodes.resolve(&snapshot.nodes);
+        self.status.stale_nodes = self.reports.stale_nodes(&stale);
+        let spec = self
+            .mesh
+            .desired(&settings, config.wireguard.clone(), &nodes, host_mtu)?;
         self.reports.skipped(&spec.skipped);
         stopwatch.lap(&mut outcome, "desired");
         report(&mut self.reports, self.datastore.as_ref()).await;
@@ -230,6 +232,12 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             .map(|(f, d)| (*f, d.peers.len()))
             .collect();
         self.metrics.set_mesh(&peers, &self.status.skipped);
+        self.metrics.set_local_skipped(
+            self.status
+                .skipped
+                .iter()
+                .any(|s| s.node == self.settings.node_name),
+        );
     }
 
     /// Records how current the datastore view is (metrics, `/readyz`, status); the status file

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use tracing::{info, warn};
 use wiremesh_core::config::{ConfigFieldError, UnknownField};
-use wiremesh_core::mesh::{SkipReason, SkippedNode};
+use wiremesh_core::mesh::{SkipReason, SkippedNode, StaleNode};
 use wiremesh_core::policy::ValidationError;
 use wiremesh_datastore::{ObjectProblem, ProblemObject};
 
@@ -16,6 +16,7 @@ use wiremesh_datastore::{ObjectProblem, ProblemObject};
 pub struct Reports {
     config_errors: Vec<String>,
     unknown_fields: Vec<UnknownField>,
+    stale_nodes: Vec<StaleNode>,
     skipped: BTreeSet<SkippedNode>,
     policy_errors: Vec<String>,
     pending: Vec<ObjectProblem>,
@@ -50,6 +51,21 @@ impl Reports {
             });
         }
         self.unknown_fields = unknown.to_vec();
+    }
+
+    /// Nodes whose object does not decode and whose last good version stays in use; returns
+    /// them as text for the status file.
+    pub fn stale_nodes(&mut self, stale: &[StaleNode]) -> Vec<String> {
+        for node in stale.iter().filter(|n| !self.stale_nodes.contains(n)) {
+            warn!(node = %node.node, error = %node.error, "node object does not decode; its last good version stays in use");
+            self.pending.push(ObjectProblem {
+                object: ProblemObject::Node(node.node.clone()),
+                reason: "UndecodableNode".to_string(),
+                message: node.to_string(),
+            });
+        }
+        self.stale_nodes = stale.to_vec();
+        stale.iter().map(ToString::to_string).collect()
     }
 
     /// Nodes not peered, and nodes peered again.
@@ -104,6 +120,7 @@ fn skipped_problem(skipped: &SkippedNode) -> Option<ObjectProblem> {
         SkipReason::MalformedPodCidr { .. } => "MalformedPodCIDR",
         SkipReason::MalformedInterfaceAddress { .. } => "MalformedWireguardInterfaceAddress",
         SkipReason::Undecodable { .. } => "UndecodableNode",
+        SkipReason::PodCidrConflict { .. } => "PodCIDRConflict",
     };
     Some(ObjectProblem {
         object: ProblemObject::Node(skipped.node.clone()),

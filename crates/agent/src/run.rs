@@ -141,7 +141,8 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         restart_unresponsive: true,
         ..UserspaceConfig::default()
     };
-    let wg = select_backend(config.wireguard_backend, handle.clone(), userspace)?;
+    let (wg, why) = select_backend(config.wireguard_backend, handle.clone(), userspace).await?;
+    info!(backend = %wg.backend(), reason = %why, "WireGuard backend chosen");
     let (links, routing) = (
         NetlinkLinks::new(handle.clone()),
         NetlinkRouting::new(handle),

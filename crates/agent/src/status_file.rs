@@ -25,6 +25,9 @@ pub struct AgentStatus {
     pub devices: Vec<DeviceStatus>,
     pub skipped: Vec<SkippedNode>,
     pub config_errors: Vec<String>,
+    /// Nodes whose object does not decode, peered as their last good version was.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stale_nodes: Vec<String>,
     /// Host-endpoint policy objects that failed validation (skipped, or kept at their last
     /// valid version).
     #[serde(skip_serializing_if = "Vec::is_empty")]

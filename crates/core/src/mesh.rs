@@ -62,6 +62,12 @@ pub enum SkipReason {
     Undecodable {
         error: String,
     },
+    /// The node claims a pod CIDR that overlaps one `owner` claimed first: the claim is not
+    /// honoured and the node is not peered (by any node, itself included).
+    PodCidrConflict {
+        cidr: String,
+        owner: String,
+    },
 }
 
 impl SkipReason {
@@ -76,6 +82,7 @@ impl SkipReason {
             SkipReason::MalformedPodCidr { .. } => "malformed_pod_cidr",
             SkipReason::MalformedInterfaceAddress { .. } => "malformed_interface_address",
             SkipReason::Undecodable { .. } => "undecodable",
+            SkipReason::PodCidrConflict { .. } => "pod_cidr_conflict",
         }
     }
 }
@@ -100,6 +107,12 @@ impl std::fmt::Display for SkipReason {
             }
             SkipReason::Undecodable { error } => {
                 write!(f, "node object cannot be decoded: {error}")
+            }
+            SkipReason::PodCidrConflict { cidr, owner } => {
+                write!(
+                    f,
+                    "claims pod CIDR {cidr}, which overlaps a CIDR {owner} claimed first"
+                )
             }
         }
     }
@@ -211,9 +224,9 @@ pub struct NodeValidation {
     pub skipped: BTreeSet<SkippedNode>,
     /// The pod CIDRs of nodes that are not peered (their traffic falls back to clear text).
     pub unpeered_cidrs: BTreeSet<IpNet>,
-    /// Pod CIDRs more than one peer publishes, with those peers: routed to none of them
-    /// (WireGuard would silently move an allowed IP from one peer to the other).
-    pub shared_cidrs: BTreeMap<IpNet, BTreeSet<String>>,
+    /// Why every node (this one included) skips the local node, when it does: the local node
+    /// then peers none, so no pair is encrypted on one side only.
+    pub local_skipped: Option<SkipReason>,
 }
 
 /// The checks that decide whether `node` can be a peer for `family`, one node at a time (key
@@ -285,6 +298,13 @@ pub fn validate_node(
 /// Judges every node of `nodes` but `local` for `family`. `local` is this node and its own
 /// public key, which no other node may publish; `None` judges every node alike (the cluster
 /// view).
+///
+/// Every node reaches the same verdict about every pair from the same datastore, so a conflict
+/// never leaves one side encrypting to a side that dropped it (docs/encryption.md):
+/// - a key published by more than one node (this node's own key included) peers none of them,
+///   and such a node peers nobody itself;
+/// - of overlapping pod CIDRs, the older claim wins (then the node name); a node with a claim
+///   that loses is not peered, and peers nobody itself.
 pub fn validate_nodes(
     nodes: &BTreeMap<String, NodeResource>,
     family: Family,
@@ -308,49 +328,195 @@ pub fn validate_nodes(
             }
         }
     }
-    // A key claimed by more than one node (this one included) peers none of them.
-    let mut claimants: BTreeMap<WgKey, Vec<&str>> = BTreeMap::new();
-    if let Some((name, key)) = local {
-        claimants.entry(key).or_default().push(name);
-    }
-    for c in &candidates {
-        claimants.entry(c.key).or_default().push(&c.node);
-    }
-    let mut collided = Vec::new();
-    for c in &candidates {
-        let owners = &claimants[&c.key];
-        if owners.len() > 1 {
-            let with = owners
-                .iter()
-                .filter(|o| **o != c.node)
-                .map(|o| o.to_string())
-                .collect();
-            collided.push(SkippedNode {
-                node: c.node.clone(),
-                family,
-                reason: SkipReason::KeyCollision { with },
-            });
+    // This node as the others see it. What they would skip it for, it skips itself for, except
+    // a missing or stale key: it publishes its own key in the same pass.
+    let mut local_published_key = None;
+    if let Some((name, actual)) = local
+        && let Some(node) = nodes.get(name)
+    {
+        match validate_node(node, family) {
+            Ok(published) if published.key != actual => local_published_key = Some(published.key),
+            Ok(_) | Err((SkipReason::NoKey | SkipReason::MalformedKey { .. }, _)) => {}
+            Err((reason, _)) => out.local_skipped = Some(reason),
         }
     }
+    let mut rejected = key_collisions(&candidates, local, local_published_key, family);
+    if let Some((name, _)) = local {
+        while let Some(mine) = rejected.iter().position(|s| s.node == name) {
+            let reason = rejected.remove(mine).reason;
+            out.local_skipped.get_or_insert(reason);
+        }
+    }
+    for conflict in pod_cidr_conflicts(nodes, family) {
+        match local {
+            Some((name, _)) if name == conflict.node => {
+                out.local_skipped.get_or_insert(conflict.reason);
+            }
+            _ if !rejected.iter().any(|s| s.node == conflict.node) => rejected.push(conflict),
+            _ => {}
+        }
+    }
+    // The CIDRs other nodes won stay theirs; the rest of a rejected node's fall back to clear.
+    let won: BTreeSet<IpNet> = candidates
+        .iter()
+        .filter(|c| !rejected.iter().any(|s| s.node == c.node))
+        .flat_map(|c| c.cidrs.iter().copied())
+        .collect();
     for c in candidates {
-        if collided.iter().any(|s| s.node == c.node) {
-            out.unpeered_cidrs.extend(c.cidrs);
+        if rejected.iter().any(|s| s.node == c.node) {
+            out.unpeered_cidrs
+                .extend(c.cidrs.into_iter().filter(|cidr| !won.contains(cidr)));
         } else {
             out.peers.insert(c.node.clone(), c);
         }
     }
-    out.skipped.extend(collided);
-    let mut cidr_owners: BTreeMap<IpNet, BTreeSet<String>> = BTreeMap::new();
-    for p in out.peers.values() {
-        for c in &p.cidrs {
-            cidr_owners.entry(*c).or_default().insert(p.node.clone());
+    out.skipped.extend(rejected);
+    if out.local_skipped.is_some() {
+        // Everyone skips this node: it must not encrypt to anyone either.
+        for (_, peer) in std::mem::take(&mut out.peers) {
+            out.unpeered_cidrs.extend(peer.cidrs);
         }
     }
-    out.shared_cidrs = cidr_owners
-        .into_iter()
-        .filter(|(_, owners)| owners.len() > 1)
-        .collect();
     out
+}
+
+/// Every node (this one included, by its actual key and by the key it still publishes, if
+/// that differs) whose key another node also publishes.
+fn key_collisions(
+    candidates: &[PeerCandidate],
+    local: Option<(&str, WgKey)>,
+    local_published_key: Option<WgKey>,
+    family: Family,
+) -> Vec<SkippedNode> {
+    let mut claimants: BTreeMap<WgKey, Vec<&str>> = BTreeMap::new();
+    if let Some((name, key)) = local {
+        claimants.entry(key).or_default().push(name);
+        if let Some(published) = local_published_key {
+            claimants.entry(published).or_default().push(name);
+        }
+    }
+    for c in candidates {
+        claimants.entry(c.key).or_default().push(&c.node);
+    }
+    let mut out = Vec::new();
+    for owners in claimants.values().filter(|o| o.len() > 1) {
+        for node in owners {
+            out.push(SkippedNode {
+                node: node.to_string(),
+                family,
+                reason: SkipReason::KeyCollision {
+                    with: owners
+                        .iter()
+                        .filter(|o| *o != node)
+                        .map(|o| o.to_string())
+                        .collect(),
+                },
+            });
+        }
+    }
+    out
+}
+
+/// The nodes with a pod-CIDR claim that overlaps an older claim of another node. Judged over
+/// every node with parseable CIDRs, whatever else is wrong with it, so every node agrees.
+fn pod_cidr_conflicts(nodes: &BTreeMap<String, NodeResource>, family: Family) -> Vec<SkippedNode> {
+    let mut claims: Vec<(u64, &str, IpNet)> = Vec::new();
+    for (name, node) in nodes {
+        for cidr in pod_cidrs(node, family).unwrap_or_default() {
+            let claimed_at = node
+                .pod_cidr_claimed_at
+                .iter()
+                .filter(|(text, _)| {
+                    text.trim()
+                        .parse::<IpNet>()
+                        .is_ok_and(|n| n.trunc() == cidr)
+                })
+                .map(|(_, at)| *at)
+                .min()
+                .unwrap_or(u64::MAX);
+            claims.push((claimed_at, name, cidr));
+        }
+    }
+    claims.sort();
+    let mut accepted: Vec<(IpNet, &str)> = Vec::new();
+    let mut out: Vec<SkippedNode> = Vec::new();
+    for (_, node, cidr) in claims {
+        let owner = accepted.iter().find(|(other, owner)| {
+            *owner != node && (other.contains(&cidr) || cidr.contains(other))
+        });
+        match owner {
+            Some((_, owner)) => {
+                if !out.iter().any(|s| s.node == node) {
+                    out.push(SkippedNode {
+                        node: node.to_string(),
+                        family,
+                        reason: SkipReason::PodCidrConflict {
+                            cidr: cidr.to_string(),
+                            owner: owner.to_string(),
+                        },
+                    });
+                }
+            }
+            None => accepted.push((cidr, node)),
+        }
+    }
+    out
+}
+
+/// The last version of every node that decoded, so that a node whose object turns to garbage
+/// keeps being peered as it was (by every node that saw it good) instead of being cut off
+/// while it keeps sending to the others. A node that is deleted is forgotten.
+#[derive(Debug, Clone, Default)]
+pub struct LastGoodNodes {
+    nodes: BTreeMap<String, NodeResource>,
+}
+
+/// A node whose object does not decode and whose last good version stays in use.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StaleNode {
+    pub node: String,
+    pub error: String,
+}
+
+impl std::fmt::Display for StaleNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "node {} cannot be decoded ({}); its last good version stays in use",
+            self.node, self.error
+        )
+    }
+}
+
+impl LastGoodNodes {
+    /// `nodes` with each undecodable node replaced by its last good version where there is one;
+    /// remembers the good ones.
+    pub fn resolve(
+        &mut self,
+        nodes: &BTreeMap<String, NodeResource>,
+    ) -> (BTreeMap<String, NodeResource>, Vec<StaleNode>) {
+        self.nodes.retain(|name, _| nodes.contains_key(name));
+        let mut stale = Vec::new();
+        let mut out = BTreeMap::new();
+        for (name, node) in nodes {
+            let resolved = match (&node.decode_error, self.nodes.get(name)) {
+                (None, _) => {
+                    self.nodes.insert(name.clone(), node.clone());
+                    node.clone()
+                }
+                (Some(error), Some(good)) => {
+                    stale.push(StaleNode {
+                        node: name.clone(),
+                        error: error.clone(),
+                    });
+                    good.clone()
+                }
+                (Some(_), None) => node.clone(),
+            };
+            out.insert(name.clone(), resolved);
+        }
+        (out, stale)
+    }
 }
 
 /// Parses an address that may carry a prefix length (Calico stores `172.30.0.1/24`).
@@ -439,8 +605,14 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
 
         let nodes = validate_nodes(&inputs.nodes, family, Some((&local.node_name, local_key)));
         spec.skipped.extend(nodes.skipped.iter().cloned());
-        let mut non_peer_cidrs = nodes.unpeered_cidrs.clone();
-        non_peer_cidrs.extend(nodes.shared_cidrs.keys().copied());
+        if let Some(reason) = &nodes.local_skipped {
+            spec.skipped.insert(SkippedNode {
+                node: local.node_name.clone(),
+                family,
+                reason: reason.clone(),
+            });
+        }
+        let non_peer_cidrs = nodes.unpeered_cidrs.clone();
 
         let device_name = fs.interface_name.clone();
         let mut device = DeviceSpec {
@@ -453,13 +625,13 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
             address: local_tunnel.map(host_net),
             peers: BTreeMap::new(),
         };
-        // A CIDR belongs to one place: local CIDRs are never allowed IPs of a peer, and a CIDR
-        // claimed by two peers goes to neither.
+        // A CIDR belongs to one place: local CIDRs are never allowed IPs of a peer (overlaps
+        // between nodes were settled by `validate_nodes`).
         for p in nodes.peers.values() {
             let mut allowed: BTreeSet<IpNet> = p
                 .cidrs
                 .iter()
-                .filter(|c| !nodes.shared_cidrs.contains_key(*c) && !local_cidrs.contains(*c))
+                .filter(|c| !local_cidrs.contains(*c))
                 .copied()
                 .collect();
             let tunnel = p.interface_address.or_else(|| tunnel_address(&p.cidrs));

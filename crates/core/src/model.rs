@@ -152,6 +152,12 @@ pub struct NodeResource {
     pub ipv6_address: Option<String>,
     /// Pod CIDRs (block affinities in etcd, `spec.podCIDRs` in Kubernetes).
     pub pod_cidrs: Vec<String>,
+    /// When each pod CIDR (as written in `pod_cidrs`) was claimed, in the datastore's own order:
+    /// the affinity key's create revision in etcd, the Node's creation time (Unix seconds) in
+    /// Kubernetes. Of two nodes claiming overlapping CIDRs the older claim wins; a CIDR
+    /// without an entry counts as the newest.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_cidr_claimed_at: BTreeMap<String, u64>,
     pub wireguard_public_key: Option<String>,
     pub wireguard_public_key_v6: Option<String>,
     pub wireguard_interface_ipv4_address: Option<String>,

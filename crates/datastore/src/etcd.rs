@@ -214,6 +214,7 @@ pub fn decode_node(name: &str, value: &[u8]) -> NodeResource {
         ipv4_address: non_empty(bgp.ipv4_address).or_else(|| from_addresses(Family::V4)),
         ipv6_address: non_empty(bgp.ipv6_address).or_else(|| from_addresses(Family::V6)),
         pod_cidrs: Vec::new(),
+        pod_cidr_claimed_at: BTreeMap::new(),
         wireguard_public_key: non_empty(status.wireguard_public_key),
         wireguard_public_key_v6: non_empty(status.wireguard_public_key_v6),
         wireguard_interface_ipv4_address: non_empty(wireguard.interface_ipv4_address),
@@ -378,8 +379,8 @@ fn set_field(object: &mut Map<String, Value>, name: &str, value: Option<String>)
 struct State {
     /// Node objects by node name (without pod CIDRs).
     nodes: BTreeMap<String, NodeResource>,
-    /// Counting block affinities: key -> (node, CIDR).
-    affinities: BTreeMap<String, (String, IpNet)>,
+    /// Counting block affinities: key -> (node, CIDR, the key's create revision).
+    affinities: BTreeMap<String, (String, IpNet, i64)>,
     felix: BTreeMap<String, Result<DecodedFelix, String>>,
     policy: wiremesh_core::wire::RawPolicyResources,
 }
@@ -393,7 +394,8 @@ enum Touched {
 }
 
 impl State {
-    fn apply_put(&mut self, key: &str, value: &[u8]) -> Touched {
+    /// `created` is the key's create revision (the order of pod-CIDR claims).
+    fn apply_put(&mut self, key: &str, value: &[u8], created: i64) -> Touched {
         if let Some(name) = key.strip_prefix(NODES_PREFIX) {
             if name.is_empty() || name.contains('/') {
                 warn!(
@@ -440,7 +442,7 @@ impl State {
             match decode_affinity_value(value) {
                 Ok(true) => {
                     self.affinities
-                        .insert(key.to_string(), (node.clone(), cidr));
+                        .insert(key.to_string(), (node.clone(), cidr, created));
                     Touched::Node(node)
                 }
                 Ok(false) => {
@@ -478,7 +480,7 @@ impl State {
 
     fn forget_affinity(&mut self, key: &str) -> Touched {
         match self.affinities.remove(key) {
-            Some((node, _)) => Touched::Node(node),
+            Some((node, _, _)) => Touched::Node(node),
             None => Touched::Nothing,
         }
     }
@@ -487,15 +489,17 @@ impl State {
     /// object (affinities only) is not shown.
     fn node_entry(&self, name: &str) -> Option<NodeResource> {
         let mut node = self.nodes.get(name)?.clone();
-        let mut cidrs: Vec<IpNet> = self
-            .affinities
-            .values()
-            .filter(|(n, _)| n == name)
-            .map(|(_, cidr)| *cidr)
+        let mut claims: BTreeMap<IpNet, u64> = BTreeMap::new();
+        for (_, cidr, created) in self.affinities.values().filter(|(n, _, _)| n == name) {
+            let created = u64::try_from(*created).unwrap_or_default();
+            let claimed = claims.entry(*cidr).or_insert(created);
+            *claimed = (*claimed).min(created);
+        }
+        node.pod_cidrs = claims.keys().map(IpNet::to_string).collect();
+        node.pod_cidr_claimed_at = claims
+            .into_iter()
+            .map(|(cidr, created)| (cidr.to_string(), created))
             .collect();
-        cidrs.sort();
-        cidrs.dedup();
-        node.pod_cidrs = cidrs.iter().map(IpNet::to_string).collect();
         Some(node)
     }
 
@@ -682,7 +686,7 @@ impl EtcdDatastore {
                 for kv in get.kvs() {
                     match kv.key_str() {
                         Ok(key) => {
-                            state.apply_put(key, kv.value());
+                            state.apply_put(key, kv.value(), kv.create_revision());
                         }
                         Err(_) => {
                             warn!(key = ?String::from_utf8_lossy(kv.key()), "key is not UTF-8; ignored")
@@ -811,7 +815,7 @@ fn apply_event(state: &mut State, event_type: EventType, kv: &KeyValue) -> Touch
     };
     debug!(key, ?event_type, revision = kv.mod_revision(), "etcd event");
     match event_type {
-        EventType::Put => state.apply_put(key, kv.value()),
+        EventType::Put => state.apply_put(key, kv.value(), kv.create_revision()),
         EventType::Delete => state.apply_delete(key),
     }
 }
@@ -1532,23 +1536,35 @@ mod tests {
         state.apply_put(
             &node_key("n1"),
             br#"{"spec":{"bgp":{"ipv4Address":"172.30.0.1/24"}}}"#,
+            1,
         );
         state.apply_put(
             &affinity_key("n1", &net("10.244.1.0/26")),
             br#"{"state":"confirmed"}"#,
+            2,
         );
-        state.apply_put(&affinity_key("n1", &net("10.244.0.0/26")), br#"{}"#);
+        state.apply_put(&affinity_key("n1", &net("10.244.0.0/26")), br#"{}"#, 3);
         state.apply_put(
             &affinity_key("n1", &net("10.244.2.0/26")),
             br#"{"state":"pending"}"#,
+            4,
         );
-        state.apply_put("/calico/ipam/v2/host/n1/ipv4/block/bogus", br#"{}"#);
-        state.apply_put(&affinity_key("ghost", &net("10.244.9.0/26")), br#"{}"#);
+        state.apply_put("/calico/ipam/v2/host/n1/ipv4/block/bogus", br#"{}"#, 5);
+        state.apply_put(&affinity_key("ghost", &net("10.244.9.0/26")), br#"{}"#, 6);
         let snap = state.snapshot();
         assert_eq!(snap.nodes.len(), 1);
         assert_eq!(
             snap.nodes["n1"].pod_cidrs,
             vec!["10.244.0.0/26", "10.244.1.0/26"]
+        );
+        // Each claim carries its key's create revision (older claims win overlaps).
+        assert_eq!(
+            snap.nodes["n1"].pod_cidr_claimed_at,
+            [
+                ("10.244.0.0/26".to_string(), 3),
+                ("10.244.1.0/26".to_string(), 2)
+            ]
+            .into()
         );
         let mut snap2 = snap.clone();
         let touched = state.apply_delete(&affinity_key("n1", &net("10.244.1.0/26")));
@@ -1567,7 +1583,7 @@ mod tests {
             let _ = decode_felix_configuration(&bytes);
             let mut state = State::default();
             let text = String::from_utf8_lossy(&bytes).into_owned();
-            state.apply_put(&text, &bytes);
+            state.apply_put(&text, &bytes, 1);
             state.apply_delete(&text);
         }
 

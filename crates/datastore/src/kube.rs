@@ -139,8 +139,18 @@ pub fn decode_node(node: &Node) -> NodeResource {
             })
             .map(str::to_string)
     };
+    // spec.podCIDRs cannot change once set, so a Node claims them when it is created.
+    let created = node
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| u64::try_from(t.0.as_second()).ok());
+    let pod_cidr_claimed_at = created
+        .map(|at| pod_cidrs.iter().map(|c| (c.clone(), at)).collect())
+        .unwrap_or_default();
     NodeResource {
         name: node.name_any(),
+        pod_cidr_claimed_at,
         ipv4_address: annotation(ANNOTATION_IPV4_ADDRESS)
             .map(drop_prefix)
             .or_else(|| internal_ip(Family::V4)),

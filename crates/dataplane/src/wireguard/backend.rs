@@ -13,20 +13,40 @@ use wiremesh_core::dataplane::wireguard::{DeviceState, WgOp};
 use super::kernel::KernelWireguard;
 use super::userspace::{UserspaceConfig, UserspaceWireguard};
 use super::{WireguardDataplane, WireguardStats};
+use crate::netlink::{NetlinkError, delete_link};
 use crate::{Backend, DataplaneError};
 
-/// Whether the WireGuard kernel module is loaded (after a best-effort `modprobe wireguard`).
-fn kernel_wireguard_available() -> bool {
+/// Name of the throw-away link that asks the kernel for WireGuard.
+const PROBE_LINK: &str = "wm-probe0";
+
+/// Whether the kernel can create WireGuard links, and why not. Creating one over rtnetlink
+/// makes the kernel load the module on demand (its own `modprobe`, run in the host's root, so
+/// an image without `modprobe` still gets the module); the probe link is deleted at once.
+async fn kernel_wireguard(handle: &Handle) -> Result<(), String> {
     if Path::new("/sys/module/wireguard").exists() {
-        return true;
+        return Ok(());
     }
-    let _ = std::process::Command::new("modprobe")
-        .arg("wireguard")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
-    Path::new("/sys/module/wireguard").exists()
+    let created = handle
+        .link()
+        .add(rtnetlink::LinkWireguard::new(PROBE_LINK).build())
+        .execute()
+        .await;
+    match created {
+        Ok(()) => {
+            if let Err(e) = delete_link(handle, PROBE_LINK).await {
+                tracing::warn!(link = PROBE_LINK, error = %e, "could not delete the WireGuard probe link");
+            }
+            Ok(())
+        }
+        // A leftover probe from a crash: the kind exists.
+        Err(e) if NetlinkError::from(e.clone()).errno == Some(libc::EEXIST) => {
+            let _ = delete_link(handle, PROBE_LINK).await;
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "the kernel cannot create WireGuard links ({e}; the module is not built in and could not be loaded)"
+        )),
+    }
 }
 
 /// Whether `binary` is runnable: an existing path, or a bare name found in `PATH`.
@@ -85,33 +105,49 @@ pub enum AnyWireguard {
     Userspace(UserspaceWireguard),
 }
 
-/// Picks the backend. `Auto`: the kernel module if loadable, else wireguard-go if found.
-pub fn select_backend(
+/// Picks the backend, and says why. `Auto`: the kernel module if the kernel can create a
+/// WireGuard link (loading the module on demand), else wireguard-go if found.
+pub async fn select_backend(
     choice: BackendChoice,
     handle: Handle,
     userspace: UserspaceConfig,
-) -> Result<AnyWireguard, DataplaneError> {
-    let kernel = || kernel_wireguard_available();
-    let userspace_ok = || find_binary(&userspace.binary).is_some();
-    let missing_go = || {
-        format!(
-            "{} not found; install wireguard-go (Debian/Ubuntu: apt-get install wireguard-go) or set its path",
-            userspace.binary.display()
-        )
+) -> Result<(AnyWireguard, String), DataplaneError> {
+    let userspace_ok = find_binary(&userspace.binary).is_some();
+    let missing_go = format!(
+        "{} not found; install wireguard-go (Debian/Ubuntu: apt-get install wireguard-go) or set its path",
+        userspace.binary.display()
+    );
+    let kernel_backend = |why: &str| {
+        Ok((
+            AnyWireguard::Kernel(KernelWireguard::new(handle.clone())),
+            why.to_string(),
+        ))
+    };
+    let userspace_backend = |why: String| {
+        Ok((
+            AnyWireguard::Userspace(UserspaceWireguard::with_config(
+                handle.clone(),
+                userspace.clone(),
+            )),
+            why,
+        ))
     };
     match choice {
-        BackendChoice::Kernel if kernel() => Ok(AnyWireguard::Kernel(KernelWireguard::new(handle))),
-        BackendChoice::Kernel => Err(DataplaneError::NoBackend(
-            "the wireguard kernel module is not available (modprobe wireguard failed; kernel 5.6+ has it built in)".into(),
-        )),
-        BackendChoice::Userspace if userspace_ok() => Ok(AnyWireguard::Userspace(UserspaceWireguard::with_config(handle, userspace))),
-        BackendChoice::Userspace => Err(DataplaneError::NoBackend(missing_go())),
-        BackendChoice::Auto if kernel() => Ok(AnyWireguard::Kernel(KernelWireguard::new(handle))),
-        BackendChoice::Auto if userspace_ok() => Ok(AnyWireguard::Userspace(UserspaceWireguard::with_config(handle, userspace))),
-        BackendChoice::Auto => Err(DataplaneError::NoBackend(format!(
-            "no wireguard kernel module and {}",
-            missing_go()
-        ))),
+        BackendChoice::Userspace if userspace_ok => {
+            userspace_backend("--wireguard-backend userspace".into())
+        }
+        BackendChoice::Userspace => Err(DataplaneError::NoBackend(missing_go)),
+        BackendChoice::Kernel => match kernel_wireguard(&handle).await {
+            Ok(()) => kernel_backend("--wireguard-backend kernel"),
+            Err(why) => Err(DataplaneError::NoBackend(why)),
+        },
+        BackendChoice::Auto => match kernel_wireguard(&handle).await {
+            Ok(()) => kernel_backend("the kernel has WireGuard"),
+            Err(why) if userspace_ok => userspace_backend(format!("{why}; using wireguard-go")),
+            Err(why) => Err(DataplaneError::NoBackend(format!(
+                "{why}, and {missing_go}"
+            ))),
+        },
     }
 }
 
