@@ -11,6 +11,7 @@ pub mod graph;
 pub mod lab;
 pub mod output;
 pub mod policy;
+pub mod rotate_key;
 pub mod status;
 
 use std::path::PathBuf;
@@ -73,6 +74,8 @@ pub enum Command {
         after_help = "Examples:\n  wiremesh lab up --nodes 3\n  wiremesh lab verify\n  wiremesh lab exec node1 -- wiremesh status\n  wiremesh lab graph --svg mesh.svg\n  wiremesh lab down"
     )]
     Lab(lab::cli::LabCommand),
+    /// Switch this node to a new WireGuard key (the agent programs and publishes it).
+    RotateKey(rotate_key::RotateKeyArgs),
     /// Print the CRDs generated from the Rust types (or write one YAML per CRD with --dir).
     Crds(crds::CrdsArgs),
     /// Print a shell completion script.
@@ -203,6 +206,9 @@ async fn run(command: Command) -> Result<u8, Failure> {
             .await
             .map(|()| 0)
             .map_err(|e| Failure::new("agent", &e, 1)),
+        Command::RotateKey(args) => rotate_key::run(&args)
+            .map(|()| 0)
+            .map_err(|e| Failure::new("rotate-key", &e, 1)),
         Command::Crds(args) => crds::run(&args)
             .map(|()| 0)
             .map_err(|e| Failure::new("crds", &e, 1)),

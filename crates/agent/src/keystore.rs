@@ -75,6 +75,51 @@ impl KeyStore {
         ensure_private_dir(&self.dir)?;
         write_key_file(&self.path(family), key)
     }
+
+    /// Where a requested next key waits for the agent (`wireguard.key.next`).
+    fn next_path(&self, family: Family) -> PathBuf {
+        let mut name = self.path(family).into_os_string();
+        name.push(".next");
+        PathBuf::from(name)
+    }
+
+    /// Asks the agent to rotate: a new key is written beside the current one (0600), and the
+    /// agent switches to it on its next pass. Returns the new key.
+    pub fn request_rotation(&self, family: Family) -> Result<PrivateKey, KeyError> {
+        ensure_private_dir(&self.dir)?;
+        let key = PrivateKey::generate();
+        write_key_file(&self.next_path(family), &key)?;
+        Ok(key)
+    }
+
+    /// Whether a rotation waits for the agent.
+    pub fn rotation_pending(&self, family: Family) -> bool {
+        self.next_path(family).exists()
+    }
+
+    /// A requested next key, made the current one (renamed over the key file, so the old key
+    /// is gone from disk); `None` when no rotation was requested.
+    pub fn take_rotation(&self, family: Family) -> Result<Option<PrivateKey>, KeyError> {
+        let next = self.next_path(family);
+        let bytes = match fs::read(&next) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(KeyError::Read { path: next, source }),
+        };
+        let key = parse_key_file(&next, &bytes)?;
+        fs::rename(&next, self.path(family)).map_err(|source| KeyError::Write {
+            path: self.path(family),
+            source,
+        })?;
+        Ok(Some(key))
+    }
+
+    /// When the current key was written (for scheduled rotation).
+    pub fn written_at(&self, family: Family) -> Option<std::time::SystemTime> {
+        fs::metadata(self.path(family))
+            .and_then(|m| m.modified())
+            .ok()
+    }
 }
 
 fn ensure_private_dir(dir: &Path) -> Result<(), KeyError> {
@@ -119,6 +164,31 @@ fn write_key_file(path: &Path, key: &PrivateKey) -> Result<(), KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_requested_rotation_replaces_the_key_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = KeyStore::new(dir.path().join("state"));
+        let (old, _) = store.load_or_generate(Family::V4).expect("generate");
+        assert_eq!(store.take_rotation(Family::V4).expect("none"), None);
+        let next = store.request_rotation(Family::V4).expect("request");
+        assert!(store.rotation_pending(Family::V4));
+        let mode = fs::metadata(store.next_path(Family::V4))
+            .expect("next key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            store.take_rotation(Family::V4).expect("take"),
+            Some(next.clone())
+        );
+        assert!(!store.rotation_pending(Family::V4));
+        let (current, created) = store.load_or_generate(Family::V4).expect("reload");
+        assert!(!created);
+        assert_eq!(current, next);
+        assert_ne!(current, old);
+        assert_eq!(store.take_rotation(Family::V4).expect("none"), None);
+    }
 
     #[test]
     fn generates_once_then_reuses() {

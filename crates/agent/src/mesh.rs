@@ -83,7 +83,50 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> MeshSubsystem
         Ok(self.links.host_mtu().await?.unwrap_or(FALLBACK_HOST_MTU))
     }
 
+    /// Whether a key rotation waits (`wiremesh rotate-key`, or the schedule).
+    pub fn rotation_pending(&self) -> bool {
+        Family::ALL.iter().any(|f| self.keys.rotation_pending(*f))
+    }
+
+    /// Requests a rotation of every key older than `interval` (the schedule).
+    fn rotate_when_due(
+        &mut self,
+        interval: Option<std::time::Duration>,
+    ) -> Result<(), ReconcileError> {
+        let Some(interval) = interval.filter(|i| !i.is_zero()) else {
+            return Ok(());
+        };
+        for family in self.loaded_keys.keys().copied().collect::<Vec<_>>() {
+            let due = self
+                .keys
+                .written_at(family)
+                .and_then(|at| at.elapsed().ok())
+                .is_some_and(|age| age >= interval);
+            if due && !self.keys.rotation_pending(family) {
+                info!(%family, interval = ?interval, "the WireGuard key is due for rotation");
+                self.keys
+                    .request_rotation(family)
+                    .map_err(|source| ReconcileError::Keys { family, source })?;
+            }
+        }
+        Ok(())
+    }
+
     fn key(&mut self, family: Family) -> Result<PrivateKey, ReconcileError> {
+        let rotated = self
+            .keys
+            .take_rotation(family)
+            .map_err(|source| ReconcileError::Keys { family, source })?;
+        if let Some(new) = rotated {
+            info!(
+                %family,
+                old_public_key = ?self.loaded_keys.get(&family).map(|k| k.public_key().to_string()),
+                new_public_key = %new.public_key(),
+                "rotating the WireGuard key: the device and the published key switch in this pass"
+            );
+            self.loaded_keys.insert(family, new.clone());
+            return Ok(new);
+        }
         if let Some(k) = self.loaded_keys.get(&family) {
             return Ok(k.clone());
         }
@@ -109,6 +152,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> MeshSubsystem
         nodes: &BTreeMap<String, NodeResource>,
         host_mtu: u32,
     ) -> Result<DataplaneSpec, ReconcileError> {
+        self.rotate_when_due(settings.key_rotation)?;
         let mut private_keys = BTreeMap::new();
         for family in Family::ALL {
             if settings.family(family).enabled {

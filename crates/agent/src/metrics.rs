@@ -36,6 +36,7 @@ use prometheus_client::registry::Registry;
 use wiremesh_core::dataplane::filter::CounterValue;
 use wiremesh_core::dataplane::wireguard::DeviceState;
 use wiremesh_core::error_chain;
+use wiremesh_core::guard::{BLOCKED_COUNTER, LEAK_COUNTER};
 use wiremesh_core::mesh::SkippedNode;
 use wiremesh_core::model::Family as IpFamily;
 use wiremesh_core::policy::render::CounterLabels;
@@ -589,6 +590,26 @@ impl Collector for RuleCounterCollector {
                 ];
                 ConstCounter::new(value(v)).encode(family.encode_family(&labels)?)?;
             }
+        }
+        // The encryption guard's two counters (present while this node encrypts).
+        let guard: [(&str, &str, &str); 2] = [
+            (
+                "wiremesh_plaintext_leak_packets",
+                "Pod packets to encrypting nodes that left outside the WireGuard device, in clear (0 in a healthy mesh; strict mode drops them instead)",
+                LEAK_COUNTER,
+            ),
+            (
+                "wiremesh_plaintext_blocked_packets",
+                "Pod packets to encrypting nodes that strict mode dropped instead of sending them in clear",
+                BLOCKED_COUNTER,
+            ),
+        ];
+        for (name, help, counter) in guard {
+            // 0 without the guard (this node does not encrypt): nothing leaked.
+            let packets = state.values.get(counter).map_or(0, |v| v.packets);
+            let metric = ConstCounter::new(packets);
+            let encoder = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            metric.encode(encoder)?;
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use wiremesh_core::dataplane::filter;
+use wiremesh_core::guard::{EncryptionGuard, add_guard};
 use wiremesh_core::policy::render::FilterSpec;
 use wiremesh_core::policy::{PolicyInputs, PolicyResources, PolicySettings, desired_filter};
 use wiremesh_core::wire::RawPolicyResources;
@@ -49,6 +50,7 @@ impl PolicySubsystem {
         node: &str,
         resources: &PolicyResources,
         settings: PolicySettings,
+        guard: &EncryptionGuard,
         outcome: &mut Outcome,
     ) -> Result<FilterSpec, ReconcileError> {
         // Host endpoints identified by expectedIPs only need this host's interface addresses.
@@ -61,12 +63,13 @@ impl PolicySubsystem {
         } else {
             Default::default()
         };
-        let desired = desired_filter(&PolicyInputs {
+        let mut desired = desired_filter(&PolicyInputs {
             node,
             resources: Some(resources),
             local_interfaces,
             settings,
         });
+        add_guard(&mut desired, guard);
         let actual = self.filter.observe().await?;
         let ops = filter::plan(&desired, &actual);
         self.filter.apply(&ops).await?;

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 use wiremesh_core::config::{EffectiveConfig, LastValid};
 use wiremesh_core::error_chain;
+use wiremesh_core::guard::{EncryptionGuard, joining_cidrs};
 use wiremesh_core::mesh::{DataplaneSpec, LastGoodNodes};
 use wiremesh_core::model::{ClusterSnapshot, Family};
 use wiremesh_dataplane::link::LinkDataplane;
@@ -206,11 +207,14 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             let mut ports: Vec<u16> = spec.devices.values().map(|d| d.listen_port).collect();
             ports.sort_unstable();
             ports.dedup();
+            let joining = joining_cidrs(&spec, &nodes, &snapshot.felix_configurations);
+            let guard = EncryptionGuard::for_mesh(&spec, config.wireguard.strict, &joining);
             let table = policy
                 .converge(
                     node,
                     &resources,
                     config.policy_settings(ports),
+                    &guard,
                     &mut outcome,
                 )
                 .await?;
@@ -260,6 +264,9 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         let Some(spec) = self.last_applied.as_ref() else {
             return false;
         };
+        if self.mesh.rotation_pending() {
+            return true;
+        }
         match self.mesh.wireguard_drift(spec).await {
             Ok(0) => false,
             Ok(ops) => {

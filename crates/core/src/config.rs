@@ -414,6 +414,11 @@ pub struct WireguardSettings {
     pub routing_rule_priority: u32,
     pub keepalive: Duration,
     pub host_encryption: bool,
+    /// Drop, instead of sending in clear, pod traffic to encrypting nodes that would leave
+    /// outside the WireGuard device (`wiremeshStrictEncryption`).
+    pub strict: bool,
+    /// Rotate each key once it is this old (`wiremeshKeyRotationInterval`); `None` = never.
+    pub key_rotation: Option<Duration>,
 }
 
 impl Default for WireguardSettings {
@@ -434,6 +439,8 @@ impl Default for WireguardSettings {
             routing_rule_priority: DEFAULT_RULE_PRIORITY,
             keepalive: Duration::ZERO,
             host_encryption: false,
+            strict: false,
+            key_rotation: None,
         }
     }
 }
@@ -514,8 +521,25 @@ impl WireguardSettings {
         if let Some(v) = spec.wireguard_host_encryption_enabled {
             self.host_encryption = v;
         }
+        if let Some(v) = spec.wiremesh_strict_encryption {
+            self.strict = v;
+        }
+        if let Some(text) = &spec.wiremesh_key_rotation_interval {
+            match parse_go_duration(text) {
+                Ok(d) if d.is_zero() => self.key_rotation = None,
+                Ok(d) if d < MIN_KEY_ROTATION => err(
+                    "wiremeshKeyRotationInterval",
+                    format!("{text:?} is shorter than {}s", MIN_KEY_ROTATION.as_secs()),
+                ),
+                Ok(d) => self.key_rotation = Some(d),
+                Err(reason) => err("wiremeshKeyRotationInterval", reason),
+            }
+        }
     }
 }
+
+/// The shortest scheduled key rotation: every rotation costs each peer a moment of loss.
+const MIN_KEY_ROTATION: Duration = Duration::from_secs(3600);
 
 /// Calico's interface-name rule: `^[a-zA-Z0-9:._+-]{1,15}$`.
 fn validate_interface_name(name: &str) -> Result<(), String> {
@@ -825,6 +849,28 @@ mod tests {
         let value = config.errors[0].value.clone().expect("a value");
         assert_eq!(value.chars().count(), 65, "64 characters and an ellipsis");
         assert!(value.ends_with('…'));
+    }
+
+    #[test]
+    fn wiremesh_own_settings() {
+        let config = EffectiveConfig::for_node(
+            "n1",
+            &configs(serde_json::json!({
+                "wiremeshStrictEncryption": true, "wiremeshKeyRotationInterval": "720h"
+            })),
+        );
+        assert!(config.errors.is_empty(), "{:?}", config.errors);
+        assert!(config.wireguard.strict);
+        assert_eq!(
+            config.wireguard.key_rotation,
+            Some(Duration::from_secs(720 * 3600))
+        );
+        let config = EffectiveConfig::for_node(
+            "n1",
+            &configs(serde_json::json!({"wiremeshKeyRotationInterval": "5m"})),
+        );
+        assert_eq!(config.wireguard.key_rotation, None);
+        assert_eq!(config.errors[0].field, "wiremeshKeyRotationInterval");
     }
 
     #[test]

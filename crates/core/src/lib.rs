@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod guard;
 pub mod keys;
 pub mod manifest;
 pub mod mesh;

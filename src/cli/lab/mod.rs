@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::{info, warn};
 
-pub use verify::{Expectation, PairResult, VerifyExpect};
+pub use verify::{Capture, Expectation, PairResult, VerifyExpect};
 use wiremesh_core::config;
 use wiremesh_core::wire::FelixConfigurationSpec;
 /// The lab's datastore errors are those of the etcd adapter's writer.

@@ -132,13 +132,14 @@ fn expectation(index: u32, name: &str, config: EffectiveConfig) -> (u32, bool, u
     (index, v4.enabled, v4.listening_port)
 }
 
-struct Capture {
+/// tcpdump on the hub's bridge (the underlay every node's traffic crosses), into a file.
+pub struct Capture {
     child: Child,
     file: PathBuf,
 }
 
 impl Capture {
-    fn start(hub: &str, dir: &Path) -> Result<Capture, LabError> {
+    pub fn start(hub: &str, dir: &Path) -> Result<Capture, LabError> {
         let file = dir.join("underlay.pcap");
         let err_path = dir.join("tcpdump.log");
         let _ = fs::remove_file(&file);
@@ -189,7 +190,7 @@ impl Capture {
     }
 
     /// SIGINT lets tcpdump flush; SIGKILL only if it will not stop.
-    fn stop(&mut self) {
+    pub fn stop(&mut self) {
         let pid = Pid::from_raw(self.child.id() as i32);
         let _ = kill(pid, Signal::SIGINT);
         let exited = wait_until(Duration::from_secs(5), || {
@@ -202,7 +203,8 @@ impl Capture {
         }
     }
 
-    fn count(&self, filter: &str) -> Result<u64, LabError> {
+    /// Packets in the capture that match the tcpdump `filter`.
+    pub fn count(&self, filter: &str) -> Result<u64, LabError> {
         let file = self.file.display().to_string();
         let output = sys::run(
             "reading capture",

@@ -116,6 +116,8 @@ pub struct FilterSpec {
     pub sets: BTreeMap<String, SetSpec>,
     /// Named counters (`counter <name> {}` in the table, `counter name "<name>"` in rules).
     pub counters: BTreeMap<String, CounterLabels>,
+    /// Named counters of the encryption guard (`crate::guard`), not of a policy rule.
+    pub guard_counters: BTreeSet<String>,
     pub chains: Vec<ChainSpec>,
 }
 
@@ -129,7 +131,7 @@ impl FilterSpec {
                 SetKind::NamedPort => h.update(format!("set {name} {:?} {:?}\n", s.family, s.kind)),
             }
         }
-        for name in self.counters.keys() {
+        for name in self.counters.keys().chain(&self.guard_counters) {
             h.update(format!("counter {name}\n"));
         }
         for c in self.chains.iter().filter(|c| !c.name.starts_with("hash-")) {
@@ -176,7 +178,7 @@ impl FilterSpec {
             }
             let _ = writeln!(out, "\t}}");
         }
-        for name in self.counters.keys() {
+        for name in self.counters.keys().chain(&self.guard_counters) {
             let _ = writeln!(out, "\tcounter {name} {{");
             let _ = writeln!(out, "\t}}");
         }

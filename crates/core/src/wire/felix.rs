@@ -90,6 +90,16 @@ pub struct FelixConfigurationSpec {
     /// Prefix of the kernel log lines of `Log` rules (default `calico-packet`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_prefix: Option<String>,
+    /// wiremesh's own (not a Felix field): drop pod traffic to nodes that encrypt when it would
+    /// leave outside the WireGuard device (start-up, restart, a daemon that died), instead of
+    /// sending it in clear (default false).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wiremesh_strict_encryption: Option<bool>,
+    /// wiremesh's own: rotate each node's WireGuard key once it is this old, as a Go duration
+    /// (at least 1h; `0` or absent = never; `wiremesh rotate-key` rotates on demand).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub wiremesh_key_rotation_interval: Option<String>,
 }
 
 /// A failsafe port: protocol (TCP or UDP, any case; default TCP), port, and optionally the
