@@ -9,6 +9,8 @@ cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast
+  # nextest does not run documentation examples; they are tests too.
+  cargo test --locked --workspace --doc
 else
   cargo test --locked --workspace --no-fail-fast
 fi

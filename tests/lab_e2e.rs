@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use support::lab::{Guard, start_lab, wait_within};
+use support::lab::{Guard, metric_value, start_lab, wait_within};
 use support::root_or_skip;
 use wiremesh::cli::lab::{Capture, Expectation, Lab, VerifyExpect, verify};
 
@@ -218,19 +218,22 @@ async fn a_hung_wireguard_go_is_replaced() {
     );
 }
 
-/// What crossed the underlay while node1's agent was down and its wireguard-go was killed
-/// (a rolling update on a node without the kernel module), with 20 pings a second from pod1
-/// to pod2: (clear pod packets captured, node1's leak counter, node1's blocked counter).
-async fn agent_and_daemon_down_under_ping(strict: bool) -> (u64, f64, f64) {
-    let (mut lab, _guard) = start(if strict { "st" } else { "ns" }, true).await;
+/// A 3-node encrypting lab, strict mode on or off, once node1's encryption guard is in place;
+/// and a capture of the underlay started.
+async fn guarded_lab(tag: &str, strict: bool) -> (Lab, Guard, Capture) {
+    let (lab, guard) = start(tag, true).await;
     if strict {
         lab.set("wiremeshStrictEncryption", Value::Bool(true), None)
             .await
             .expect("strict on");
     }
     wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
+    let rule = match strict {
+        true => "\"plaintext-blocked\" drop",
+        false => "\"plaintext-leak\"",
+    };
     wait_for("node1's encryption guard", async || {
-        let (_, table) = node_cmd(
+        let (_, chain) = node_cmd(
             &lab,
             "node1",
             &[
@@ -242,17 +245,31 @@ async fn agent_and_daemon_down_under_ping(strict: bool) -> (u64, f64, f64) {
                 "encryption-guard",
             ],
         );
-        table.contains("@encrypted-pods4")
-            && table.contains(if strict {
-                "\"plaintext-blocked\" drop"
-            } else {
-                "\"plaintext-leak\""
-            })
+        chain.contains("@encrypted-pods4") && chain.contains(rule)
     })
     .await;
-    let dir = lab.state.dir.join(format!("strict-{strict}"));
+    let dir = lab.state.dir.join(format!("capture-{tag}"));
     std::fs::create_dir_all(&dir).expect("capture dir");
-    let mut capture = Capture::start(&lab.state.hub_netns, &dir).expect("capture");
+    let capture = Capture::start(&lab.state.hub_netns, &dir).expect("capture");
+    (lab, guard, capture)
+}
+
+/// One series of node1's `/metrics`.
+fn node1_metric(lab: &Lab, series: &str) -> Option<f64> {
+    let (_, body) = node_cmd(
+        lab,
+        "node1",
+        &["curl", "-s", "-m", "5", "http://127.0.0.1:9091/metrics"],
+    );
+    metric_value(&body, series)
+}
+
+/// What crossed the underlay while node1's agent was down and its wireguard-go was killed
+/// (a rolling update on a node without the kernel module), with 20 pings a second from pod1
+/// to pod2: (clear pod packets captured, node1's leak counter, node1's blocked counter).
+async fn agent_and_daemon_down_under_ping(strict: bool) -> (u64, f64, f64) {
+    let (mut lab, _guard, mut capture) =
+        guarded_lab(if strict { "st" } else { "ns" }, strict).await;
     let pinger = ping_pod2_from_pod1(&lab, 160);
     tokio::time::sleep(Duration::from_secs(1)).await;
     lab.stop_agent("node1").expect("stop node1's agent");
@@ -271,22 +288,8 @@ async fn agent_and_daemon_down_under_ping(strict: bool) -> (u64, f64, f64) {
     let clear = capture
         .count("host 10.244.1.2 and host 10.244.2.2")
         .expect("count");
-    let metric = |series: &str| {
-        let (_, body) = node_cmd(
-            &lab,
-            "node1",
-            &["curl", "-s", "-m", "5", "http://127.0.0.1:9091/metrics"],
-        );
-        body.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("{series} missing:\n{body}"))
-    };
+    let metric =
+        |series: &str| node1_metric(&lab, series).unwrap_or_else(|| panic!("{series} missing"));
     let leak = metric("wiremesh_plaintext_leak_packets_total");
     let blocked = metric("wiremesh_plaintext_blocked_packets_total");
     eprintln!(
@@ -314,37 +317,15 @@ async fn strict_mode_sends_nothing_in_clear_while_the_agent_and_daemon_are_down(
 }
 
 /// Strict mode through the rest of a mesh's life under pings: a key rotation, a node joining
-/// (pinged the moment it is up, before it has published a key) and a node leaving. Not one
-/// pod packet crosses the underlay in clear, and the leak counter stays 0.
+/// (pinged the moment node1 has seen its pod CIDR, maybe before it has published a key) and a
+/// node leaving.
+/// Not one pod packet crosses the underlay in clear, and the leak counter stays 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mode_through_rotation_join_and_leave() {
     if !root_or_skip("strict mode lifecycle") {
         return;
     }
-    let (mut lab, _guard) = start("sl", true).await;
-    lab.set("wiremeshStrictEncryption", Value::Bool(true), None)
-        .await
-        .expect("strict on");
-    wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
-    wait_for("node1's strict guard", async || {
-        let (_, chain) = node_cmd(
-            &lab,
-            "node1",
-            &[
-                "nft",
-                "list",
-                "chain",
-                "inet",
-                "wiremesh",
-                "encryption-guard",
-            ],
-        );
-        chain.contains("\"plaintext-blocked\" drop")
-    })
-    .await;
-    let dir = lab.state.dir.join("strict-lifecycle");
-    std::fs::create_dir_all(&dir).expect("capture dir");
-    let mut capture = Capture::start(&lab.state.hub_netns, &dir).expect("capture");
+    let (mut lab, _guard, mut capture) = guarded_lab("sl", true).await;
     let to_pod2 = ping_pod2_from_pod1(&lab, 200);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rotated = std::process::Command::new(env!("CARGO_BIN_EXE_wiremesh"))
@@ -354,6 +335,21 @@ async fn strict_mode_through_rotation_join_and_leave() {
         .expect("rotate-key");
     assert!(rotated.status.success());
     lab.add_node(4).await.expect("node4 joins");
+    // The guard covers a node's pods from the moment node1 has seen its pod CIDR (long before
+    // any pod is scheduled there in a real cluster); ping the instant that has happened.
+    wait_within(
+        Duration::from_secs(10),
+        "node1 to guard node4's pods",
+        async || {
+            let (_, set) = node_cmd(
+                &lab,
+                "node1",
+                &["nft", "list", "set", "inet", "wiremesh", "encrypted-pods4"],
+            );
+            set.contains("10.244.4.0/24")
+        },
+    )
+    .await;
     let pod1 = lab.pod_netns(1);
     let to_pod4 = std::thread::spawn(move || {
         std::process::Command::new("ip")
@@ -366,21 +362,12 @@ async fn strict_mode_through_rotation_join_and_leave() {
     let _ = to_pod2.join().expect("ping thread");
     let to_pod4 = to_pod4.join().expect("ping thread").expect("ping runs");
     capture.stop();
-    let clear = capture.count("net 10.244.0.0/16").expect("count");
-    let (_, metrics) = node_cmd(
-        &lab,
-        "node1",
-        &["curl", "-s", "-m", "5", "http://127.0.0.1:9091/metrics"],
-    );
-    let value = |series: &str| {
-        metrics.lines().find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-    };
+    let clear_packets = capture.packets("net 10.244.0.0/16").expect("read capture");
+    let clear = clear_packets.len();
+    for packet in &clear_packets {
+        eprintln!("clear: {packet}");
+    }
+    let value = |series: &str| node1_metric(&lab, series);
     let (leak, blocked) = (
         value("wiremesh_plaintext_leak_packets_total"),
         value("wiremesh_plaintext_blocked_packets_total"),

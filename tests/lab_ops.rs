@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::lab::{Guard, start_lab, wait_within as wait_for};
+use support::lab::{Guard, metric_value, start_lab, wait_within as wait_for};
 use support::root_or_skip;
 use wiremesh::cli::lab::{Lab, UpOptions};
 
@@ -313,13 +313,7 @@ async fn a_datastore_outage_is_visible_and_changes_nothing() {
     let (lab, _guard) = start_lab("dso", true).await;
     let metric = |node: &str, series: &str| {
         let (_, body) = http_get(&lab, node, "http://127.0.0.1:9091/metrics");
-        body.lines().find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
+        metric_value(&body, series)
     };
     wait_for(Duration::from_secs(45), "node1 to report OK", async || {
         let _ = lab.ping("pod1", "pod2", 1);

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::lab::{Guard, start_lab, wait_within};
+use support::lab::{Guard, metric_value, start_lab, wait_within};
 use support::root_or_skip;
 use wiremesh::cli::lab::{self, Lab};
 
@@ -68,13 +68,7 @@ fn metric(lab: &Lab, node: &str, series: &str) -> Option<f64> {
             &["curl", "-s", "-m", "5", "http://127.0.0.1:9091/metrics"],
         )
         .ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
+    metric_value(&String::from_utf8_lossy(&out.stdout), series)
 }
 
 fn reachable(lab: &Lab, from: &str, to: &str) -> bool {

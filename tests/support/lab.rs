@@ -39,3 +39,14 @@ pub async fn wait_within(limit: Duration, what: &str, mut condition: impl AsyncF
     }
     panic!("timed out after {limit:?} waiting for {what}");
 }
+
+/// The value of one series (its full name and labels, as printed) in a `/metrics` body.
+pub fn metric_value(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse::<f64>()
+            .ok()
+    })
+}

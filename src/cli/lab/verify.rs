@@ -205,14 +205,22 @@ impl Capture {
 
     /// Packets in the capture that match the tcpdump `filter`.
     pub fn count(&self, filter: &str) -> Result<u64, LabError> {
+        Ok(self.packets(filter)?.len() as u64)
+    }
+
+    /// The packets in the capture that match the tcpdump `filter`, one line each.
+    pub fn packets(&self, filter: &str) -> Result<Vec<String>, LabError> {
         let file = self.file.display().to_string();
         let output = sys::run(
             "reading capture",
             filter,
             "tcpdump",
-            &["-r", &file, "-nn", filter],
+            &["-r", &file, "-nn", "-e", filter],
         )?;
-        Ok(String::from_utf8_lossy(&output.stdout).lines().count() as u64)
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect())
     }
 }
 
