@@ -438,29 +438,51 @@ fn pod_cidr_conflicts(nodes: &BTreeMap<String, NodeResource>, family: Family) ->
         }
     }
     claims.sort();
-    let mut accepted: Vec<(IpNet, &str)> = Vec::new();
-    let mut out: Vec<SkippedNode> = Vec::new();
+    // Accepted claims by network, so an overlap is found in O(log n) (a cluster has thousands
+    // of CIDRs and this runs every pass).
+    let mut accepted: BTreeMap<IpNet, &str> = BTreeMap::new();
+    let mut out: BTreeMap<&str, SkippedNode> = BTreeMap::new();
     for (_, node, cidr) in claims {
-        let owner = accepted.iter().find(|(other, owner)| {
-            *owner != node && (other.contains(&cidr) || cidr.contains(other))
-        });
-        match owner {
-            Some((_, owner)) => {
-                if !out.iter().any(|s| s.node == node) {
-                    out.push(SkippedNode {
-                        node: node.to_string(),
-                        family,
-                        reason: SkipReason::PodCidrConflict {
-                            cidr: cidr.to_string(),
-                            owner: owner.to_string(),
-                        },
-                    });
-                }
+        match overlapping_owner(&accepted, &cidr, node) {
+            Some(owner) => {
+                out.entry(node).or_insert_with(|| SkippedNode {
+                    node: node.to_string(),
+                    family,
+                    reason: SkipReason::PodCidrConflict {
+                        cidr: cidr.to_string(),
+                        owner: owner.to_string(),
+                    },
+                });
             }
-            None => accepted.push((cidr, node)),
+            None => {
+                accepted.entry(cidr).or_insert(node);
+            }
         }
     }
-    out
+    out.into_values().collect()
+}
+
+/// Another node's accepted network that contains `cidr` or lies inside it.
+fn overlapping_owner<'a>(
+    accepted: &BTreeMap<IpNet, &'a str>,
+    cidr: &IpNet,
+    node: &str,
+) -> Option<&'a str> {
+    let other = |owner: &&&'a str| **owner != node;
+    // Containing networks are `cidr`'s supernets, one per prefix length.
+    let containing = (0..=cidr.prefix_len())
+        .filter_map(|len| IpNet::new(cidr.addr(), len).ok().map(|n| n.trunc()))
+        .find_map(|net| accepted.get(&net).filter(other));
+    if let Some(owner) = containing {
+        return Some(owner);
+    }
+    // Networks inside `cidr` sort between its first and last address.
+    let first = IpNet::new(cidr.network(), 0).ok()?;
+    let last = IpNet::new(cidr.broadcast(), cidr.max_prefix_len()).ok()?;
+    accepted
+        .range(first..=last)
+        .find(|(net, owner)| **owner != node && cidr.contains(*net))
+        .map(|(_, owner)| *owner)
 }
 
 /// The last version of every node that decoded, so that a node whose object turns to garbage
@@ -693,4 +715,33 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
         spec.devices.insert(family, device);
     }
     spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(text: &str) -> IpNet {
+        text.parse().expect("test CIDR")
+    }
+
+    #[test]
+    fn overlaps_are_found_both_ways_and_neighbours_are_not_overlaps() {
+        let accepted: BTreeMap<IpNet, &str> = [
+            (net("10.244.2.0/24"), "node2"),
+            (net("10.244.4.128/25"), "node4"),
+            (net("fd00:244:2::/64"), "node2"),
+        ]
+        .into();
+        let owner = |cidr: &str, node: &str| overlapping_owner(&accepted, &net(cidr), node);
+        assert_eq!(owner("10.244.2.64/26", "node3"), Some("node2"), "inside an accepted one");
+        assert_eq!(owner("10.244.0.0/16", "node3"), Some("node2"), "around accepted ones");
+        assert_eq!(owner("10.244.4.0/24", "node3"), Some("node4"));
+        assert_eq!(owner("10.244.3.0/24", "node3"), None, "a neighbour");
+        assert_eq!(owner("10.244.4.0/25", "node3"), None, "the other half");
+        assert_eq!(owner("10.244.2.64/26", "node2"), None, "a node never conflicts with itself");
+        assert_eq!(owner("fd00:244:2::/80", "node3"), Some("node2"));
+        assert_eq!(owner("fd00:244:3::/64", "node3"), None);
+        assert_eq!(owner("0.0.0.0/0", "node3"), Some("node2"));
+    }
 }
