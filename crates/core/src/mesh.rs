@@ -734,12 +734,24 @@ mod tests {
         ]
         .into();
         let owner = |cidr: &str, node: &str| overlapping_owner(&accepted, &net(cidr), node);
-        assert_eq!(owner("10.244.2.64/26", "node3"), Some("node2"), "inside an accepted one");
-        assert_eq!(owner("10.244.0.0/16", "node3"), Some("node2"), "around accepted ones");
+        assert_eq!(
+            owner("10.244.2.64/26", "node3"),
+            Some("node2"),
+            "inside an accepted one"
+        );
+        assert_eq!(
+            owner("10.244.0.0/16", "node3"),
+            Some("node2"),
+            "around accepted ones"
+        );
         assert_eq!(owner("10.244.4.0/24", "node3"), Some("node4"));
         assert_eq!(owner("10.244.3.0/24", "node3"), None, "a neighbour");
         assert_eq!(owner("10.244.4.0/25", "node3"), None, "the other half");
-        assert_eq!(owner("10.244.2.64/26", "node2"), None, "a node never conflicts with itself");
+        assert_eq!(
+            owner("10.244.2.64/26", "node2"),
+            None,
+            "a node never conflicts with itself"
+        );
         assert_eq!(owner("fd00:244:2::/80", "node3"), Some("node2"));
         assert_eq!(owner("fd00:244:3::/64", "node3"), None);
         assert_eq!(owner("0.0.0.0/0", "node3"), Some("node2"));
