@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::model::{Family, FelixConfigurations};
 use crate::policy::program::{FailsafePort, PolicySettings};
-use crate::wire::felix::{DecodedFelix, ProtoPort, shown};
+use crate::wire::felix::{DecodedFelix, ProtoPort, shown_at, top_level};
 use crate::wire::{FelixConfigurationSpec, did_you_mean, field_names};
 
 pub const DEFAULT_INTERFACE_V4: &str = "wireguard.cali";
@@ -347,12 +347,6 @@ fn is_felix_field(field: &str) -> bool {
     FELIX_FIELDS.lines().any(|known| known == field)
 }
 
-/// The field of the spec a path is in (`failsafeInboundHostPorts[1].port` ->
-/// `failsafeInboundHostPorts`).
-fn top_level(path: &str) -> &str {
-    path.split(['.', '[']).next().unwrap_or(path)
-}
-
 /// The fields a spec sets, by their JSON names.
 fn fields_of(spec: &FelixConfigurationSpec) -> Map<String, Value> {
     match serde_json::to_value(spec) {
@@ -368,15 +362,7 @@ fn spec_of(fields: &Map<String, Value>) -> FelixConfigurationSpec {
 
 /// The value a spec holds at a field path, shown as in reports.
 fn field_value(spec: &FelixConfigurationSpec, path: &str) -> Option<String> {
-    let fields = fields_of(spec);
-    let value = fields.get(top_level(path))?;
-    let below = path
-        .strip_prefix(top_level(path))
-        .unwrap_or_default()
-        .replace('[', "/")
-        .replace(']', "")
-        .replace('.', "/");
-    Some(shown(value.pointer(&below).unwrap_or(value)))
+    shown_at(&fields_of(spec), path)
 }
 
 /// Every problem with one stored FelixConfiguration on its own, as the agent would report it

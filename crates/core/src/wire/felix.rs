@@ -198,17 +198,13 @@ impl FelixConfigurationSpec {
                     });
                 }
                 Err(e) => {
-                    let top = e.path.split(['.', '[']).next().unwrap_or_default();
-                    let Some(value) = spec.remove(top) else {
+                    let value = shown_at(&spec, &e.path);
+                    if spec.remove(top_level(&e.path)).is_none() {
                         return Err(format!("does not decode: {e}"));
-                    };
+                    }
                     invalid.push(InvalidField {
                         field: e.path.clone(),
-                        value: shown(
-                            value
-                                .pointer(&pointer_below(&e.path, top))
-                                .unwrap_or(&value),
-                        ),
+                        value: value.unwrap_or_default(),
                         reason: e.message,
                     });
                 }
@@ -217,12 +213,22 @@ impl FelixConfigurationSpec {
     }
 }
 
-/// The JSON pointer, inside the top-level field `top`, of the spec path `path`
-/// (`failsafeInboundHostPorts[1].port` -> `/1/port`).
-fn pointer_below(path: &str, top: &str) -> String {
-    path.strip_prefix(top)
+/// The field of the spec a path is in (`failsafeInboundHostPorts[1].port` ->
+/// `failsafeInboundHostPorts`).
+pub fn top_level(path: &str) -> &str {
+    path.split(['.', '[']).next().unwrap_or(path)
+}
+
+/// The value at the spec path `path` (`failsafeInboundHostPorts[1].port`) among the spec's
+/// `fields`, as reports show it; the whole top-level field when the path goes nowhere.
+pub fn shown_at(fields: &serde_json::Map<String, serde_json::Value>, path: &str) -> Option<String> {
+    let top = top_level(path);
+    let value = fields.get(top)?;
+    let pointer = path
+        .strip_prefix(top)
         .unwrap_or_default()
         .replace('[', "/")
         .replace(']', "")
-        .replace('.', "/")
+        .replace('.', "/");
+    Some(shown(value.pointer(&pointer).unwrap_or(value)))
 }
