@@ -19,11 +19,16 @@ impl Drop for Guard {
 
 /// A 3-node lab named `<prefix><pid>` whose agents run this crate's binary.
 pub async fn start_lab(prefix: &str, encryption: bool) -> (Lab, Guard) {
+    start_lab_with(prefix, |o| o.encryption = encryption).await
+}
+
+/// As [`start_lab`], with the options changed by `change` first.
+pub async fn start_lab_with(prefix: &str, change: impl FnOnce(&mut UpOptions)) -> (Lab, Guard) {
     let name = format!("{prefix}{}", std::process::id() % 100_000);
     let guard = Guard(name.clone());
     let mut options = UpOptions::new(&name, 3);
-    options.encryption = encryption;
     options.binary = Some(PathBuf::from(env!("CARGO_BIN_EXE_wiremesh")));
+    change(&mut options);
     let lab = Lab::up(options).await.expect("lab up");
     (lab, guard)
 }

@@ -5,7 +5,7 @@ use std::process::Stdio;
 
 use serde_json::Value;
 
-use super::{Lab, LabError, LabStatus, UpOptions, VerifyExpect, verify};
+use super::{IpFamily, Lab, LabError, LabStatus, UpOptions, VerifyExpect, verify};
 use crate::cli::output::{self, OutputArgs};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -42,7 +42,7 @@ pub enum LabCommand {
         lab: LabArgs,
         #[arg(long, default_value_t = 3)]
         nodes: u32,
-        /// Initial FelixConfiguration default wireguardEnabled.
+        /// Initial FelixConfiguration default wireguardEnabled (and wireguardEnabledV6 with IPv6).
         #[arg(long, value_enum, default_value = "on")]
         encryption: OnOff,
         /// Initial wireguardKeepAlive ("" leaves it unset).
@@ -60,6 +60,10 @@ pub enum LabCommand {
         /// objects and the agents run with --datastore kubernetes (see docs/kubernetes.md).
         #[arg(long, env = "WIREMESH_LAB_KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
+        /// Address families of the pods and the mesh: ipv4, ipv6 (pods and WireGuard IPv6 only;
+        /// etcd stays on IPv4) or dual (both devices, wireguard.cali and wg-v6.cali).
+        #[arg(long, value_enum, default_value = "ipv4")]
+        ip_family: IpFamily,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -177,6 +181,7 @@ pub async fn run(cmd: LabCommand) -> Result<i32, LabError> {
             binary,
             wireguard_backend,
             kubeconfig,
+            ip_family,
             output,
         } => {
             let options = UpOptions {
@@ -189,6 +194,7 @@ pub async fn run(cmd: LabCommand) -> Result<i32, LabError> {
                 binary,
                 wireguard_backend,
                 kubeconfig,
+                ip_family,
             };
             let lab = Lab::up(options).await?;
             output::print(&lab.status_report(), output.format, LabStatus::text)?;

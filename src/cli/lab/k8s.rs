@@ -25,10 +25,10 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
-use super::{LabError, NodeState};
-use wiremesh_core::model::FelixConfigurations;
+use super::{IpFamily, LabError, NodeState};
+use wiremesh_core::model::{Family, FelixConfigurations};
 use wiremesh_datastore::kube::{
-    ANNOTATION_IPV4_ADDRESS, KubeDatastore, decode_felix_configuration,
+    ANNOTATION_IPV4_ADDRESS, ANNOTATION_IPV6_ADDRESS, KubeDatastore, decode_felix_configuration,
     felix_configuration_resource,
 };
 
@@ -114,30 +114,45 @@ fn strip_nulls(value: Value) -> Value {
     }
 }
 
-/// The Node object of a lab node.
-pub fn node_object(node: &NodeState, lab: &str) -> Value {
+/// The Node object of a lab node, with the lab's families' addresses and pod CIDRs.
+pub fn node_object(node: &NodeState, lab: &str, family: IpFamily) -> Value {
+    let mut annotations = serde_json::Map::new();
+    let mut addresses = Vec::new();
+    if family.has(Family::V4) {
+        annotations.insert(
+            ANNOTATION_IPV4_ADDRESS.into(),
+            format!("{}/24", node.underlay_ip).into(),
+        );
+        addresses.push(json!({ "type": "InternalIP", "address": node.underlay_ip.to_string() }));
+    }
+    if let Some(v6) = node.ipv6.as_ref().filter(|_| family.has(Family::V6)) {
+        annotations.insert(
+            ANNOTATION_IPV6_ADDRESS.into(),
+            format!("{}/64", v6.underlay_ip).into(),
+        );
+        addresses.push(json!({ "type": "InternalIP", "address": v6.underlay_ip.to_string() }));
+    }
+    addresses.push(json!({ "type": "Hostname", "address": node.name }));
+    let cidrs: Vec<String> = node
+        .pod_cidrs(family)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     json!({
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {
             "name": node.name,
             "labels": super::node_labels(node, lab),
-            "annotations": {
-                ANNOTATION_IPV4_ADDRESS: format!("{}/24", node.underlay_ip),
-            },
+            "annotations": annotations,
         },
         "spec": {
-            "podCIDR": node.pod_cidr.to_string(),
-            "podCIDRs": [node.pod_cidr.to_string()],
+            "podCIDR": cidrs.first(),
+            "podCIDRs": cidrs,
             // Nothing is scheduled on a lab node.
             "unschedulable": true,
         },
-        "status": {
-            "addresses": [
-                { "type": "InternalIP", "address": node.underlay_ip.to_string() },
-                { "type": "Hostname", "address": node.name },
-            ],
-        },
+        "status": { "addresses": addresses },
     })
 }
 
@@ -147,7 +162,12 @@ pub const LAB_LABEL: &str = "wiremesh.io/lab";
 
 /// (Re)creates the Node object of `node`. A leftover of an earlier run of this lab is replaced;
 /// a Node of the same name that this lab did not create is never touched: that is an error.
-pub async fn register_node(client: &Client, node: &NodeState, lab: &str) -> Result<(), LabError> {
+pub async fn register_node(
+    client: &Client,
+    node: &NodeState,
+    lab: &str,
+    family: IpFamily,
+) -> Result<(), LabError> {
     let api: Api<Node> = Api::all(client.clone());
     let step = format!("registering Node {}", node.name);
     if let Some(existing) = api.get_opt(&node.name).await.map_err(kube_error(&step))? {
@@ -164,7 +184,7 @@ pub async fn register_node(client: &Client, node: &NodeState, lab: &str) -> Resu
         delete_node(client, &node.name).await?;
     }
     let object: Node =
-        serde_json::from_value(node_object(node, lab)).map_err(|e| LabError::Kube {
+        serde_json::from_value(node_object(node, lab, family)).map_err(|e| LabError::Kube {
             step: step.clone(),
             source: Box::new(e),
         })?;
@@ -172,7 +192,7 @@ pub async fn register_node(client: &Client, node: &NodeState, lab: &str) -> Resu
         .await
         .map_err(kube_error(&step))?;
     // Some API servers drop status on create; set the addresses through the subresource too.
-    let status = json!({ "status": node_object(node, lab)["status"] });
+    let status = json!({ "status": node_object(node, lab, family)["status"] });
     api.patch_status(&node.name, &PatchParams::default(), &Patch::Merge(status))
         .await
         .map_err(kube_error(&step))?;

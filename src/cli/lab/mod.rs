@@ -13,18 +13,19 @@ pub mod verify;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::{info, warn};
 
 pub use verify::{Capture, Expectation, PairResult, VerifyExpect};
 use wiremesh_core::config;
+use wiremesh_core::model::Family;
 use wiremesh_core::wire::FelixConfigurationSpec;
 /// The lab's datastore errors are those of the etcd adapter's writer.
 pub use wiremesh_datastore::etcd::WriteError as StoreError;
@@ -33,11 +34,48 @@ use wiremesh_datastore::etcd::{EtcdWriter, NodeRegistration};
 pub const DEFAULT_NAME: &str = "wiremesh";
 const DEFAULT_STATE_ROOT: &str = "/run/wiremesh-lab";
 pub const HUB_ADDRESS: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
+/// The hub's IPv6 underlay address (labs with IPv6); nodes are `fd00:172:30::<index in hex>`.
+pub const HUB_ADDRESS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x30, 0, 0, 0, 0, 0xfe);
 const ETCD_ENDPOINT: &str = "http://172.30.0.254:2379";
 /// Node indexes stay below the hub's .254 and fit in one octet of the pod CIDRs.
 const MAX_NODES: u32 = 250;
 const STATE_FILE: &str = "lab.json";
 const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The address families of a lab's pods and mesh (`lab up --ip-family`). The hub's etcd is
+/// reached over IPv4 in every family: the underlay always has IPv4 for that.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    #[default]
+    Ipv4,
+    Ipv6,
+    Dual,
+}
+
+impl IpFamily {
+    /// The families pods are addressed in and WireGuard is switched on for, IPv4 first.
+    pub fn families(self) -> Vec<Family> {
+        match self {
+            IpFamily::Ipv4 => vec![Family::V4],
+            IpFamily::Ipv6 => vec![Family::V6],
+            IpFamily::Dual => vec![Family::V4, Family::V6],
+        }
+    }
+
+    pub fn has(self, family: Family) -> bool {
+        self.families().contains(&family)
+    }
+
+    /// As on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::Ipv4 => "ipv4",
+            IpFamily::Ipv6 => "ipv6",
+            IpFamily::Dual => "dual",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -118,10 +156,16 @@ pub struct NodeState {
     pub pod_name: String,
     pub netns: String,
     pub pod_netns: String,
+    /// On every node (etcd is reached over it); registered in the datastore when the lab has
+    /// IPv4.
     pub underlay_ip: Ipv4Addr,
+    /// The IPv4 pod addresses; in an IPv6-only lab they are reserved but not configured.
     pub pod_cidr: Ipv4Net,
     pub gateway_ip: Ipv4Addr,
     pub pod_ip: Ipv4Addr,
+    /// The IPv6 addresses, in labs with IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<NodeIpv6>,
     /// The agent's `--state-dir`.
     pub state_dir: PathBuf,
     /// Bind-mounted over /run/wireguard in this node's processes (UAPI sockets are not per-netns).
@@ -131,6 +175,48 @@ pub struct NodeState {
     /// The API-server relay of a Kubernetes lab (see `k8s`).
     #[serde(default)]
     pub relay_pid: Option<i32>,
+}
+
+/// A lab node's IPv6 underlay and pod addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIpv6 {
+    pub underlay_ip: Ipv6Addr,
+    pub pod_cidr: Ipv6Net,
+    pub gateway_ip: Ipv6Addr,
+    pub pod_ip: Ipv6Addr,
+}
+
+impl NodeState {
+    /// The underlay address of `family` (None: the lab has no IPv6).
+    pub fn underlay(&self, family: Family) -> Option<IpAddr> {
+        match family {
+            Family::V4 => Some(self.underlay_ip.into()),
+            Family::V6 => self.ipv6.as_ref().map(|v6| v6.underlay_ip.into()),
+        }
+    }
+
+    /// The pod's address of `family`, when the lab has that family.
+    pub fn pod_address(&self, family: Family, lab: IpFamily) -> Option<IpAddr> {
+        if !lab.has(family) {
+            return None;
+        }
+        match family {
+            Family::V4 => Some(self.pod_ip.into()),
+            Family::V6 => self.ipv6.as_ref().map(|v6| v6.pod_ip.into()),
+        }
+    }
+
+    /// The pod CIDRs the node claims, IPv4 first.
+    pub fn pod_cidrs(&self, lab: IpFamily) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        if lab.has(Family::V4) {
+            out.push(self.pod_cidr.into());
+        }
+        if let Some(v6) = self.ipv6.as_ref().filter(|_| lab.has(Family::V6)) {
+            out.push(v6.pod_cidr.into());
+        }
+        out
+    }
 }
 
 /// Everything `down` needs, persisted as `lab.json`.
@@ -151,6 +237,8 @@ pub struct LabState {
     /// Kubernetes instead of etcd: the kubeconfig the lab was brought up with.
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    pub ip_family: IpFamily,
 }
 
 /// Options of `lab up`.
@@ -169,6 +257,7 @@ pub struct UpOptions {
     pub wireguard_backend: String,
     /// Use this cluster as the datastore (Node objects, FelixConfigurations) instead of etcd.
     pub kubeconfig: Option<PathBuf>,
+    pub ip_family: IpFamily,
 }
 
 impl UpOptions {
@@ -183,6 +272,7 @@ impl UpOptions {
             binary: None,
             wireguard_backend: "userspace".into(),
             kubeconfig: None,
+            ip_family: IpFamily::Ipv4,
         }
     }
 }
@@ -223,6 +313,25 @@ pub fn node_labels(node: &NodeState, lab: &str) -> BTreeMap<String, String> {
         ("wiremesh.io/node".to_string(), node.name.clone()),
         ("wiremesh.io/node-index".to_string(), node.index.to_string()),
     ])
+}
+
+/// Node `index`'s IPv6 addresses: underlay `fd00:172:30::<index>`, pods `fd00:10:244:<index>::/64`
+/// (the index in hex, as IPv6 text has it).
+fn node_ipv6(index: u32) -> Result<NodeIpv6, LabError> {
+    let group = u16::try_from(index).map_err(|_| LabError::InvalidArgument {
+        what: "node index".into(),
+        reason: format!("{index} does not fit an IPv6 group"),
+    })?;
+    let pod = |last: u16| Ipv6Addr::new(0xfd00, 0x10, 0x244, group, 0, 0, 0, last);
+    Ok(NodeIpv6 {
+        underlay_ip: Ipv6Addr::new(0xfd00, 0x172, 0x30, 0, 0, 0, 0, group),
+        pod_cidr: Ipv6Net::new(pod(0), 64).map_err(|e| LabError::InvalidArgument {
+            what: "IPv6 pod CIDR".into(),
+            reason: e.to_string(),
+        })?,
+        gateway_ip: pod(1),
+        pod_ip: pod(2),
+    })
 }
 
 pub fn validate_name(name: &str) -> Result<(), LabError> {
@@ -339,6 +448,7 @@ impl Lab {
                 wireguard_backend: options.wireguard_backend.clone(),
                 nodes: BTreeMap::new(),
                 kubeconfig: options.kubeconfig.clone(),
+                ip_family: options.ip_family,
                 dir,
             },
         };
@@ -362,8 +472,15 @@ impl Lab {
         // Recorded before anything exists, so a crash at any later point can still be cleaned up.
         self.save()?;
 
-        topology::create_hub(&self.state.hub_netns)?;
-        let mut spec = serde_json::json!({ "wireguardEnabled": options.encryption });
+        topology::create_hub(&self.state.hub_netns, self.state.ip_family)?;
+        let mut spec = serde_json::json!({});
+        for family in self.state.ip_family.families() {
+            let field = match family {
+                Family::V4 => "wireguardEnabled",
+                Family::V6 => "wireguardEnabledV6",
+            };
+            spec[field] = Value::Bool(options.encryption);
+        }
         if let Some(keepalive) = &options.keepalive {
             spec["wireguardKeepAlive"] = Value::String(keepalive.clone());
         }
@@ -557,6 +674,12 @@ impl Lab {
             })?,
             gateway_ip: Ipv4Addr::new(10, 244, octet, 1),
             pod_ip: Ipv4Addr::new(10, 244, octet, 2),
+            ipv6: self
+                .state
+                .ip_family
+                .has(Family::V6)
+                .then(|| node_ipv6(index))
+                .transpose()?,
             state_dir: node_dir.join("state"),
             run_dir: node_dir.join("run"),
             log: self.state.dir.join("logs").join(format!("node{index}.log")),
@@ -568,27 +691,36 @@ impl Lab {
         self.state.nodes.insert(index, node.clone());
         self.save()?;
 
-        topology::create_node(&self.state.hub_netns, &node)?;
+        let family = self.state.ip_family;
+        topology::create_node(&self.state.hub_netns, &node, family)?;
         for other in self.state.nodes.values().filter(|n| n.index != index) {
-            topology::add_pod_route(&node, other)?;
-            topology::add_pod_route(other, &node)?;
+            topology::add_pod_route(&node, other, family)?;
+            topology::add_pod_route(other, &node, family)?;
         }
         let registration = NodeRegistration {
             name: node.name.clone(),
-            ipv4_address: Some(format!("{}/24", node.underlay_ip)),
-            ipv6_address: None,
+            ipv4_address: family
+                .has(Family::V4)
+                .then(|| format!("{}/24", node.underlay_ip)),
+            ipv6_address: node
+                .ipv6
+                .as_ref()
+                .map(|v6| format!("{}/64", v6.underlay_ip)),
             labels: node_labels(&node, &self.state.name),
         };
-        let cidr = node.pod_cidr.into();
+        let cidrs = node.pod_cidrs(family);
         if let Some(kubeconfig) = self.state.kubeconfig.clone() {
             let client = k8s::client(&kubeconfig).await?;
-            k8s::register_node(&client, &node, &self.state.name).await?;
+            k8s::register_node(&client, &node, &self.state.name, family).await?;
             self.start_relay(&node, &kubeconfig)?;
         } else {
             let step = format!("registering {}", node.name);
             self.with_store(&step, move |mut w| async move {
                 w.put_node(&registration).await?;
-                w.put_block_affinity(&registration.name, &cidr).await
+                for cidr in &cidrs {
+                    w.put_block_affinity(&registration.name, cidr).await?;
+                }
+                Ok(())
             })
             .await?;
         }
@@ -602,7 +734,7 @@ impl Lab {
     /// Removes node `index`: its datastore objects, its processes, its namespaces and routes.
     pub async fn remove_node(&mut self, index: u32) -> Result<(), LabError> {
         let node = self.node(index)?.clone();
-        let (name, cidr) = (node.name.clone(), node.pod_cidr.into());
+        let (name, cidrs) = (node.name.clone(), node.pod_cidrs(self.state.ip_family));
         if let Some(kubeconfig) = &self.state.kubeconfig {
             let client = k8s::client(kubeconfig).await?;
             k8s::delete_node(&client, &name).await?;
@@ -611,13 +743,16 @@ impl Lab {
                 // Node first, as in a cluster (IPAM releases the block later): peers then drop
                 // the node in one step instead of first seeing it without its pod CIDR.
                 w.delete_node(&name).await?;
-                w.delete_block_affinity(&name, &cidr).await
+                for cidr in &cidrs {
+                    w.delete_block_affinity(&name, cidr).await?;
+                }
+                Ok(())
             })
             .await?;
         }
         clear_netns(&[node.pod_netns.clone(), node.netns.clone()])?;
         for other in self.state.nodes.values().filter(|n| n.index != index) {
-            if let Err(e) = topology::delete_pod_route(other, &node) {
+            if let Err(e) = topology::delete_pod_route(other, &node, self.state.ip_family) {
                 warn!(error = %e, "route to the removed node was already gone");
             }
         }
@@ -834,23 +969,47 @@ impl Lab {
         env
     }
 
-    /// Address of a node (underlay) or pod.
-    pub fn address_of(&self, target: &str) -> Result<Ipv4Addr, LabError> {
+    /// Address of a node (underlay) or pod, in the lab's first family (IPv4 unless IPv6-only).
+    pub fn address_of(&self, target: &str) -> Result<IpAddr, LabError> {
+        self.address_in(target, self.state.ip_family.families()[0])
+    }
+
+    /// Address of a node (underlay) or pod in `family`.
+    pub fn address_in(&self, target: &str, family: Family) -> Result<IpAddr, LabError> {
         let (t, n) = self.target(target)?;
-        Ok(match t {
-            Target::Node(_) => n.underlay_ip,
-            Target::Pod(_) => n.pod_ip,
+        let address = match t {
+            Target::Node(_) => n.underlay(family),
+            Target::Pod(_) => n.pod_address(family, self.state.ip_family),
+        };
+        address.ok_or_else(|| LabError::InvalidArgument {
+            what: target.to_string(),
+            reason: format!(
+                "has no {family} address in this lab (--ip-family {})",
+                self.state.ip_family.name()
+            ),
         })
     }
 
-    /// Pings `to` from `from` (each a node or pod); returns how many replies came back.
+    /// Pings `to` from `from` (each a node or pod) in the lab's first family; returns how
+    /// many replies came back.
     pub fn ping(&self, from: &str, to: &str, count: u32) -> Result<PingResult, LabError> {
+        self.ping_in(from, to, count, self.state.ip_family.families()[0])
+    }
+
+    /// Pings `to`'s `family` address from `from`.
+    pub fn ping_in(
+        &self,
+        from: &str,
+        to: &str,
+        count: u32,
+        family: Family,
+    ) -> Result<PingResult, LabError> {
         let (t, n) = self.target(from)?;
         let ns = match t {
             Target::Node(_) => n.netns.clone(),
             Target::Pod(_) => n.pod_netns.clone(),
         };
-        let address = self.address_of(to)?.to_string();
+        let address = self.address_in(to, family)?.to_string();
         let count_text = count.to_string();
         let output = sys::output(
             "pinging",
@@ -985,10 +1144,20 @@ impl Lab {
                     node: n.name.clone(),
                     netns: n.netns.clone(),
                     netns_present: sys::netns_exists(&n.netns),
-                    underlay: n.underlay_ip,
+                    underlay: join_addresses(
+                        s.ip_family
+                            .families()
+                            .into_iter()
+                            .filter_map(|f| n.underlay(f)),
+                    ),
                     pod_netns: n.pod_netns.clone(),
                     pod_netns_present: sys::netns_exists(&n.pod_netns),
-                    pod: n.pod_ip,
+                    pod: join_addresses(
+                        s.ip_family
+                            .families()
+                            .into_iter()
+                            .filter_map(|f| n.pod_address(f, s.ip_family)),
+                    ),
                     agent: if s.agents {
                         alive(n.agent_pid, &n.netns)
                     } else {
@@ -1020,10 +1189,12 @@ pub struct LabNodeStatus {
     pub node: String,
     pub netns: String,
     pub netns_present: bool,
-    pub underlay: Ipv4Addr,
+    /// The lab's families' underlay addresses, comma-separated.
+    pub underlay: String,
     pub pod_netns: String,
     pub pod_netns_present: bool,
-    pub pod: Ipv4Addr,
+    /// The pod's addresses, comma-separated.
+    pub pod: String,
     pub agent: String,
 }
 
@@ -1053,16 +1224,23 @@ impl LabStatus {
                 n.node.clone(),
                 n.netns.clone(),
                 present(n.netns_present).into(),
-                n.underlay.to_string(),
+                n.underlay.clone(),
                 n.pod_netns.clone(),
                 present(n.pod_netns_present).into(),
-                n.pod.to_string(),
+                n.pod.clone(),
                 n.agent.clone(),
             ]);
         }
         out.push_str(&table.render(""));
         out
     }
+}
+
+fn join_addresses(addresses: impl Iterator<Item = IpAddr>) -> String {
+    addresses
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1257,6 +1435,34 @@ mod tests {
         assert_eq!(Target::parse("pod3"), Some(Target::Pod(3)));
         assert_eq!(Target::parse("4"), Some(Target::Node(4)));
         assert_eq!(Target::parse("nodeX"), None);
+    }
+
+    #[test]
+    fn ipv6_addresses_follow_the_node_index() {
+        let v6 = node_ipv6(10).expect("index fits");
+        assert_eq!(v6.underlay_ip.to_string(), "fd00:172:30::a");
+        assert_eq!(v6.pod_cidr.to_string(), "fd00:10:244:a::/64");
+        assert_eq!(v6.gateway_ip.to_string(), "fd00:10:244:a::1");
+        assert_eq!(v6.pod_ip.to_string(), "fd00:10:244:a::2");
+        assert_ne!(
+            node_ipv6(MAX_NODES).expect("fits").underlay_ip,
+            HUB_ADDRESS_V6
+        );
+        assert_eq!(IpFamily::Dual.families(), [Family::V4, Family::V6]);
+        assert!(!IpFamily::Ipv6.has(Family::V4));
+    }
+
+    #[test]
+    fn a_lab_json_of_an_older_version_is_an_ipv4_lab() {
+        let state: LabState = serde_json::from_value(serde_json::json!({
+            "name": "a", "dir": "/tmp/a", "hub_netns": "wm-a-hub",
+            "etcd_endpoint": "http://172.30.0.254:2379", "etcd_pid": null,
+            "etcd_data_dir": "/tmp/a/etcd", "etcd_log": "/tmp/a/etcd.log",
+            "binary": "/bin/true", "agents": true, "wireguard_backend": "userspace",
+            "nodes": {}
+        }))
+        .expect("decodes");
+        assert_eq!(state.ip_family, IpFamily::Ipv4);
     }
 
     #[test]

@@ -49,6 +49,9 @@ impl fmt::Display for Expectation {
 pub struct PairResult {
     pub from: String,
     pub to: String,
+    /// The pods' addresses pinged, and the WireGuard device expected to carry them.
+    #[serde(default = "ipv4")]
+    pub family: Family,
     pub expected: Expectation,
     pub sent: u32,
     pub received: u32,
@@ -61,13 +64,18 @@ pub struct PairResult {
     pub problem: String,
 }
 
+fn ipv4() -> Family {
+    Family::V4
+}
+
 impl fmt::Display for PairResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} -> {}  {}  {} ({} clear, {} wireguard packets; {}/{} replies)",
+            "{} -> {} {}  {}  {} ({} clear, {} wireguard packets; {}/{} replies)",
             self.from,
             self.to,
+            self.family,
             if self.ok { "ok  " } else { "FAIL" },
             self.expected,
             self.clear_packets,
@@ -82,9 +90,26 @@ impl fmt::Display for PairResult {
     }
 }
 
+/// Whether a node's agent runs WireGuard in each family, and on which port.
+#[derive(Debug, Clone, Copy)]
+struct NodeWireguard {
+    index: u32,
+    v4: (bool, u16),
+    v6: (bool, u16),
+}
+
+impl NodeWireguard {
+    fn family(&self, family: Family) -> (bool, u16) {
+        match family {
+            Family::V4 => self.v4,
+            Family::V6 => self.v6,
+        }
+    }
+}
+
 /// Effective WireGuard expectation and port of every node: its FelixConfiguration objects, as
 /// its agent sees them (with the last valid values it keeps for fields that are invalid now).
-async fn effective(lab: &Lab) -> Result<Vec<(u32, bool, u16)>, LabError> {
+async fn effective(lab: &Lab) -> Result<Vec<NodeWireguard>, LabError> {
     let nodes: Vec<(u32, String, PathBuf)> = lab
         .state
         .nodes
@@ -123,13 +148,17 @@ async fn effective(lab: &Lab) -> Result<Vec<(u32, bool, u16)>, LabError> {
         .collect())
 }
 
-/// (node index, IPv4 WireGuard on, port) as the agent of `name` sees its configuration.
-fn expectation(index: u32, name: &str, config: EffectiveConfig) -> (u32, bool, u16) {
+/// What the agent of `name` runs, as it sees its configuration.
+fn expectation(index: u32, name: &str, config: EffectiveConfig) -> NodeWireguard {
     for e in &config.errors {
         warn!(node = %name, error = %e, "ignored as the agent ignores it");
     }
-    let v4 = &config.wireguard.v4;
-    (index, v4.enabled, v4.listening_port)
+    let wg = &config.wireguard;
+    NodeWireguard {
+        index,
+        v4: (wg.v4.enabled, wg.v4.listening_port),
+        v6: (wg.v6.enabled, wg.v6.listening_port),
+    }
 }
 
 /// tcpdump on the hub's bridge (the underlay every node's traffic crosses), into a file.
@@ -210,13 +239,49 @@ impl Capture {
 
     /// The packets in the capture that match the tcpdump `filter`, one line each.
     pub fn packets(&self, filter: &str) -> Result<Vec<String>, LabError> {
+        self.read(filter, &[])
+    }
+
+    /// The packets matching `filter` captured at or after `since`, one line each (each starts
+    /// with its Unix time).
+    pub fn packets_since(
+        &self,
+        filter: &str,
+        since: std::time::SystemTime,
+    ) -> Result<Vec<String>, LabError> {
+        self.packets_between(filter, since, None)
+    }
+
+    /// The packets matching `filter` captured from `since` up to `until` (None: the end).
+    pub fn packets_between(
+        &self,
+        filter: &str,
+        since: std::time::SystemTime,
+        until: Option<std::time::SystemTime>,
+    ) -> Result<Vec<String>, LabError> {
+        let seconds = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        let (since, until) = (seconds(since), until.map_or(f64::MAX, seconds));
+        Ok(self
+            .read(filter, &["-tt"])?
+            .into_iter()
+            .filter(|line| {
+                line.split_whitespace()
+                    .next()
+                    .and_then(|t| t.parse::<f64>().ok())
+                    .is_some_and(|t| t >= since && t < until)
+            })
+            .collect())
+    }
+
+    fn read(&self, filter: &str, extra: &[&str]) -> Result<Vec<String>, LabError> {
         let file = self.file.display().to_string();
-        let output = sys::run(
-            "reading capture",
-            filter,
-            "tcpdump",
-            &["-r", &file, "-nn", "-e", filter],
-        )?;
+        let mut args = vec!["-r", &file, "-nn", "-e"];
+        args.extend_from_slice(extra);
+        args.push(filter);
+        let output = sys::run("reading capture", filter, "tcpdump", &args)?;
         Ok(String::from_utf8_lossy(&output.stdout)
             .lines()
             .map(str::to_string)
@@ -232,23 +297,24 @@ impl Drop for Capture {
     }
 }
 
-/// Checks every ordered pair of nodes; see the module comment.
+/// Checks every ordered pair of nodes in each of the lab's families; see the module comment.
 pub async fn verify(
     lab: &Lab,
     expect: VerifyExpect,
     count: u32,
 ) -> Result<Vec<PairResult>, LabError> {
     let nodes: Vec<NodeState> = lab.state.nodes.values().cloned().collect();
+    let families = lab.state.ip_family.families();
     let config = effective(lab).await?;
-    let lookup = |i: u32| {
+    let lookup = |i: u32, family: Family| {
         config
             .iter()
-            .find(|(index, _, _)| *index == i)
-            .map(|&(_, on, port)| (on, port))
+            .find(|n| n.index == i)
+            .map(|n| n.family(family))
     };
 
     if lab.state.agents {
-        wait_for_agents(lab, &nodes, &lookup, AGENT_WAIT).await;
+        wait_for_agents(lab, &nodes, &families, &lookup, AGENT_WAIT).await;
     }
 
     let dir = lab.state.dir.join("verify");
@@ -259,42 +325,53 @@ pub async fn verify(
     })?;
     let mut capture = Capture::start(&lab.state.hub_netns, &dir)?;
     let mut pings = Vec::new();
-    for from in &nodes {
-        for to in nodes.iter().filter(|n| n.index != from.index) {
-            let result = lab.ping(&from.pod_name, &to.pod_name, count)?;
-            info!(from = %from.pod_name, to = %to.pod_name, received = result.received, "ping");
-            pings.push((from, to, result));
+    for &family in &families {
+        for from in &nodes {
+            for to in nodes.iter().filter(|n| n.index != from.index) {
+                let result = lab.ping_in(&from.pod_name, &to.pod_name, count, family)?;
+                info!(from = %from.pod_name, to = %to.pod_name, %family, received = result.received, "ping");
+                pings.push((family, from, to, result));
+            }
         }
     }
     // A pair that got no reply at all is pinged once more (a loaded machine can lose a burst);
     // the capture covers both attempts, so clear packets still count against it.
-    for (from, to, result) in pings.iter_mut().filter(|(_, _, r)| r.received == 0) {
-        *result = lab.ping(&from.pod_name, &to.pod_name, count)?;
-        info!(from = %from.pod_name, to = %to.pod_name, received = result.received, "ping again");
+    for (family, from, to, result) in pings.iter_mut().filter(|(_, _, _, r)| r.received == 0) {
+        *result = lab.ping_in(&from.pod_name, &to.pod_name, count, *family)?;
+        info!(from = %from.pod_name, to = %to.pod_name, %family, received = result.received, "ping again");
     }
     capture.stop();
 
     let mut results = Vec::new();
-    for (from, to, ping) in pings {
-        let (from_on, from_port) =
-            lookup(from.index).unwrap_or((false, wiremesh_core::config::DEFAULT_PORT_V4));
-        let (to_on, to_port) =
-            lookup(to.index).unwrap_or((false, wiremesh_core::config::DEFAULT_PORT_V4));
+    for (family, from, to, ping) in pings {
+        let default_port = match family {
+            Family::V4 => wiremesh_core::config::DEFAULT_PORT_V4,
+            Family::V6 => wiremesh_core::config::DEFAULT_PORT_V6,
+        };
+        let (from_on, from_port) = lookup(from.index, family).unwrap_or((false, default_port));
+        let (to_on, to_port) = lookup(to.index, family).unwrap_or((false, default_port));
         let expected = match expect {
             VerifyExpect::Encrypted => Expectation::Encrypted,
             VerifyExpect::Clear => Expectation::Clear,
             VerifyExpect::Auto if from_on && to_on => Expectation::Encrypted,
             VerifyExpect::Auto => Expectation::Clear,
         };
-        let clear_packets =
-            capture.count(&format!("host {} and host {}", from.pod_ip, to.pod_ip))?;
+        let ip_family = lab.state.ip_family;
+        let (Some(from_pod), Some(to_pod), Some(from_node), Some(to_node)) = (
+            from.pod_address(family, ip_family),
+            to.pod_address(family, ip_family),
+            from.underlay(family),
+            to.underlay(family),
+        ) else {
+            continue; // Pinged above, so both have the family's addresses.
+        };
+        let clear_packets = capture.count(&format!("host {from_pod} and host {to_pod}"))?;
         let wireguard_packets = capture.count(&format!(
-            "udp and host {} and host {} and (port {from_port} or port {to_port})",
-            from.underlay_ip, to.underlay_ip
+            "udp and host {from_node} and host {to_node} and (port {from_port} or port {to_port})"
         ))?;
         let mut problems = Vec::new();
         if ping.received == 0 {
-            problems.push(format!("{} unreachable from {}", to.pod_ip, from.pod_name));
+            problems.push(format!("{to_pod} unreachable from {}", from.pod_name));
         }
         if expected == Expectation::Encrypted {
             if clear_packets > 0 {
@@ -307,6 +384,7 @@ pub async fn verify(
         results.push(PairResult {
             from: from.name.clone(),
             to: to.name.clone(),
+            family,
             expected,
             sent: ping.sent,
             received: ping.received,
@@ -327,35 +405,28 @@ pub async fn verify(
 /// How long `verify` waits for the agents to apply the current configuration.
 const AGENT_WAIT: Duration = Duration::from_secs(30);
 
-/// Whether the agent of `node` has applied what the configuration asks of it, from its status
-/// file: ready, its last run succeeded, IPv4 WireGuard on or off as configured, and when on, a
-/// peer programmed for every other node that is on (but those it refuses for a reason other
-/// than a key not yet published: a broken node stays broken however long we wait). Returns
-/// the device and the keys of the peers that should have a handshake (those with keepalive).
+/// Whether the agent of `node` has applied what the configuration asks of it in `family`, from
+/// its status file: ready, its last run succeeded, WireGuard on or off as configured, and when
+/// on, a peer programmed for every other node that is on (but those it refuses for a reason
+/// other than a key not yet published: a broken node stays broken however long we wait).
+/// Returns the device and the keys of the peers that should have a handshake (those with
+/// keepalive).
 fn agent_applied(
-    node: &NodeState,
+    status: &AgentStatus,
+    family: Family,
     on: bool,
     peers_on: &[&NodeState],
 ) -> Result<Option<(String, Vec<String>)>, String> {
-    let status = AgentStatus::read(&node.state_dir)
-        .map_err(|e| e.to_string())?
-        .ok_or("no status file yet")?;
-    if !status.ready {
-        return Err("not ready".into());
-    }
-    if let Some(e) = &status.last_error {
-        return Err(format!("last run failed: {e}"));
-    }
-    let device = status.devices.iter().find(|d| d.family == Family::V4);
+    let device = status.devices.iter().find(|d| d.family == family);
     match (on, device) {
         (false, None) => Ok(None),
-        (false, Some(_)) => Err("WireGuard still on".into()),
-        (true, None) => Err("WireGuard not on yet".into()),
+        (false, Some(_)) => Err(format!("{family} WireGuard still on")),
+        (true, None) => Err(format!("{family} WireGuard not on yet")),
         (true, Some(d)) => {
             let refused: Vec<&str> = status
                 .skipped
                 .iter()
-                .filter(|s| s.family == Family::V4 && s.reason != SkipReason::NoKey)
+                .filter(|s| s.family == family && s.reason != SkipReason::NoKey)
                 .map(|s| s.node.as_str())
                 .collect();
             let mut keys = Vec::new();
@@ -367,12 +438,26 @@ fn agent_applied(
                     // Without keepalive nothing starts a handshake before traffic does.
                     Some(p) if p.spec.keepalive > 0 => keys.push(p.public_key.to_string()),
                     Some(_) => {}
-                    None => return Err(format!("no peer for {} yet", peer.name)),
+                    None => return Err(format!("no {family} peer for {} yet", peer.name)),
                 }
             }
             Ok(Some((d.interface.clone(), keys)))
         }
     }
+}
+
+/// The status file of `node`'s agent, if it is ready and its last run succeeded.
+fn settled_status(node: &NodeState) -> Result<AgentStatus, String> {
+    let status = AgentStatus::read(&node.state_dir)
+        .map_err(|e| e.to_string())?
+        .ok_or("no status file yet")?;
+    if !status.ready {
+        return Err("not ready".into());
+    }
+    if let Some(e) = &status.last_error {
+        return Err(format!("last run failed: {e}"));
+    }
+    Ok(status)
 }
 
 /// Whether `node`'s device `interface` has completed a handshake with each of `keys` (a peer
@@ -401,10 +486,25 @@ fn handshakes_done(lab: &Lab, node: &str, interface: &str, keys: &[String]) -> R
 async fn wait_for_agents(
     lab: &Lab,
     nodes: &[NodeState],
-    lookup: &impl Fn(u32) -> Option<(bool, u16)>,
+    families: &[Family],
+    lookup: &impl Fn(u32, Family) -> Option<(bool, u16)>,
     limit: Duration,
 ) {
-    let on = |n: &NodeState| lookup(n.index).is_some_and(|(on, _)| on);
+    let on = |n: &NodeState, family| lookup(n.index, family).is_some_and(|(on, _)| on);
+    let node_ready = |n: &NodeState| -> Result<(), String> {
+        let status = settled_status(n)?;
+        for &family in families {
+            let peers: Vec<&NodeState> = nodes
+                .iter()
+                .filter(|p| p.index != n.index && on(p, family))
+                .collect();
+            if let Some((interface, keys)) = agent_applied(&status, family, on(n, family), &peers)?
+            {
+                handshakes_done(lab, &n.name, &interface, &keys)?;
+            }
+        }
+        Ok(())
+    };
     let pending = || -> Vec<String> {
         nodes
             .iter()
@@ -412,17 +512,7 @@ async fn wait_for_agents(
                 n.agent_pid
                     .is_some_and(|pid| sys::is_alive(pid) && sys::pid_in_netns(pid, &n.netns))
             })
-            .filter_map(|n| {
-                let peers: Vec<&NodeState> = nodes
-                    .iter()
-                    .filter(|p| p.index != n.index && on(p))
-                    .collect();
-                let ready = agent_applied(n, on(n), &peers).and_then(|device| match device {
-                    Some((interface, keys)) => handshakes_done(lab, &n.name, &interface, &keys),
-                    None => Ok(()),
-                });
-                ready.err().map(|why| format!("{}: {why}", n.name))
-            })
+            .filter_map(|n| node_ready(n).err().map(|why| format!("{}: {why}", n.name)))
             .collect()
     };
     let deadline = tokio::time::Instant::now() + limit;
