@@ -340,19 +340,52 @@ fn settings_flow_into_the_device_peers_and_rule() {
 }
 
 #[test]
-fn host_encryption_adds_node_addresses() {
+fn host_encryption_routes_node_addresses_of_confirmed_peers_only() {
     let mut i = inputs(1, [node(1), node(2)]);
     i.settings.host_encryption = true;
+    let route = |kind| RouteSpec {
+        table: 1,
+        dest: net("172.30.0.2/32"),
+        kind,
+    };
+    let device = RouteKind::Device {
+        interface: "wireguard.cali".into(),
+    };
+    // Not confirmed yet (no handshake with our current key): accepted from the tunnel, but
+    // host traffic to it goes direct, and a keepalive starts the handshake.
     let spec = desired(&i);
     let p = &spec.devices[&Family::V4].peers[&key(2).public_key()];
     assert!(p.allowed_ips.contains(&net("172.30.0.2/32")));
+    assert_eq!(p.keepalive, wiremesh_core::mesh::HOST_ENCRYPTION_KEEPALIVE);
+    assert!(spec.routes.contains(&route(RouteKind::Throw)));
+    assert!(!spec.routes.contains(&route(device.clone())));
+    // Pod traffic is not held back.
     assert!(spec.routes.contains(&RouteSpec {
         table: 1,
-        dest: net("172.30.0.2/32"),
-        kind: RouteKind::Device {
-            interface: "wireguard.cali".into()
-        }
+        dest: net("10.244.2.0/24"),
+        kind: device.clone(),
     }));
+
+    i.local.confirmed_peers = [(Family::V4, [key(2).public_key()].into())].into();
+    let spec = desired(&i);
+    let p = &spec.devices[&Family::V4].peers[&key(2).public_key()];
+    assert_eq!(p.keepalive, wiremesh_core::mesh::HOST_ENCRYPTION_KEEPALIVE);
+    assert!(spec.routes.contains(&route(device)));
+    assert!(!spec.routes.contains(&route(RouteKind::Throw)));
+
+    // A configured keepalive is kept either way; without host encryption nothing changes.
+    i.local.confirmed_peers.clear();
+    i.settings.keepalive = std::time::Duration::from_secs(10);
+    let spec = desired(&i);
+    assert_eq!(
+        spec.devices[&Family::V4].peers[&key(2).public_key()].keepalive,
+        10
+    );
+    i.settings.host_encryption = false;
+    let spec = desired(&i);
+    let p = &spec.devices[&Family::V4].peers[&key(2).public_key()];
+    assert!(!p.allowed_ips.contains(&net("172.30.0.2/32")));
+    assert!(!spec.routes.iter().any(|r| r.dest == net("172.30.0.2/32")));
 }
 
 #[test]

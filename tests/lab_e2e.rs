@@ -88,6 +88,12 @@ fn log_of(lab: &Lab, index: u32) -> String {
     std::fs::read_to_string(&lab.node(index).expect("node").log).unwrap_or_default()
 }
 
+/// `lab verify` with `count` pings per pair: every one of the 6 pairs ok and `expected`.
+async fn verify_all(lab: &Lab, expect: VerifyExpect, count: u32, expected: Expectation) {
+    let results = verify::verify(lab, expect, count).await.expect("verify");
+    all_ok(&results, expected);
+}
+
 fn all_ok(results: &[verify::PairResult], expected: Expectation) {
     assert_eq!(results.len(), 6, "{results:?}");
     for r in results {
@@ -504,12 +510,7 @@ async fn s1_encryption_off_pod_traffic_flows_in_clear() {
         })
     })
     .await;
-    all_ok(
-        &verify::verify(&lab, VerifyExpect::Clear, 2)
-            .await
-            .expect("verify"),
-        Expectation::Clear,
-    );
+    verify_all(&lab, VerifyExpect::Clear, 2, Expectation::Clear).await;
     for i in 1..=3 {
         assert!(
             no_trace(&lab, i),
@@ -693,6 +694,34 @@ async fn bad_felix_fields_keep_encryption_on_and_say_so() {
         })
     })
     .await;
+    assert_eq!(node_status_report(&lab, "node1")["verdict"]["level"], "ok");
+
+    // Deleting the object (an old manifest's `kubectl delete`, an emptied etcd) is not a way
+    // to switch encryption off either: it stays on, reported; only a valid false turns it off.
+    lab.delete_raw("/calico/resources/v3/projectcalico.org/felixconfigurations/default")
+        .await
+        .expect("delete");
+    wait_for("every agent to report the deleted switch", async || {
+        (1..=3).all(|i| {
+            status(&lab, i)["configErrors"]
+                .as_array()
+                .is_some_and(|e| e.len() == 1)
+        })
+    })
+    .await;
+    let summary = node_status_report(&lab, "node3")["verdict"]["summary"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        summary.contains("the object was deleted while it was true"),
+        "{summary}"
+    );
+    verify_all(&lab, VerifyExpect::Auto, 2, Expectation::Encrypted).await;
+    lab.set("wireguardEnabled", Value::Bool(false), None)
+        .await
+        .expect("off");
+    verify_all(&lab, VerifyExpect::Auto, 2, Expectation::Clear).await;
     assert_eq!(node_status_report(&lab, "node1")["verdict"]["level"], "ok");
 }
 
@@ -1130,12 +1159,7 @@ async fn s7_malformed_node_data_is_skipped_and_the_mesh_is_unaffected() {
         "the bad affinity key is reported"
     );
     wait_mesh(&lab, &["node1", "node2", "node3"], 2).await;
-    all_ok(
-        &verify::verify(&lab, VerifyExpect::Encrypted, 2)
-            .await
-            .expect("verify"),
-        Expectation::Encrypted,
-    );
+    verify_all(&lab, VerifyExpect::Encrypted, 2, Expectation::Encrypted).await;
 }
 
 /// Scenario 8: switched off cluster-wide: every trace (device, routes, rules, nft table,
@@ -1177,23 +1201,13 @@ async fn s8_disable_cluster_wide_removes_every_trace() {
                 .exists()
         );
     }
-    all_ok(
-        &verify::verify(&lab, VerifyExpect::Clear, 2)
-            .await
-            .expect("verify"),
-        Expectation::Clear,
-    );
+    verify_all(&lab, VerifyExpect::Clear, 2, Expectation::Clear).await;
     // Verifying right after switching it back on checks the new state: verify waits for the
     // agents to apply it rather than racing them (this failed at random before).
     lab.set("wireguardEnabled", Value::Bool(true), None)
         .await
         .expect("enable");
-    all_ok(
-        &verify::verify(&lab, VerifyExpect::Auto, 2)
-            .await
-            .expect("verify"),
-        Expectation::Encrypted,
-    );
+    verify_all(&lab, VerifyExpect::Auto, 2, Expectation::Encrypted).await;
 }
 
 /// Drift: someone deletes our device on one node and our rule on another. Kernel notifications

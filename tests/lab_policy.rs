@@ -5,11 +5,11 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use support::lab::{Guard, metric_value, start_lab, wait_within};
 use support::root_or_skip;
-use wiremesh::cli::lab::{self, Lab};
+use wiremesh::cli::lab::{self, Capture, Lab};
 
 mod support;
 use wiremesh_core::manifest::Manifest;
@@ -391,4 +391,175 @@ spec:
     .await;
     assert!(reachable(&lab, "node3", "node1"), "only node2 is denied");
     assert!(table(&lab, "node1").contains("type filter hook prerouting priority raw"));
+}
+
+/// A TCP probe every 100 ms from `node` to `address:port` until `stop` exists, on a thread:
+/// one line per probe, `<unix time> <exit code>` (124: no answer within 1 s; a refusal, RST,
+/// is an answer).
+fn probe_tcp(
+    lab: &Lab,
+    node: &str,
+    address: &str,
+    port: u16,
+    stop: &std::path::Path,
+) -> std::thread::JoinHandle<String> {
+    let args = lab
+        .exec_args(
+            node,
+            &[
+                "bash".to_string(),
+                "-c".to_string(),
+                format!(
+                    "while [ ! -e {stop} ]; do timeout 1 bash -c 'echo > /dev/tcp/{address}/{port}' 2>/dev/null; \
+                     echo \"$(date +%s.%N) $?\"; sleep 0.1; done",
+                    stop = stop.display()
+                ),
+            ],
+        )
+        .expect("exec args");
+    std::thread::spawn(move || {
+        let out = Command::new("ip").args(&args).output().expect("probe");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+}
+
+/// (probes, unanswered probes) in a `probe_tcp` output.
+fn unanswered(output: &str) -> (usize, Vec<String>) {
+    let lines: Vec<&str> = output.lines().collect();
+    let lost = lines
+        .iter()
+        .filter(|l| l.ends_with(" 124"))
+        .map(|l| l.to_string())
+        .collect();
+    (lines.len(), lost)
+}
+
+async fn set_host_encryption(lab: &Lab, on: bool) {
+    lab.set(
+        "wireguardHostEncryptionEnabled",
+        serde_json::Value::Bool(on),
+        None,
+    )
+    .await
+    .expect("wireguardHostEncryptionEnabled");
+}
+
+/// `node`'s routing table 1.
+fn table1(lab: &Lab, node: &str) -> String {
+    let out = lab
+        .exec_in_node(node, &["ip", "route", "show", "table", "1"])
+        .expect("ip route");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Issue 10: host-to-host encryption (`wireguardHostEncryptionEnabled`) under a default-deny
+/// `"*"` host endpoint on node1. TCP probes every 100 ms from node2 to node1's failsafe ports
+/// (ssh 22, the API 6443) and from node1 to node2's etcd port (2379, failsafe outbound) go on
+/// through enable, an agent restart, a key rotation and disable: not one goes unanswered
+/// (a node routes its host traffic into the tunnel only once a handshake proves the peer holds
+/// its current key). While both nodes route each other's address into the tunnel, no host
+/// TCP crosses the underlay in clear: only WireGuard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_encryption_keeps_failsafe_ports_reachable() {
+    if !root_or_skip("host encryption") {
+        return;
+    }
+    let (mut lab, _guard) = start("h").await;
+    wait_for("pods reachable", async || reachable(&lab, "pod2", "pod1")).await;
+    apply(
+        &lab,
+        "
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata:
+  name: node1-all
+  labels: {wiremesh.io/node: node1}
+spec:
+  node: node1
+  interfaceName: \"*\"
+",
+    )
+    .await;
+    wait_for("default deny on node1", async || {
+        !reachable(&lab, "node2", "node1")
+    })
+    .await;
+    let stop = lab.state.dir.join("stop-probes");
+    let probes = [
+        probe_tcp(&lab, "node2", "172.30.0.1", 22, &stop),
+        probe_tcp(&lab, "node2", "172.30.0.1", 6443, &stop),
+        probe_tcp(&lab, "node1", "172.30.0.2", 2379, &stop),
+    ];
+    let dir = lab.state.dir.join("capture-host");
+    std::fs::create_dir_all(&dir).expect("capture dir");
+    let mut capture = Capture::start(&lab.state.hub_netns, &dir).expect("capture");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let tunnelled = |lab: &Lab| {
+        table1(lab, "node1").contains("172.30.0.2 dev wireguard.cali")
+            && table1(lab, "node2").contains("172.30.0.1 dev wireguard.cali")
+    };
+    set_host_encryption(&lab, true).await;
+    wait_for(
+        "node1 and node2 to tunnel each other's address",
+        async || tunnelled(&lab),
+    )
+    .await;
+    let encrypted_from = SystemTime::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let encrypted_until = SystemTime::now();
+
+    lab.restart_agent("node1").expect("restart node1's agent");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for("the tunnel after the restart", async || tunnelled(&lab)).await;
+    let rotated = Command::new(env!("CARGO_BIN_EXE_wiremesh"))
+        .args(["lab", "exec", "--name", &lab.state.name, "node1", "--"])
+        .args(["wiremesh", "rotate-key"])
+        .output()
+        .expect("rotate-key");
+    assert!(rotated.status.success());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for("the tunnel after the rotation", async || tunnelled(&lab)).await;
+
+    set_host_encryption(&lab, false).await;
+    wait_for("node addresses out of the tunnel", async || {
+        !table1(&lab, "node1").contains("172.30.0.2")
+            && !table1(&lab, "node2").contains("172.30.0.1")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    std::fs::write(&stop, "").expect("stop probes");
+    capture.stop();
+
+    for (probe, name) in probes.into_iter().zip([
+        "node2 -> node1:22",
+        "node2 -> node1:6443",
+        "node1 -> node2:2379",
+    ]) {
+        let (sent, lost) = unanswered(&probe.join().expect("probe thread"));
+        eprintln!("{name}: {} of {sent} probes unanswered", lost.len());
+        assert!(sent >= 40, "{name}: only {sent} probes");
+        assert!(lost.is_empty(), "{name}: unanswered at {lost:?}");
+    }
+    let clear = capture
+        .packets_between(
+            "tcp and (port 22 or port 6443 or port 2379) and not host 172.30.0.254",
+            encrypted_from,
+            Some(encrypted_until),
+        )
+        .expect("read capture");
+    let wireguard = capture
+        .packets_between(
+            "udp port 51820 and host 172.30.0.1 and host 172.30.0.2",
+            encrypted_from,
+            Some(encrypted_until),
+        )
+        .expect("read capture");
+    eprintln!(
+        "host traffic while tunnelled: {} clear TCP packets, {} WireGuard packets",
+        clear.len(),
+        wireguard.len()
+    );
+    assert!(clear.is_empty(), "clear host TCP: {clear:?}");
+    assert!(!wireguard.is_empty());
 }

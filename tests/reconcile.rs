@@ -342,6 +342,91 @@ async fn the_device_check_repairs_wg_set_changes_between_resyncs() {
     loop_task.await.expect("loop ends");
 }
 
+/// Host encryption: node2's address is routed into the tunnel only once the device shows a
+/// handshake with node2 made with our current key (found by the 1 s device check), and goes
+/// back to the main table when the handshakes stop (node2 lost our key) or our key rotates.
+#[tokio::test]
+async fn host_traffic_follows_handshakes_made_with_our_current_key() {
+    use std::time::SystemTime;
+    use wiremesh_core::mesh::{RouteKind, RouteSpec};
+
+    let mut initial = cluster(true);
+    let mut spec = felix(true);
+    spec.wireguard_host_encryption_enabled = Some(true);
+    initial
+        .felix_configurations
+        .insert("default".into(), Ok(spec.into()));
+    let h = Harness::new(initial);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let loop_task = tokio::spawn(h.reconciler().run(h.tx.subscribe(), async move {
+        let _ = stop_rx.await;
+    }));
+    let node2_route = |kernel: &FakeKernel| {
+        kernel
+            .state()
+            .routes
+            .iter()
+            .find(|r: &&RouteSpec| r.dest.to_string() == "172.30.0.2/32")
+            .map(|r| r.kind.clone())
+    };
+    let node2_key = support::key(2).public_key();
+    let set_handshake = |at: SystemTime| {
+        let mut kernel = h.kernel.state();
+        let device = kernel.devices.get_mut("wireguard.cali").expect("device");
+        device
+            .peers
+            .get_mut(&node2_key)
+            .expect("peer")
+            .last_handshake = Some(at);
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        node2_route(&h.kernel),
+        Some(RouteKind::Throw),
+        "no handshake yet"
+    );
+    let peer = h.kernel.state().devices["wireguard.cali"].peers[&node2_key].clone();
+    assert!(
+        peer.allowed_ips
+            .iter()
+            .any(|n| n.to_string() == "172.30.0.2/32")
+    );
+    assert_eq!(
+        peer.keepalive,
+        wiremesh_core::mesh::HOST_ENCRYPTION_KEEPALIVE
+    );
+
+    set_handshake(SystemTime::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tunnel = RouteKind::Device {
+        interface: "wireguard.cali".into(),
+    };
+    assert_eq!(node2_route(&h.kernel), Some(tunnel.clone()), "confirmed");
+
+    set_handshake(SystemTime::now() - Duration::from_secs(200));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        node2_route(&h.kernel),
+        Some(RouteKind::Throw),
+        "no handshake for a session lifetime"
+    );
+
+    set_handshake(SystemTime::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(node2_route(&h.kernel), Some(tunnel));
+    KeyStore::new(h.dir.path())
+        .request_rotation(Family::V4)
+        .expect("rotation requested");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        node2_route(&h.kernel),
+        Some(RouteKind::Throw),
+        "a handshake made with our old key proves nothing about the new one"
+    );
+    let _ = stop_tx.send(());
+    loop_task.await.expect("loop ends");
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_loop_waits_for_sync_then_follows_changes_and_retries_failures() {
     let h = Harness::new(cluster(true));

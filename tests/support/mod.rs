@@ -90,6 +90,7 @@ pub fn inputs(local: u8, nodes: impl IntoIterator<Item = NodeResource>) -> Input
             routing_table: 1,
             host_mtu: 1500,
             previous_interfaces: Default::default(),
+            confirmed_peers: Default::default(),
         },
         settings,
         nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),

@@ -107,6 +107,15 @@ impl KeyStore {
             Err(source) => return Err(KeyError::Read { path: next, source }),
         };
         let key = parse_key_file(&next, &bytes)?;
+        // Stamped now, when the key goes into use (it was written when requested): handshakes
+        // before this instant were made with the old key (host encryption's confirmations).
+        let stamped = fs::File::options()
+            .write(true)
+            .open(&next)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        if let Err(e) = stamped {
+            tracing::debug!(error = %e, path = %next.display(), "could not stamp the key file");
+        }
         fs::rename(&next, self.path(family)).map_err(|source| KeyError::Write {
             path: self.path(family),
             source,
@@ -114,7 +123,8 @@ impl KeyStore {
         Ok(Some(key))
     }
 
-    /// When the current key was written (for scheduled rotation).
+    /// When the current key was written, or taken into use by a rotation (the schedule; host
+    /// encryption counts only handshakes made since).
     pub fn written_at(&self, family: Family) -> Option<std::time::SystemTime> {
         fs::metadata(self.path(family))
             .and_then(|m| m.modified())

@@ -43,6 +43,12 @@ pub struct MeshSubsystems<W, L, R> {
     /// Each peer's datastore endpoint as of the last successful WireGuard apply, so a roamed
     /// peer keeps its learned endpoint until the datastore moves it.
     programmed_endpoints: BTreeMap<(String, WgKey), SocketAddr>,
+    /// Host encryption: the settings of the last `desired` when it was on, the confirmed peers
+    /// it used, and those the latest observation of the devices shows (a difference is a reason
+    /// for a pass: a handshake just completed, or our key changed).
+    host_encryption: Option<WireguardSettings>,
+    confirmed_used: BTreeMap<Family, BTreeSet<WgKey>>,
+    confirmed_seen: BTreeMap<Family, BTreeSet<WgKey>>,
 }
 
 impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> MeshSubsystems<W, L, R> {
@@ -61,6 +67,9 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> MeshSubsystem
             created_interfaces,
             programmed_at: BTreeMap::new(),
             programmed_endpoints: BTreeMap::new(),
+            host_encryption: None,
+            confirmed_used: BTreeMap::new(),
+            confirmed_seen: BTreeMap::new(),
         }
     }
 
@@ -143,9 +152,10 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> MeshSubsystem
         Ok(key)
     }
 
-    /// The desired mesh: this node's keys for the enabled families (generated once), then the
+    /// The desired mesh: this node's keys for the enabled families (generated once), with host
+    /// encryption the peers confirmed by a handshake (the devices are read for that), then the
     /// pure `mesh::desired`.
-    pub fn desired(
+    pub async fn desired(
         &mut self,
         agent: &AgentSettings,
         settings: WireguardSettings,
@@ -159,6 +169,20 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> MeshSubsystem
                 private_keys.insert(family, self.key(family)?);
             }
         }
+        let confirmed_peers = if settings.host_encryption {
+            self.host_encryption = Some(settings.clone());
+            let names = settings
+                .enabled_families()
+                .map(|f| settings.family(f).interface_name.clone())
+                .collect();
+            let devices = self.wg.observe(&names).await?;
+            self.confirmed_seen = self.confirmed_peers(&devices);
+            self.confirmed_seen.clone()
+        } else {
+            self.host_encryption = None;
+            BTreeMap::new()
+        };
+        self.confirmed_used = confirmed_peers.clone();
         Ok(mesh::desired(&Inputs {
             local: LocalFacts {
                 node_name: agent.node_name.clone(),
@@ -167,6 +191,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> MeshSubsystem
                 routing_table: agent.routing_table,
                 host_mtu,
                 previous_interfaces: self.created_interfaces.clone(),
+                confirmed_peers,
             },
             settings,
             nodes: nodes.clone(),
@@ -215,12 +240,48 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> MeshSubsystem
         Ok(self.wireguard_plan(spec).await?.len())
     }
 
+    /// Host encryption: whether the devices now show other confirmed peers than the last
+    /// `desired` used (seen by the last observation, e.g. the device check).
+    pub fn confirmations_changed(&self) -> bool {
+        self.host_encryption.is_some() && self.confirmed_seen != self.confirmed_used
+    }
+
+    /// Per enabled family, the peers proven to hold our current key (`wireguard::confirmed_peers`).
+    fn confirmed_peers(
+        &self,
+        devices: &BTreeMap<String, wireguard::DeviceState>,
+    ) -> BTreeMap<Family, BTreeSet<WgKey>> {
+        let Some(settings) = &self.host_encryption else {
+            return BTreeMap::new();
+        };
+        let mut out = BTreeMap::new();
+        for family in settings.enabled_families() {
+            let (Some(device), Some(key)) = (
+                devices.get(&settings.family(family).interface_name),
+                self.loaded_keys.get(&family),
+            ) else {
+                continue;
+            };
+            let written = self
+                .keys
+                .written_at(family)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let keys =
+                wireguard::confirmed_peers(device, &key.public_key(), written, SystemTime::now());
+            out.insert(family, keys);
+        }
+        out
+    }
+
     /// Observe the devices and plan what brings them to `spec` (keeping learned endpoints).
     async fn wireguard_plan(
         &mut self,
         spec: &DataplaneSpec,
     ) -> Result<Vec<wireguard::WgOp>, ReconcileError> {
         let actual = self.wg.observe(&spec.owned_interfaces).await?;
+        if self.host_encryption.is_some() {
+            self.confirmed_seen = self.confirmed_peers(&actual);
+        }
         Ok(wireguard::plan_with(
             spec,
             &actual,

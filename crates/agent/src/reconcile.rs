@@ -171,7 +171,8 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         self.status.stale_nodes = self.reports.stale_nodes(&stale);
         let spec = self
             .mesh
-            .desired(&settings, config.wireguard.clone(), &nodes, host_mtu)?;
+            .desired(&settings, config.wireguard.clone(), &nodes, host_mtu)
+            .await?;
         self.reports.skipped(&spec.skipped);
         stopwatch.lap(&mut outcome, "desired");
         report(&mut self.reports, self.datastore.as_ref()).await;
@@ -268,6 +269,10 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             return true;
         }
         match self.mesh.wireguard_drift(spec).await {
+            Ok(0) if self.mesh.confirmations_changed() => {
+                info!("handshakes changed which peers carry host traffic; re-planning routes");
+                true
+            }
             Ok(0) => false,
             Ok(ops) => {
                 info!(

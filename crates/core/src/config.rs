@@ -87,10 +87,21 @@ impl std::fmt::Display for Fallback {
     }
 }
 
+/// The fields that switch protection on. Once one is `true` in an object it stays on until
+/// that object says `false`: removing the field, or deleting the object (a `kubectl delete` of
+/// an old manifest, an etcd restored from an empty backup), keeps it on and is reported.
+pub const PROTECTION_SWITCHES: [&str; 4] = [
+    "wireguardEnabled",
+    "wireguardEnabledV6",
+    "wireguardHostEncryptionEnabled",
+    "wiremeshStrictEncryption",
+];
+
 /// The last valid value of every field of the FelixConfiguration objects a node reads, so that
 /// an invalid field (or an object that no longer decodes) keeps what was in force instead of
 /// falling back to a default: input can never turn encryption off, only a valid
-/// `wireguardEnabled: false` can. Removing a field or the object is valid and is forgotten.
+/// `wireguardEnabled: false` can. Removing another field is valid and is forgotten; a removed
+/// [protection switch](PROTECTION_SWITCHES) that was on stays on.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub struct LastValid {
@@ -156,7 +167,19 @@ impl EffectiveConfig {
         let mut unknown = Vec::new();
         for name in ["default", node_object.as_str()] {
             let Some(stored) = configs.get(name) else {
-                last.objects.remove(name);
+                let mut kept = Map::new();
+                errors.extend(keep_switches_on(
+                    name,
+                    last.objects.get(name),
+                    &mut kept,
+                    "the object was deleted",
+                ));
+                if kept.is_empty() {
+                    last.objects.remove(name);
+                } else {
+                    specs.push((name, spec_of(&kept)));
+                    last.objects.insert(name.to_string(), kept);
+                }
                 continue;
             };
             let (spec, mut found) = last.resolve(name, stored);
@@ -298,10 +321,41 @@ impl LastValid {
                 fields.insert((*field).to_string(), value.clone());
             }
         }
+        errors.extend(keep_switches_on(
+            name,
+            remembered,
+            &mut fields,
+            "the field was removed",
+        ));
         let spec = spec_of(&fields);
         self.objects.insert(name.to_string(), fields);
         (spec, errors)
     }
+}
+
+/// Puts back into `fields` every [protection switch](PROTECTION_SWITCHES) that was `true` in
+/// `remembered` and is absent now (`why`), and reports each.
+fn keep_switches_on(
+    object: &str,
+    remembered: Option<&Map<String, Value>>,
+    fields: &mut Map<String, Value>,
+    why: &str,
+) -> Vec<ConfigFieldError> {
+    let mut errors = Vec::new();
+    for switch in PROTECTION_SWITCHES {
+        let was_on = remembered.and_then(|r| r.get(switch)) == Some(&Value::Bool(true));
+        if was_on && !fields.contains_key(switch) {
+            fields.insert(switch.to_string(), Value::Bool(true));
+            errors.push(ConfigFieldError {
+                object: object.to_string(),
+                field: switch.to_string(),
+                value: None,
+                reason: format!("{why} while it was true; only `{switch}: false` switches it off"),
+                fallback: Fallback::LastValid,
+            });
+        }
+    }
+    errors
 }
 
 /// The fields of `decoded` that no Felix has and that look like a misspelling of one wiremesh
@@ -432,6 +486,11 @@ impl Default for WireguardSettings {
 }
 
 impl WireguardSettings {
+    /// The families WireGuard is on for, IPv4 first.
+    pub fn enabled_families(&self) -> impl Iterator<Item = Family> + '_ {
+        Family::ALL.into_iter().filter(|f| self.family(*f).enabled)
+    }
+
     pub fn family(&self, family: Family) -> &FamilySettings {
         match family {
             Family::V4 => &self.v4,
@@ -744,11 +803,64 @@ mod tests {
         assert_eq!(config.wireguard.v4.mtu, 1380);
         assert_eq!(config.errors[0].value.as_deref(), Some("1e+20"));
 
-        // Only a valid false turns it off; removing the field restores the default.
+        // Removing the switch keeps it on (reported); other removed fields are forgotten.
+        let removed = configs(serde_json::json!({}));
+        let config = EffectiveConfig::for_node_remembering("n1", &removed, &mut last);
+        assert!(config.wireguard.v4.enabled, "a removed switch stays on");
+        assert_eq!(config.wireguard.v4.mtu, 0, "the removed MTU is forgotten");
+        assert_eq!(
+            config.errors[0].to_string(),
+            "FelixConfiguration default: field wireguardEnabled: the field was removed while it was true; only `wireguardEnabled: false` switches it off; its last valid value stays in force"
+        );
+
+        // Only a valid false turns it off; then removing the field is quiet.
         let off = configs(serde_json::json!({"wireguardEnabled": false}));
         let config = EffectiveConfig::for_node_remembering("n1", &off, &mut last);
         assert!(!config.wireguard.v4.enabled && config.errors.is_empty());
-        assert_eq!(config.wireguard.v4.mtu, 0, "the removed MTU is forgotten");
+        let config = EffectiveConfig::for_node_remembering("n1", &removed, &mut last);
+        assert!(!config.wireguard.v4.enabled && config.errors.is_empty());
+    }
+
+    #[test]
+    fn deleting_an_object_keeps_its_protection_switches_on() {
+        let mut last = LastValid::default();
+        let on = configs(serde_json::json!({
+            "wireguardEnabled": true, "wiremeshStrictEncryption": true,
+            "wireguardEnabledV6": false, "wireguardMTU": 1380
+        }));
+        EffectiveConfig::for_node_remembering("n1", &on, &mut last);
+        let config = EffectiveConfig::for_node_remembering("n1", &BTreeMap::new(), &mut last);
+        assert!(config.wireguard.v4.enabled && config.wireguard.strict);
+        assert_eq!(config.wireguard.v4.mtu, 0, "the rest is forgotten");
+        let fields: Vec<&str> = config.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["wireguardEnabled", "wiremeshStrictEncryption"]);
+        assert!(
+            config.errors[0]
+                .reason
+                .starts_with("the object was deleted")
+        );
+        // Still so after a restart, and once the object is back with false, off it goes.
+        let json = serde_json::to_string(&last).expect("serialises");
+        let mut restarted: LastValid = serde_json::from_str(&json).expect("reads back");
+        let config = EffectiveConfig::for_node_remembering("n1", &BTreeMap::new(), &mut restarted);
+        assert!(config.wireguard.v4.enabled);
+        let off = configs(serde_json::json!({
+            "wireguardEnabled": false, "wiremeshStrictEncryption": false
+        }));
+        let config = EffectiveConfig::for_node_remembering("n1", &off, &mut restarted);
+        assert!(!config.wireguard.v4.enabled && !config.wireguard.strict);
+        assert!(config.errors.is_empty());
+        // A node object that opted out (false) is simply forgotten when deleted.
+        let mut node_off = configs(serde_json::json!({"wireguardEnabled": true}));
+        node_off.insert(
+            "node.n1".into(),
+            stored(serde_json::json!({"wireguardEnabled": false})),
+        );
+        let config = EffectiveConfig::for_node_remembering("n1", &node_off, &mut restarted);
+        assert!(!config.wireguard.v4.enabled);
+        node_off.remove("node.n1");
+        let config = EffectiveConfig::for_node_remembering("n1", &node_off, &mut restarted);
+        assert!(config.wireguard.v4.enabled && config.errors.is_empty());
     }
 
     #[test]
@@ -777,10 +889,11 @@ mod tests {
         assert!(config.wireguard.v4.enabled);
         assert_eq!(config.errors[0].field, "spec");
         assert_eq!(config.errors[0].fallback, Fallback::LastValid);
-        // Deleting the object is valid: the default applies and nothing is remembered.
+        // Deleting the object keeps the switch that was on, and only that.
         let config = EffectiveConfig::for_node_remembering("n1", &BTreeMap::new(), &mut last);
-        assert!(!config.wireguard.v4.enabled && config.errors.is_empty());
-        assert_eq!(last, LastValid::default());
+        assert!(config.wireguard.v4.enabled);
+        assert_eq!(config.errors.len(), 1);
+        assert_eq!(config.errors[0].field, "wireguardEnabled");
     }
 
     #[test]

@@ -24,7 +24,19 @@ pub struct LocalFacts {
     /// Devices this agent created under names no longer configured (recorded in the state
     /// directory), so that a rename removes the old device.
     pub previous_interfaces: BTreeSet<String>,
+    /// Host encryption: per family, the peers the device has completed a handshake with since
+    /// this node's current key was written (observed). A completed handshake proves the peer
+    /// holds our current key, so only these peers get their node address routed into the
+    /// tunnel (Calico's bootstrap lesson: never send host traffic through a key the other side
+    /// has not seen yet; the others' host traffic goes direct meanwhile).
+    pub confirmed_peers: BTreeMap<Family, BTreeSet<WgKey>>,
 }
+
+/// Persistent keepalive (seconds) of every peer when host encryption is on and none is
+/// configured: setting it makes WireGuard send a keepalive at once, which starts the handshake
+/// that confirms a peer, and keeps handshakes coming while the peer is alive, so a confirmation
+/// that is no longer renewed means the peer lost our key (see `confirmed_peers`).
+pub const HOST_ENCRYPTION_KEEPALIVE: u16 = 25;
 
 /// Everything `desired()` reads.
 #[derive(Debug, Clone)]
@@ -662,16 +674,38 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
             {
                 allowed.insert(host_net(addr));
             }
+            let mut keepalive = u16::try_from(settings.keepalive.as_secs()).unwrap_or(u16::MAX);
+            // Host encryption: the peer's node address is always an allowed IP (its host
+            // traffic is accepted from the tunnel as soon as it sends it there), but it is
+            // routed into the tunnel only while the peer is confirmed; otherwise it is thrown
+            // to the main table. A keepalive starts and renews the handshakes.
+            let mut unconfirmed_node_address = None;
             if settings.host_encryption && Some(p.underlay) != local_underlay {
-                allowed.insert(host_net(p.underlay));
+                let node_address = host_net(p.underlay);
+                allowed.insert(node_address);
+                let confirmed = local
+                    .confirmed_peers
+                    .get(&family)
+                    .is_some_and(|keys| keys.contains(&p.key));
+                if !confirmed {
+                    unconfirmed_node_address = Some(node_address);
+                }
+                if keepalive == 0 {
+                    keepalive = HOST_ENCRYPTION_KEEPALIVE;
+                }
             }
             for dest in &allowed {
+                let kind = if Some(*dest) == unconfirmed_node_address {
+                    RouteKind::Throw
+                } else {
+                    RouteKind::Device {
+                        interface: device_name.clone(),
+                    }
+                };
                 spec.routes.insert(RouteSpec {
                     table: local.routing_table,
                     dest: *dest,
-                    kind: RouteKind::Device {
-                        interface: device_name.clone(),
-                    },
+                    kind,
                 });
             }
             device.peers.insert(
@@ -680,7 +714,7 @@ pub fn desired(inputs: &Inputs) -> DataplaneSpec {
                     node: p.node.clone(),
                     endpoint: SocketAddr::new(p.underlay, fs.listening_port),
                     allowed_ips: allowed,
-                    keepalive: u16::try_from(settings.keepalive.as_secs()).unwrap_or(u16::MAX),
+                    keepalive,
                 },
             );
         }

@@ -34,6 +34,38 @@ pub struct DeviceState {
     pub peers: BTreeMap<WgKey, PeerState>,
 }
 
+/// WireGuard's REJECT_AFTER_TIME: no session outlives it. A peer that sends (host encryption
+/// gives every peer a keepalive) hands-hakes again every REKEY_AFTER_TIME (120 s), so a last
+/// handshake older than this means the sessions with that peer are dead.
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+
+/// The peers of `device` proven to hold `our_key`: the device runs with it, and a handshake with
+/// the peer completed at or after the key was written (`key_written`) and less than
+/// [`SESSION_LIFETIME`] before `now`. A peer that lost our key (it restarted from an old view,
+/// or cannot reach the datastore) stops handshaking and drops out within that lifetime, so the
+/// host traffic routed by this set can never stay locked in a dead tunnel.
+pub fn confirmed_peers(
+    device: &DeviceState,
+    our_key: &WgKey,
+    key_written: SystemTime,
+    now: SystemTime,
+) -> BTreeSet<WgKey> {
+    if device.public_key.as_ref() != Some(our_key) {
+        return BTreeSet::new();
+    }
+    device
+        .peers
+        .iter()
+        .filter(|(_, p)| {
+            p.last_handshake.is_some_and(|at| {
+                at >= key_written
+                    && now.duration_since(at).unwrap_or(Duration::ZERO) < SESSION_LIFETIME
+            })
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
 #[derive(Clone, PartialEq)]
 pub enum WgOp {
     CreateDevice {
@@ -241,4 +273,57 @@ pub fn plan_with(
         }
     }
     ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn public(seed: u8) -> WgKey {
+        PrivateKey::from_bytes([seed; 32]).public_key()
+    }
+
+    fn peer(handshake: Option<SystemTime>) -> PeerState {
+        PeerState {
+            endpoint: None,
+            allowed_ips: BTreeSet::new(),
+            keepalive: 25,
+            last_handshake: handshake,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_peer_is_confirmed_by_a_live_handshake_made_with_our_current_key() {
+        let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let written = at(1_000);
+        let device = DeviceState {
+            name: "wireguard.cali".into(),
+            public_key: Some(public(1)),
+            listen_port: 51820,
+            fwmark: 0,
+            peers: BTreeMap::from([
+                (public(2), peer(Some(at(1_010)))), // after our key: confirmed
+                (public(3), peer(Some(at(999)))),   // with our previous key
+                (public(4), peer(None)),            // never
+                (public(5), peer(Some(at(1_000)))), // the same instant counts
+            ]),
+        };
+        let now = at(1_100);
+        let confirmed = confirmed_peers(&device, &public(1), written, now);
+        assert_eq!(confirmed, BTreeSet::from([public(2), public(5)]));
+        // A device running another key (a rotation not applied yet) confirms nobody.
+        assert!(confirmed_peers(&device, &public(9), written, now).is_empty());
+        // No handshake for a session lifetime: the peer lost our key (or is gone).
+        let later = at(1_010) + SESSION_LIFETIME;
+        assert_eq!(
+            confirmed_peers(&device, &public(1), written, later),
+            BTreeSet::new()
+        );
+        let just_before = later - Duration::from_secs(1);
+        assert!(confirmed_peers(&device, &public(1), written, just_before).contains(&public(2)));
+        // A handshake stamped in the future (clock step) is not held against the peer.
+        assert!(confirmed_peers(&device, &public(1), written, at(1_005)).contains(&public(2)));
+    }
 }
