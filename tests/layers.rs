@@ -174,7 +174,7 @@ const MODULE_LAYERS: &[(&str, &str, &[&str])] = &[
     (
         "crates/core/src/wire",
         "crate::wire",
-        &["common", "felix", "network", "policy", "crd"],
+        &["common", "felix", "network", "policy", "knp", "crd"],
     ),
     (
         "crates/datastore/src",

@@ -342,7 +342,7 @@ fn rbac_grants_exactly_what_the_agent_reads_and_writes() {
     use wiremesh_core::wire::Kind;
     let plain = cluster_role_rules(&root().join("deploy/rbac.yaml"));
     // The six policy kinds the Kubernetes adapter watches: read-only, nothing else.
-    let policy: Vec<&str> = Kind::ALL.iter().map(|k| k.plural()).collect();
+    let policy: Vec<&str> = Kind::CALICO.iter().map(|k| k.plural()).collect();
     assert_eq!(
         plain,
         json!([

@@ -93,20 +93,23 @@ impl Manifest {
             }
             return;
         }
-        if let Some(api) = value.get("apiVersion").and_then(Value::as_str)
-            && api != "projectcalico.org/v3"
-        {
-            self.errors.push(format!(
-                "{position}: apiVersion {api:?} is not projectcalico.org/v3"
-            ));
-            return;
-        }
-        let kind = match (Kind::from_kind_name(kind_name), kind_name) {
-            (Some(k), _) => Some(k),
-            (None, "FelixConfiguration") => None,
-            (None, other) => {
+        // Without an apiVersion, a Calico kind (as calicoctl reads them).
+        let api = value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("projectcalico.org/v3");
+        let kind = match (Kind::from_api(api, kind_name), api, kind_name) {
+            (Some(k), _, _) => Some(k),
+            (None, "projectcalico.org/v3", "FelixConfiguration") => None,
+            (None, "projectcalico.org/v3" | "networking.k8s.io/v1", other) => {
                 self.errors.push(format!(
-                    "{position}: kind {other:?} is not one wiremesh reads (GlobalNetworkPolicy, NetworkPolicy, Tier, HostEndpoint, GlobalNetworkSet, NetworkSet, FelixConfiguration)"
+                    "{position}: kind {other:?} of {api} is not one wiremesh reads (projectcalico.org/v3: GlobalNetworkPolicy, NetworkPolicy, Tier, HostEndpoint, GlobalNetworkSet, NetworkSet, FelixConfiguration; networking.k8s.io/v1: NetworkPolicy)"
+                ));
+                return;
+            }
+            (None, api, _) => {
+                self.errors.push(format!(
+                    "{position}: apiVersion {api:?} is not projectcalico.org/v3 or networking.k8s.io/v1"
                 ));
                 return;
             }

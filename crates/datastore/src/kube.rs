@@ -5,7 +5,7 @@
 //! | node | core/v1 `Node`: pod CIDRs from `spec.podCIDRs` (else `spec.podCIDR`); underlay from the `projectcalico.org/IPv4Address` / `IPv6Address` annotation (prefix dropped), else the `InternalIP` of that family |
 //! | WireGuard fields | `Node.metadata.annotations`: [`ANNOTATION_PUBLIC_KEY`], [`ANNOTATION_PUBLIC_KEY_V6`], [`ANNOTATION_INTERFACE_V4`], [`ANNOTATION_INTERFACE_V6`] |
 //! | settings | `felixconfigurations.projectcalico.org/v3` (cluster-scoped; `default`, `node.<name>`) |
-//! | host-endpoint policy (with [`KubeDatastore::with_policy`]) | the six `projectcalico.org/v3` kinds of [`Kind::ALL`], namespaced ones in every namespace |
+//! | host-endpoint policy (with [`KubeDatastore::with_policy`]) | the six `projectcalico.org/v3` kinds of [`Kind::CALICO`] (Kubernetes NetworkPolicies are not watched yet), namespaced ones in every namespace |
 //!
 //! Every kind is list-watched with kube-runtime's `watcher`. Its `Init` / `InitApply` /
 //! `InitDone` events are buffered, and the cache of that kind is replaced in one step at
@@ -77,8 +77,14 @@ pub fn felix_configuration_resource() -> ApiResource {
 /// A policy kind's `projectcalico.org/v3` resource, for untyped access (the same kind and plural
 /// as the CRD generated from `wiremesh_core::wire`; a test checks they agree).
 pub fn policy_resource(kind: Kind) -> ApiResource {
+    if kind == Kind::KubernetesNetworkPolicy {
+        return ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("networking.k8s.io", "v1", kind.kind_name()),
+            "networkpolicies",
+        );
+    }
     ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(CALICO_GROUP, CALICO_VERSION, &kind.to_string()),
+        &GroupVersionKind::gvk(CALICO_GROUP, CALICO_VERSION, kind.kind_name()),
         kind.plural(),
     )
 }
@@ -642,7 +648,11 @@ impl KubeDatastore {
 
     /// The policy kinds this adapter watches.
     fn policy_kinds(&self) -> &'static [Kind] {
-        if self.watch_policy { &Kind::ALL } else { &[] }
+        if self.watch_policy {
+            &Kind::CALICO
+        } else {
+            &[]
+        }
     }
 
     /// [`event_reference`], with the UID of a watched FelixConfiguration or policy object when
@@ -661,7 +671,7 @@ impl KubeDatastore {
     /// as the watchers keep them.
     async fn list_policy(&self) -> Result<RawPolicyResources, DatastoreError> {
         let mut raw = RawPolicyResources::default();
-        for kind in Kind::ALL {
+        for kind in Kind::CALICO {
             let crd = policy_crd(kind);
             let api: Api<DynamicObject> =
                 Api::all_with(self.client.clone(), &policy_resource(kind));
@@ -1157,7 +1167,7 @@ mod tests {
     fn policy_resources_match_the_generated_crds() {
         use kube::CustomResourceExt as _;
         use wiremesh_core::wire as api;
-        for kind in Kind::ALL {
+        for kind in Kind::CALICO {
             let (resource, crd) = match kind {
                 Kind::GlobalNetworkPolicy => (
                     ApiResource::erase::<api::GlobalNetworkPolicy>(&()),
@@ -1180,6 +1190,7 @@ mod tests {
                     ApiResource::erase::<api::NetworkSet>(&()),
                     api::NetworkSet::crd(),
                 ),
+                Kind::KubernetesNetworkPolicy => unreachable!("not a CRD of ours"),
             };
             assert_eq!(policy_resource(kind), resource, "{kind}");
             assert_eq!(Some(policy_crd(kind)), crd.metadata.name, "{kind}");

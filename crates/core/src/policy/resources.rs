@@ -25,6 +25,7 @@ use crate::wire::{
     self, GlobalNetworkPolicySpec, GlobalNetworkSetSpec, HostEndpointSpec, Kind, NetworkPolicySpec,
     NetworkSetSpec, Object, ObjectMeta, RawPolicyResources, TierSpec,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy as KubernetesNetworkPolicy;
 
 /// A validation failure: which object, which field, what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
@@ -132,6 +133,9 @@ impl PolicyResources {
                 let stored = Stored::<NetworkSetSpec>::decode(kind, key, value)?;
                 self.network_sets.push(NetworkSet::try_from(stored)?);
             }
+            Kind::KubernetesNetworkPolicy => {
+                self.policies.push(kubernetes_network_policy(key, value)?);
+            }
         }
         Ok(())
     }
@@ -214,6 +218,76 @@ impl<'a, S: DeserializeOwned + JsonSchema + Default> Stored<'a, S> {
             name,
         }
     }
+}
+
+/// A Kubernetes NetworkPolicy: decoded (a field of the wrong type, or one its spec does not
+/// have, is an error), converted as Calico converts it (`wire::knp`; a rule the conversion has
+/// to drop makes the object invalid, so its last valid version stays in force), then validated
+/// as that Calico NetworkPolicy. Errors name the Kubernetes object.
+fn kubernetes_network_policy(
+    key: &str,
+    value: &serde_json::Value,
+) -> Result<Policy, ValidationError> {
+    let kind = Kind::KubernetesNetworkPolicy;
+    let name = stored_name(kind, key, value);
+    let err = |field: String, message: String| ValidationError {
+        kind,
+        name: name.clone(),
+        field,
+        message,
+        unsupported: false,
+    };
+    if !value.is_object() {
+        return Err(err(
+            "object".into(),
+            format!("is not a JSON object: {value}"),
+        ));
+    }
+    let decoded =
+        wire::decode::<KubernetesNetworkPolicy>(value).map_err(|e| err(e.path, e.message))?;
+    if let Some(path) = decoded
+        .unknown_fields
+        .iter()
+        .find(|p| p.starts_with("spec."))
+    {
+        return Err(err(path.clone(), "unknown field".into()));
+    }
+    let mut np = decoded.value;
+    let (key_namespace, key_name) = key.split_once('/').unwrap_or(("default", key));
+    let meta = &mut np.metadata;
+    meta.name.get_or_insert_with(|| key_name.to_string());
+    meta.namespace
+        .get_or_insert_with(|| key_namespace.to_string());
+    let converted = wire::knp::convert(&np);
+    if let Some(first) = converted.problems.first() {
+        let mut message = first.reason.clone();
+        for more in &converted.problems[1..] {
+            message.push_str(&format!("; {more}"));
+        }
+        return Err(err(first.field.clone(), message));
+    }
+    let calico_key = format!("{}/{}", converted.namespace, converted.name);
+    let stored = Stored {
+        kind: Kind::NetworkPolicy,
+        key: &calico_key,
+        object: Object {
+            metadata: ObjectMeta {
+                name: converted.name.clone(),
+                namespace: Some(converted.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: converted.spec,
+        },
+    };
+    Policy::try_from(stored).map_err(|e| {
+        err(
+            e.field,
+            format!(
+                "{} (in the Calico policy {calico_key} it converts to)",
+                e.message
+            ),
+        )
+    })
 }
 
 /// How errors name an object: `namespace/name` or `name` from its metadata, else its key.

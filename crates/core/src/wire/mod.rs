@@ -8,6 +8,7 @@
 pub mod common;
 pub mod crd;
 pub mod felix;
+pub mod knp;
 pub mod network;
 pub mod policy;
 
@@ -36,10 +37,14 @@ pub enum Kind {
     HostEndpoint,
     GlobalNetworkSet,
     NetworkSet,
+    /// Kubernetes' own `networking.k8s.io/v1` NetworkPolicy, enforced as the Calico
+    /// NetworkPolicy it converts to ([`knp`]).
+    KubernetesNetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    /// The `projectcalico.org/v3` kinds: those with a CRD of ours.
+    pub const CALICO: [Kind; 6] = [
         Kind::GlobalNetworkPolicy,
         Kind::NetworkPolicy,
         Kind::Tier,
@@ -48,8 +53,59 @@ impl Kind {
         Kind::NetworkSet,
     ];
 
+    pub const ALL: [Kind; 7] = {
+        let c = Kind::CALICO;
+        [
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            c[5],
+            Kind::KubernetesNetworkPolicy,
+        ]
+    };
+
     pub fn namespaced(self) -> bool {
-        matches!(self, Kind::NetworkPolicy | Kind::NetworkSet)
+        matches!(
+            self,
+            Kind::NetworkPolicy | Kind::NetworkSet | Kind::KubernetesNetworkPolicy
+        )
+    }
+
+    /// The `apiVersion` of the kind's objects.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::KubernetesNetworkPolicy => "networking.k8s.io/v1",
+            _ => "projectcalico.org/v3",
+        }
+    }
+
+    /// The `kind` of the kind's objects (a Kubernetes NetworkPolicy says `NetworkPolicy`).
+    pub fn kind_name(self) -> &'static str {
+        match self {
+            Kind::KubernetesNetworkPolicy => "NetworkPolicy",
+            other => other.calico_name(),
+        }
+    }
+
+    fn calico_name(self) -> &'static str {
+        match self {
+            Kind::GlobalNetworkPolicy => "GlobalNetworkPolicy",
+            Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Tier => "Tier",
+            Kind::HostEndpoint => "HostEndpoint",
+            Kind::GlobalNetworkSet => "GlobalNetworkSet",
+            Kind::NetworkSet => "NetworkSet",
+            Kind::KubernetesNetworkPolicy => "KubernetesNetworkPolicy",
+        }
+    }
+
+    /// The kind of an object with this `apiVersion` and `kind`.
+    pub fn from_api(api_version: &str, kind: &str) -> Option<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.api_version() == api_version && k.kind_name() == kind)
     }
 
     /// The plural, lower-case name used in Calico's etcd keys and the CRDs.
@@ -61,11 +117,14 @@ impl Kind {
             Kind::HostEndpoint => "hostendpoints",
             Kind::GlobalNetworkSet => "globalnetworksets",
             Kind::NetworkSet => "networksets",
+            // Our own etcd key (Calico keeps these in the Kubernetes API only).
+            Kind::KubernetesNetworkPolicy => "kubernetesnetworkpolicies",
         }
     }
 
+    /// A `projectcalico.org/v3` kind by its `kind` name.
     pub fn from_kind_name(name: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.to_string() == name)
+        Kind::CALICO.into_iter().find(|k| k.calico_name() == name)
     }
 
     pub fn from_plural(name: &str) -> Option<Kind> {
