@@ -286,14 +286,36 @@ fn node1_metric(lab: &Lab, series: &str) -> Option<f64> {
     metric_value(&body, series)
 }
 
+/// How node1's agent goes down.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// SIGTERM, as a rolling update or a restart stops it.
+    Deliberate,
+    /// SIGKILL: a crash, or the OOM killer.
+    Crash,
+}
+
 /// What crossed the underlay while node1's agent was down and its wireguard-go was killed
 /// (a rolling update on a node without the kernel module), with 20 pings a second from pod1
 /// to pod2: (clear pod packets captured, node1's leak counter, node1's blocked counter).
-async fn agent_and_daemon_down_under_ping(strict: bool) -> (u64, f64, f64) {
-    let (mut lab, _guard, mut capture) =
-        guarded_lab(if strict { "st" } else { "ns" }, strict).await;
+async fn agent_and_daemon_down_under_ping(strict: bool, stop: Stop) -> (u64, f64, f64) {
+    let tag = match (strict, stop) {
+        (true, _) => "st",
+        (false, Stop::Deliberate) => "ru",
+        (false, Stop::Crash) => "ns",
+    };
+    let (mut lab, _guard, mut capture) = guarded_lab(tag, strict).await;
     let pinger = ping_pod2_from_pod1(&lab, 160);
     tokio::time::sleep(Duration::from_secs(1)).await;
+    if stop == Stop::Crash
+        && let Some(pid) = lab.node(1).expect("node1").agent_pid
+    {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill node1's agent");
+    }
     lab.stop_agent("node1").expect("stop node1's agent");
     for pid in pids_named(&lab.node_netns(1), "wireguard-go") {
         nix::sys::signal::kill(
@@ -315,7 +337,8 @@ async fn agent_and_daemon_down_under_ping(strict: bool) -> (u64, f64, f64) {
     let leak = metric("wiremesh_plaintext_leak_packets_total");
     let blocked = metric("wiremesh_plaintext_blocked_packets_total");
     eprintln!(
-        "strict={strict}: {clear} clear pod packets on the underlay, leak counter {leak}, blocked counter {blocked}"
+        "strict={strict}, crash={}: {clear} clear pod packets on the underlay, leak counter {leak}, blocked counter {blocked}",
+        stop == Stop::Crash
     );
     (clear, leak, blocked)
 }
@@ -329,7 +352,7 @@ async fn strict_mode_sends_nothing_in_clear_while_the_agent_and_daemon_are_down(
     if !root_or_skip("strict mode") {
         return;
     }
-    let (clear, leak, blocked) = agent_and_daemon_down_under_ping(true).await;
+    let (clear, leak, blocked) = agent_and_daemon_down_under_ping(true, Stop::Deliberate).await;
     assert_eq!(clear, 0, "clear pod packets on the underlay");
     assert_eq!(leak, 0.0);
     assert!(
@@ -406,14 +429,29 @@ async fn strict_mode_through_rotation_join_and_leave() {
     assert!(lab.ping("pod1", "pod4", 3).expect("ping").reachable());
 }
 
-/// The same outage with strict mode off: pod traffic falls back to clear text, as Calico's
-/// does, and the leak counter reports what the capture saw.
+/// Issue 10, finding 6, without strict mode: a rolling update (SIGTERM) on a node whose
+/// wireguard-go dies with the agent's container. The stopping agent holds pod traffic to
+/// encrypting nodes (`--shutdown-hold`, 60 s or until the next agent is up): not one pod
+/// packet crosses in clear; the pings of the outage are dropped and counted as blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_sends_nothing_in_clear_without_strict_mode() {
+    if !root_or_skip("shutdown hold") {
+        return;
+    }
+    let (clear, leak, blocked) = agent_and_daemon_down_under_ping(false, Stop::Deliberate).await;
+    assert_eq!(clear, 0, "clear pod packets on the underlay");
+    assert_eq!(leak, 0.0);
+    assert!(blocked > 0.0, "the outage's pings were held");
+}
+
+/// A crash (SIGKILL: no hold) with strict mode off: pod traffic falls back to clear text, as
+/// Calico's does, and the leak counter reports what the capture saw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_strict_mode_the_leak_counter_reports_clear_packets() {
     if !root_or_skip("leak counter") {
         return;
     }
-    let (clear, leak, blocked) = agent_and_daemon_down_under_ping(false).await;
+    let (clear, leak, blocked) = agent_and_daemon_down_under_ping(false, Stop::Crash).await;
     assert!(clear > 0, "the outage sends pings in clear");
     assert!(leak > 0.0, "and the leak counter sees them");
     assert_eq!(blocked, 0.0);
@@ -900,7 +938,8 @@ async fn s5_agent_restart_under_ping_loses_nothing() {
         "{text}"
     );
 
-    // The new agents found everything in place: same key, no dataplane operation.
+    // The new agents found everything in place: same key, no dataplane operation but lifting
+    // the shutdown hold the old ones left (set elements only).
     wait_for("restarted agents to reconcile", async || {
         (1..=2).all(|i| {
             log_of(&lab, i)[logs_before[(i - 1) as usize]..].contains("loaded private key")
@@ -912,8 +951,12 @@ async fn s5_agent_restart_under_ping_loses_nothing() {
         let new_log = log_of(&lab, i)[logs_before[(i - 1) as usize]..].to_string();
         let ops: Vec<&str> = new_log
             .lines()
-            .filter(|l| l.contains("subsystem="))
+            .filter(|l| l.contains("subsystem=") && !l.contains("delete element shutdown-hold4"))
             .collect();
+        assert!(
+            new_log.contains("delete element shutdown-hold4"),
+            "node{i} lifted its hold: {new_log}"
+        );
         assert!(
             ops.is_empty(),
             "node{i} reprogrammed after restart: {ops:#?}"

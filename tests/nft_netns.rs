@@ -410,3 +410,57 @@ async fn a_rule_replaced_in_place_is_detected_and_repaired() {
     let first = fresh.observe().await.expect("observe");
     assert!(!first.edited);
 }
+
+/// The shutdown hold (issue 10, rolling updates): held pod CIDRs are dropped instead of leaving
+/// outside the WireGuard device, the hold runs out by itself (element timeouts: an uninstall),
+/// and the next agent lifts it with element deletes only (its counters survive).
+#[tokio::test]
+async fn a_shutdown_hold_drops_then_expires_or_is_lifted() {
+    use wiremesh_core::guard::{EncryptionGuard, GuardedFamily, add_guard, hold_script};
+    use wiremesh_core::model::Family;
+
+    if !root_or_skip("shutdown hold") {
+        return;
+    }
+    let (a, _b) = pair();
+    let mut k = KernelNft::in_netns(a.name());
+    // b's address stands for a peer's pod CIDR; there is no WireGuard device here, so traffic
+    // to it "leaves in clear" through veth-a.
+    let guard = EncryptionGuard {
+        strict: false,
+        families: [(
+            Family::V4,
+            GuardedFamily {
+                interface: "wg-none".into(),
+                cidrs: ["10.98.0.2/32".parse().expect("net")].into(),
+            },
+        )]
+        .into(),
+    };
+    let mut spec = FilterSpec::default();
+    add_guard(&mut spec, &guard);
+    converge(&mut k, &spec).await;
+    assert!(ping(&a, "10.98.0.2"), "not strict: counted, not dropped");
+
+    let held = hold_script(&guard, Duration::from_secs(2)).expect("a hold");
+    k.apply_script(&held).await.expect("hold");
+    assert!(!ping(&a, "10.98.0.2"), "held: dropped");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(ping(&a, "10.98.0.2"), "the hold ran out");
+
+    let held = hold_script(&guard, Duration::from_secs(600)).expect("a hold");
+    k.apply_script(&held).await.expect("hold");
+    assert!(!ping(&a, "10.98.0.2"));
+    let (blocked, _) = counter(&k, "plaintext-blocked").await;
+    assert!(blocked > 0, "held packets are counted as blocked");
+    let mut next_agent = KernelNft::in_netns(a.name());
+    let ops = converge(&mut next_agent, &spec).await;
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    assert!(matches!(&ops[0], NftOp::DeleteElements { set, .. } if set == "shutdown-hold4"));
+    assert!(ping(&a, "10.98.0.2"), "lifted by the next agent");
+    assert_eq!(
+        counter(&k, "plaintext-blocked").await.0,
+        blocked,
+        "counters survive"
+    );
+}

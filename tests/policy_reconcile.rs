@@ -137,14 +137,15 @@ async fn policy_is_programmed_updated_by_elements_and_removed() {
     );
     assert!(errors[0].contains("last valid version"), "{errors:?}");
 
-    // No host endpoint on this node any more: only the encryption guard stays in the table.
+    // No host endpoint on this node any more: only the encryption guard (its set and its
+    // shutdown hold set) stays in the table.
     r.reconcile_once(&cluster(&["10.244.2.0/24"], "node2"))
         .await
         .expect("reconcile");
     let log = h.nft.take_log();
     assert_eq!(log.len(), 1, "{log:?}");
     assert!(
-        log[0].starts_with("replace_table: replace table inet wiremesh (1 chains, 1 sets"),
+        log[0].starts_with("replace_table: replace table inet wiremesh (1 chains, 2 sets"),
         "{log:?}"
     );
     assert!(h.nft.lock().table.present);

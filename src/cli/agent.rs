@@ -70,6 +70,11 @@ pub struct AgentArgs {
     /// table is removed at start-up and never written.
     #[arg(long, env = "WIREMESH_HOST_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
     pub host_policy: bool,
+    /// After SIGTERM, drop pod traffic to encrypting nodes that would leave in clear (a
+    /// wireguard-go that dies with the container) for this long, or until the next agent is up
+    /// (Go duration, at most 1h; 0s: off; strict mode drops anyway).
+    #[arg(long, env = "WIREMESH_SHUTDOWN_HOLD", default_value = "60s", value_parser = parse_duration)]
+    pub shutdown_hold: Duration,
 }
 
 impl AgentArgs {
@@ -93,6 +98,7 @@ impl AgentArgs {
             metrics_address: address(self.metrics_address, self.metrics_port),
             health_address: address(self.health_address, self.health_port),
             host_policy: self.host_policy,
+            shutdown_hold: self.shutdown_hold,
         }
     }
 }

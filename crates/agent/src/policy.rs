@@ -37,6 +37,11 @@ impl PolicySubsystem {
         self.filter.counter_reader()
     }
 
+    /// Runs `nft -f` text against our table outside the plan (the shutdown hold).
+    pub async fn apply_script(&mut self, text: &str) -> Result<(), ReconcileError> {
+        Ok(self.filter.apply_script(text).await?)
+    }
+
     /// The objects validated; one that fails keeps its last valid version (both are in
     /// `errors`, which the loop reports).
     pub fn validate(&mut self, raw: &RawPolicyResources) -> PolicyResources {

@@ -79,6 +79,8 @@ pub struct Reconciler<W, L, R> {
     metrics: Arc<Metrics>,
     /// What the last successful pass applied, for the periodic device check.
     last_applied: Option<DataplaneSpec>,
+    /// The encryption guard of the last pass, held on a deliberate stop.
+    last_guard: Option<EncryptionGuard>,
 }
 
 impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W, L, R> {
@@ -108,6 +110,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             kernel_events: None,
             nftables_events: None,
             last_applied: None,
+            last_guard: None,
             status,
         }
     }
@@ -221,6 +224,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                 .await?;
             // The counters are read at scrape time; the loop only names them.
             self.metrics.set_policy_counters(&table.counters);
+            self.last_guard = Some(guard);
             stopwatch.lap(&mut outcome, "policy");
         }
         self.record_status(&spec);
@@ -243,6 +247,28 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
                 .iter()
                 .any(|s| s.node == self.settings.node_name),
         );
+    }
+
+    /// A deliberate stop (SIGTERM: a rolling update, a restart): pod traffic to encrypting nodes
+    /// that would leave in clear is dropped for the shutdown hold, or until the next agent's
+    /// first pass (a userspace WireGuard may die with this process's container).
+    async fn hold_on_shutdown(&mut self) {
+        let (Some(policy), Some(guard)) = (self.policy.as_mut(), self.last_guard.as_ref()) else {
+            return;
+        };
+        let hold = self.settings.shutdown_hold;
+        let Some(script) = wiremesh_core::guard::hold_script(guard, hold) else {
+            return;
+        };
+        match policy.apply_script(&script).await {
+            Ok(()) => info!(
+                hold = ?hold,
+                "until the next agent is up (at most the hold), pod traffic to encrypting nodes is dropped rather than sent in clear"
+            ),
+            Err(e) => {
+                warn!(error = %error_chain(&e), "could not hold pod traffic for the shutdown")
+            }
+        }
     }
 
     /// Records how current the datastore view is (metrics, `/readyz`, status); the status file
@@ -339,6 +365,7 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
             };
             tokio::select! {
                 () = &mut shutdown => {
+                    self.hold_on_shutdown().await;
                     info!("shutting down; the dataplane stays in place");
                     return;
                 }

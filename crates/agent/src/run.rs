@@ -43,7 +43,14 @@ pub struct AgentConfig {
     /// Enforce HostEndpoint policy in the nftables table `inet wiremesh`; without it the table
     /// is removed at start-up and never written.
     pub host_policy: bool,
+    /// How long pod traffic that would leave in clear is dropped after a deliberate stop
+    /// (`guard::hold_script`); zero: not at all.
+    pub shutdown_hold: Duration,
 }
+
+/// The longest shutdown hold: past it an agent that is not coming back (an uninstall) would
+/// keep dropping traffic for too long.
+const MAX_SHUTDOWN_HOLD: Duration = Duration::from_secs(3600);
 
 /// The shortest and longest full-resync period the agent accepts.
 const RESYNC_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(24 * 3600));
@@ -69,6 +76,12 @@ impl AgentConfig {
             return Err(AgentError::Flag(format!(
                 "--resync-interval {:?} is not between {min:?} and {max:?}",
                 self.resync_interval
+            )));
+        }
+        if self.shutdown_hold > MAX_SHUTDOWN_HOLD {
+            return Err(AgentError::Flag(format!(
+                "--shutdown-hold {:?} is longer than {MAX_SHUTDOWN_HOLD:?}",
+                self.shutdown_hold
             )));
         }
         Ok(())
@@ -122,6 +135,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         fwmark: config.fwmark,
         routing_table: config.routing_table,
         resync_interval: config.resync_interval,
+        shutdown_hold: config.shutdown_hold,
         ..AgentSettings::new(&config.node_name, &config.state_dir)
     };
     let metrics = Arc::new(crate::metrics::Metrics::new(stale_after(

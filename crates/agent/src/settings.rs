@@ -18,6 +18,9 @@ pub struct AgentSettings {
     /// made with `wg set` (which sends no notification) is repaired within this time instead
     /// of at the next resync.
     pub device_check_interval: Duration,
+    /// After a deliberate stop, pod traffic to encrypting nodes that would leave in clear is
+    /// dropped for this long (`guard::hold_script`); zero: not at all.
+    pub shutdown_hold: Duration,
 }
 
 impl AgentSettings {
@@ -30,6 +33,7 @@ impl AgentSettings {
             resync_interval: Duration::from_secs(90),
             min_interval: Duration::from_millis(50),
             device_check_interval: Duration::from_secs(1),
+            shutdown_hold: Duration::from_secs(60),
         }
     }
 

@@ -12,7 +12,9 @@ use ipnet::IpNet;
 use crate::config::EffectiveConfig;
 use crate::mesh::{DataplaneSpec, SkipReason};
 use crate::model::{Family, FelixConfigurations, NodeResource};
-use crate::policy::render::{BaseHook, ChainSpec, FilterSpec, SetKind, SetSpec, element_text};
+use crate::policy::render::{
+    BaseHook, ChainSpec, FilterSpec, SetKind, SetSpec, TABLE, TABLE_FAMILY, element_text,
+};
 
 /// Counts pod packets to encrypting nodes that left in clear (strict mode off).
 pub const LEAK_COUNTER: &str = "plaintext-leak";
@@ -138,6 +140,23 @@ pub fn add_guard(filter: &mut FilterSpec, guard: &EncryptionGuard) {
             Family::V4 => "ip",
             Family::V6 => "ip6",
         };
+        // The shutdown hold (empty while an agent runs; see `hold_script`), checked first.
+        let hold = hold_set_name(*family);
+        filter.sets.insert(
+            hold.clone(),
+            SetSpec {
+                family: *family,
+                kind: SetKind::TimedAddr,
+                comment: "held while no agent runs".into(),
+                elements: BTreeSet::new(),
+            },
+        );
+        if !guard.strict {
+            rules.push(format!(
+                "{ip} daddr @{hold} oifname != \"{}\" counter name \"{BLOCKED_COUNTER}\" drop",
+                guarded.interface
+            ));
+        }
         rules.push(format!(
             "{ip} daddr @{set} oifname != \"{}\" counter name \"{counter}\"{verdict}",
             guarded.interface
@@ -151,6 +170,46 @@ pub fn add_guard(filter: &mut FilterSpec, guard: &EncryptionGuard) {
         }),
         rules,
     });
+}
+
+/// The set of a shutdown hold: `shutdown-hold4` / `shutdown-hold6`.
+pub fn hold_set_name(family: Family) -> String {
+    match family {
+        Family::V4 => "shutdown-hold4".into(),
+        Family::V6 => "shutdown-hold6".into(),
+    }
+}
+
+/// What an agent that stops on purpose (a rolling update, a restart) leaves in force, as
+/// `nft -f` text: the guarded pod CIDRs go into the guard's hold sets for `hold`, so pod
+/// traffic to the nodes it encrypts to that would leave in clear is dropped (and counted as
+/// blocked), as strict mode would. A userspace WireGuard that dies with the agent's container
+/// then costs dropped packets, not clear ones, until the next agent has the device back (its
+/// first pass empties the sets: element deletes only); if no agent comes back (an uninstall),
+/// the hold runs out by itself (element timeouts). None when there is nothing to hold (no
+/// guard, strict mode: it drops already, or a zero `hold`).
+pub fn hold_script(guard: &EncryptionGuard, hold: std::time::Duration) -> Option<String> {
+    use std::fmt::Write as _;
+
+    let seconds = hold.as_secs();
+    if guard.strict || seconds == 0 {
+        return None;
+    }
+    let mut out = String::new();
+    for (family, guarded) in guard.families.iter().filter(|(_, g)| !g.cidrs.is_empty()) {
+        let elements: Vec<String> = guarded
+            .cidrs
+            .iter()
+            .map(|c| format!("{} timeout {seconds}s", element_text(c)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "add element {TABLE_FAMILY} {TABLE} {} {{ {} }}",
+            hold_set_name(*family),
+            elements.join(", ")
+        );
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 #[cfg(test)]
@@ -190,37 +249,74 @@ mod tests {
         }
     }
 
+    /// The table `guard` gives, and its guard chain's rules.
+    fn guarded(guard: &EncryptionGuard) -> (FilterSpec, Vec<String>) {
+        let mut filter = FilterSpec::default();
+        add_guard(&mut filter, guard);
+        let rules = filter
+            .chains
+            .iter()
+            .find(|c| c.name == CHAIN)
+            .map(|c| c.rules.clone())
+            .unwrap_or_default();
+        (filter, rules)
+    }
+
     #[test]
     fn pod_cidrs_of_peers_and_joining_nodes_are_guarded_not_their_endpoints() {
         let joining = [(Family::V4, ["10.244.3.0/24".parse().expect("net")].into())].into();
         let guard = EncryptionGuard::for_mesh(&mesh(), false, &joining);
-        let mut filter = FilterSpec::default();
-        add_guard(&mut filter, &guard);
+        let (filter, rules) = guarded(&guard);
         assert_eq!(
             filter.sets["encrypted-pods4"].elements,
             ["10.244.2.0/24".to_string(), "10.244.3.0/24".to_string()].into()
         );
-        let chain = filter
-            .chains
-            .iter()
-            .find(|c| c.name == CHAIN)
-            .expect("chain");
         assert_eq!(
-            chain.rules,
+            rules,
             [
+                "ip daddr @shutdown-hold4 oifname != \"wireguard.cali\" counter name \"plaintext-blocked\" drop",
                 "ip daddr @encrypted-pods4 oifname != \"wireguard.cali\" counter name \"plaintext-leak\""
             ]
         );
         let strict = EncryptionGuard::for_mesh(&mesh(), true, &BTreeMap::new());
-        let mut filter = FilterSpec::default();
-        add_guard(&mut filter, &strict);
-        let chain = filter
-            .chains
-            .iter()
-            .find(|c| c.name == CHAIN)
-            .expect("chain");
-        assert!(chain.rules[0].ends_with("counter name \"plaintext-blocked\" drop"));
+        let (filter, rules) = guarded(&strict);
+        assert_eq!(rules.len(), 1, "no hold rule: strict mode drops already");
+        assert!(rules[0].ends_with("counter name \"plaintext-blocked\" drop"));
         assert!(filter.to_nft().contains("counter plaintext-leak {"));
+    }
+
+    #[test]
+    fn a_shutdown_hold_drops_for_a_while_what_would_leave_in_clear() {
+        let joining = [(Family::V4, ["10.244.3.0/24".parse().expect("net")].into())].into();
+        let guard = EncryptionGuard::for_mesh(&mesh(), false, &joining);
+        let script = hold_script(&guard, std::time::Duration::from_secs(60)).expect("a hold");
+        assert_eq!(
+            script,
+            "add element inet wiremesh shutdown-hold4 { 10.244.2.0/24 timeout 60s, 10.244.3.0/24 timeout 60s }\n"
+        );
+        // The sets it fills are in the table all along (empty), checked before the leak counter.
+        let (filter, rules) = guarded(&guard);
+        assert_eq!(filter.sets["shutdown-hold4"].kind, SetKind::TimedAddr);
+        assert!(filter.sets["shutdown-hold4"].elements.is_empty());
+        assert_eq!(
+            rules[0],
+            "ip daddr @shutdown-hold4 oifname != \"wireguard.cali\" counter name \"plaintext-blocked\" drop"
+        );
+        assert!(filter.to_nft().contains("flags interval, timeout"));
+        // Strict mode drops already; a zero hold or no guard holds nothing.
+        let strict = EncryptionGuard::for_mesh(&mesh(), true, &BTreeMap::new());
+        assert_eq!(
+            hold_script(&strict, std::time::Duration::from_secs(60)),
+            None
+        );
+        assert_eq!(hold_script(&guard, std::time::Duration::ZERO), None);
+        assert_eq!(
+            hold_script(
+                &EncryptionGuard::default(),
+                std::time::Duration::from_secs(60)
+            ),
+            None
+        );
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub trait FilterDataplane: Send {
     /// The table was changed by someone (an nftables notification): the next observe must
     /// read the kernel, not a cached view.
     fn forget_observation(&mut self) {}
+    /// Runs `nft -f` text against our table outside the plan (the shutdown hold; see
+    /// `guard::hold_script`). The next observe reads the kernel afresh.
+    async fn apply_script(&mut self, text: &str) -> Result<(), DataplaneError>;
 }
 
 /// Reads our table's named counters.
@@ -522,6 +525,13 @@ impl FilterDataplane for KernelNft {
         self.cache = None;
     }
 
+    async fn apply_script(&mut self, text: &str) -> Result<(), DataplaneError> {
+        self.cache = None;
+        self.run_script(text)
+            .await
+            .map_err(|e| DataplaneError::apply("nft script", e))
+    }
+
     fn counter_reader(&self) -> Option<Arc<dyn CounterReader>> {
         Some(Arc::new(KernelNft {
             netns: self.netns.clone(),
@@ -685,6 +695,11 @@ impl FilterDataplane for FakeNft {
 
     fn counter_reader(&self) -> Option<Arc<dyn CounterReader>> {
         Some(Arc::new(self.clone()))
+    }
+
+    async fn apply_script(&mut self, text: &str) -> Result<(), DataplaneError> {
+        self.lock().log.push(format!("script: {text}"));
+        Ok(())
     }
 }
 

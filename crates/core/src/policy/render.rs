@@ -68,6 +68,9 @@ pub enum SetKind {
     Addr,
     /// `address . inet_proto . inet_service`: named-port sets.
     NamedPort,
+    /// Addresses and prefixes whose elements may expire (`flags interval, timeout`): the
+    /// encryption guard's shutdown hold.
+    TimedAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -128,7 +131,9 @@ impl FilterSpec {
         for (name, s) in &self.sets {
             match s.kind {
                 SetKind::Addr => h.update(format!("set {name} {:?}\n", s.family)),
-                SetKind::NamedPort => h.update(format!("set {name} {:?} {:?}\n", s.family, s.kind)),
+                SetKind::NamedPort | SetKind::TimedAddr => {
+                    h.update(format!("set {name} {:?} {:?}\n", s.family, s.kind))
+                }
             }
         }
         for name in self.counters.keys().chain(&self.guard_counters) {
@@ -169,6 +174,10 @@ impl FilterSpec {
                 }
                 SetKind::NamedPort => {
                     let _ = writeln!(out, "\t\ttype {ty} . inet_proto . inet_service");
+                }
+                SetKind::TimedAddr => {
+                    let _ = writeln!(out, "\t\ttype {ty}");
+                    let _ = writeln!(out, "\t\tflags interval, timeout");
                 }
             }
             let _ = writeln!(out, "\t\tcomment {}", quote(&s.comment));
