@@ -164,6 +164,7 @@ const MODULE_LAYERS: &[(&str, &str, &[&str])] = &[
         "crate::policy",
         &[
             "model",
+            "workload",
             "resources",
             "program",
             "explain",

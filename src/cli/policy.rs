@@ -13,6 +13,7 @@ use wiremesh_core::policy::explain::{Packet, PacketPath, Verdict, explain};
 use wiremesh_core::policy::model::Protocol;
 use wiremesh_core::policy::program::{PolicyInputs, PolicySettings, compile};
 use wiremesh_core::policy::resources::PolicyResources;
+use wiremesh_core::policy::workload;
 use wiremesh_core::selector::Scope;
 use wiremesh_core::wire::RawPolicyResources;
 use wiremesh_datastore::{DatastoreError, ReadScope};
@@ -193,6 +194,19 @@ pub struct WhichEndpointsReport {
     /// False for NetworkPolicies and policies with a namespace or service-account selector.
     pub selects_host_endpoints: bool,
     pub endpoints: Vec<SelectedEndpoint>,
+    /// The pods it applies to, of those given as `v1` Pod objects (with their Namespace and
+    /// ServiceAccount objects for namespace and account labels).
+    pub pods: Vec<SelectedPod>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SelectedPod {
+    pub namespace: String,
+    pub pod: String,
+    pub node: String,
+    /// The host-side interface Calico's CNI naming gives it.
+    pub interface: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -220,6 +234,12 @@ impl WhichEndpointsReport {
             out.push_str("  selects no host endpoint: NetworkPolicies and GNPs with a namespace or service-account selector select only pods\n");
         } else if self.endpoints.is_empty() {
             out.push_str("  no host endpoint matches\n");
+        }
+        for p in &self.pods {
+            out.push_str(&format!(
+                "  node {} interface {} pod {}/{}\n",
+                p.node, p.interface, p.namespace, p.pod
+            ));
         }
         for e in &self.endpoints {
             out.push_str(&format!(
@@ -313,6 +333,20 @@ pub async fn run(cmd: PolicyCommand) -> Result<i32, PolicyToolError> {
             } else {
                 Vec::new()
             };
+            let pods = res
+                .workload_endpoints
+                .iter()
+                .filter(|w| {
+                    let labels = workload::effective_labels(w, &res.profiles);
+                    workload::selects(p, w, &labels)
+                })
+                .map(|w| SelectedPod {
+                    namespace: w.namespace.clone(),
+                    pod: w.pod.clone(),
+                    node: w.node.clone(),
+                    interface: w.interface_name.clone(),
+                })
+                .collect();
             let report = WhichEndpointsReport {
                 policy: p.display_name(),
                 tier: p.tier.clone(),
@@ -327,6 +361,7 @@ pub async fn run(cmd: PolicyCommand) -> Result<i32, PolicyToolError> {
                 selector: p.selector.to_string(),
                 selects_host_endpoints: p.selects_host_endpoints,
                 endpoints,
+                pods,
             };
             output::print(&report, output.format, WhichEndpointsReport::text)?;
             Ok(0)

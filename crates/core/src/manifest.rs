@@ -101,15 +101,15 @@ impl Manifest {
         let kind = match (Kind::from_api(api, kind_name), api, kind_name) {
             (Some(k), _, _) => Some(k),
             (None, "projectcalico.org/v3", "FelixConfiguration") => None,
-            (None, "projectcalico.org/v3" | "networking.k8s.io/v1", other) => {
+            (None, "projectcalico.org/v3" | "networking.k8s.io/v1" | "v1", other) => {
                 self.errors.push(format!(
-                    "{position}: kind {other:?} of {api} is not one wiremesh reads (projectcalico.org/v3: GlobalNetworkPolicy, NetworkPolicy, Tier, HostEndpoint, GlobalNetworkSet, NetworkSet, FelixConfiguration; networking.k8s.io/v1: NetworkPolicy)"
+                    "{position}: kind {other:?} of {api} is not one wiremesh reads (projectcalico.org/v3: GlobalNetworkPolicy, NetworkPolicy, Tier, HostEndpoint, GlobalNetworkSet, NetworkSet, FelixConfiguration; networking.k8s.io/v1: NetworkPolicy; v1: Pod, Namespace, ServiceAccount)"
                 ));
                 return;
             }
             (None, api, _) => {
                 self.errors.push(format!(
-                    "{position}: apiVersion {api:?} is not projectcalico.org/v3 or networking.k8s.io/v1"
+                    "{position}: apiVersion {api:?} is not projectcalico.org/v3, networking.k8s.io/v1 or v1"
                 ));
                 return;
             }

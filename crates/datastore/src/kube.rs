@@ -77,11 +77,20 @@ pub fn felix_configuration_resource() -> ApiResource {
 /// A policy kind's `projectcalico.org/v3` resource, for untyped access (the same kind and plural
 /// as the CRD generated from `wiremesh_core::wire`; a test checks they agree).
 pub fn policy_resource(kind: Kind) -> ApiResource {
-    if kind == Kind::KubernetesNetworkPolicy {
-        return ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("networking.k8s.io", "v1", kind.kind_name()),
-            "networkpolicies",
-        );
+    match kind {
+        Kind::KubernetesNetworkPolicy => {
+            return ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("networking.k8s.io", "v1", kind.kind_name()),
+                "networkpolicies",
+            );
+        }
+        Kind::Pod | Kind::Namespace | Kind::ServiceAccount => {
+            return ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("", "v1", kind.kind_name()),
+                kind.plural(),
+            );
+        }
+        _ => {}
     }
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(CALICO_GROUP, CALICO_VERSION, kind.kind_name()),
@@ -1190,7 +1199,10 @@ mod tests {
                     ApiResource::erase::<api::NetworkSet>(&()),
                     api::NetworkSet::crd(),
                 ),
-                Kind::KubernetesNetworkPolicy => unreachable!("not a CRD of ours"),
+                Kind::KubernetesNetworkPolicy
+                | Kind::Pod
+                | Kind::Namespace
+                | Kind::ServiceAccount => unreachable!("not a CRD of ours"),
             };
             assert_eq!(policy_resource(kind), resource, "{kind}");
             assert_eq!(Some(policy_crd(kind)), crd.metadata.name, "{kind}");

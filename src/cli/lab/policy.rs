@@ -38,6 +38,21 @@ impl Lab {
         manifest: &Manifest,
         delete: bool,
     ) -> Result<Vec<String>, LabError> {
+        // Pods, Namespaces and ServiceAccounts are for the policy tools so far: the lab has no
+        // pods of that kind yet, and etcd keeps pods as WorkloadEndpoints, not as Pods.
+        if let Some(o) = manifest
+            .objects
+            .iter()
+            .find(|o| o.kind.is_some_and(|k| !k.stored()))
+        {
+            return Err(LabError::InvalidArgument {
+                what: format!("{} ({})", o.key, o.position),
+                reason: format!(
+                    "the lab does not take {} objects yet (use them with `wiremesh policy which-endpoints -f`)",
+                    o.kind.map_or("", |k| k.kind_name())
+                ),
+            });
+        }
         if let Some(kubeconfig) = &self.state.kubeconfig {
             let client = super::k8s::client(kubeconfig).await?;
             return super::k8s::apply_manifest(&client, manifest, delete).await;

@@ -1,7 +1,9 @@
 //! Calico host-endpoint policy: validation of the wire types into the domain ([`resources`]),
-//! the validated model ([`model`]), the per-node evaluation program ([`program`]), a pure
-//! packet evaluator ([`explain`]), the nftables rendering ([`render`]),  and the findings of `wiremesh policy unused` ([`analysis`]). The
-//! filter subsystem's desired state is [`desired_filter`]. See docs/policy.md.
+//! the validated model ([`model`]), pods as workload endpoints and their profiles
+//! ([`workload`]), the per-node evaluation program ([`program`]), a pure packet evaluator
+//! ([`explain`]), the nftables rendering ([`render`]), and the findings of `wiremesh policy
+//! unused` ([`analysis`]). The filter subsystem's desired state is [`desired_filter`]. See
+//! docs/policy.md.
 
 pub mod analysis;
 pub mod explain;
@@ -11,6 +13,7 @@ pub mod render;
 pub mod resources;
 #[cfg(test)]
 mod tests;
+pub mod workload;
 
 pub use explain::{Outcome, Packet, PacketPath, Reason, Verdict, explain};
 pub use model::{Action, Direction, Policy, Protocol};

@@ -136,6 +136,10 @@ pub struct Policy {
     pub tier: String,
     pub order: Option<f64>,
     pub selector: Selector,
+    /// A GlobalNetworkPolicy's `namespaceSelector` / `serviceAccountSelector`, as written
+    /// (they match the namespace's and account's labels: see `workload::selects`).
+    pub namespace_selector: Option<Selector>,
+    pub service_account_selector: Option<Selector>,
     /// False for NetworkPolicies and GNPs with a namespace or service-account selector.
     pub selects_host_endpoints: bool,
     /// `None` when the policy's types exclude the direction.

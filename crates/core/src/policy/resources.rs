@@ -16,6 +16,7 @@ use super::model::{
     Action, EndpointPort, Entity, HostEndpoint, IcmpMatch, NetworkSet, Policy, PolicyKind,
     PortRange, Protocol, Rule, Tier, TierDefault,
 };
+use super::workload::{self, DEFAULT_INTERFACE_PREFIX, Profile, WorkloadEndpoint};
 use crate::model::Family;
 use crate::selector::{Expr, Selector};
 use crate::wire::common::{EntityRule, IcmpFields, NumOrString, PolicyType};
@@ -25,6 +26,7 @@ use crate::wire::{
     self, GlobalNetworkPolicySpec, GlobalNetworkSetSpec, HostEndpointSpec, Kind, NetworkPolicySpec,
     NetworkSetSpec, Object, ObjectMeta, RawPolicyResources, TierSpec,
 };
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy as KubernetesNetworkPolicy;
 
 /// A validation failure: which object, which field, what is wrong.
@@ -50,6 +52,10 @@ pub struct PolicyResources {
     pub policies: Vec<Policy>,
     pub host_endpoints: Vec<HostEndpoint>,
     pub network_sets: Vec<NetworkSet>,
+    /// Pods (from `v1` Pod objects; the policy tools only, so far).
+    pub workload_endpoints: Vec<WorkloadEndpoint>,
+    /// `kns.*` and `ksa.*`, from `v1` Namespace and ServiceAccount objects.
+    pub profiles: BTreeMap<String, Profile>,
     pub errors: Vec<ValidationError>,
 }
 
@@ -136,6 +142,30 @@ impl PolicyResources {
             Kind::KubernetesNetworkPolicy => {
                 self.policies.push(kubernetes_network_policy(key, value)?);
             }
+            Kind::Pod => {
+                let pod: Pod = decode_kubernetes(kind, key, value)?;
+                let (endpoint, problems) = workload::from_pod(&pod, DEFAULT_INTERFACE_PREFIX);
+                // What was left out of a pod is reported; the rest of it still counts.
+                self.errors
+                    .extend(problems.into_iter().map(|p| ValidationError {
+                        kind,
+                        name: stored_name(kind, key, value),
+                        field: p.field,
+                        message: p.reason,
+                        unsupported: false,
+                    }));
+                self.workload_endpoints.extend(endpoint);
+            }
+            Kind::Namespace => {
+                let ns: Namespace = decode_kubernetes(kind, key, value)?;
+                let profile = workload::namespace_profile(&ns);
+                self.profiles.insert(profile.name.clone(), profile);
+            }
+            Kind::ServiceAccount => {
+                let sa: ServiceAccount = decode_kubernetes(kind, key, value)?;
+                let profile = workload::service_account_profile(&sa);
+                self.profiles.insert(profile.name.clone(), profile);
+            }
         }
         Ok(())
     }
@@ -149,6 +179,8 @@ impl PolicyResources {
         self.host_endpoints.sort_by(|a, b| a.name.cmp(&b.name));
         self.network_sets
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.workload_endpoints
+            .sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
     }
 }
 
@@ -218,6 +250,38 @@ impl<'a, S: DeserializeOwned + JsonSchema + Default> Stored<'a, S> {
             name,
         }
     }
+}
+
+/// A Kubernetes object (`metadata.name`, `namespace` from the key where missing); a field of
+/// the wrong type is an error.
+fn decode_kubernetes<T>(
+    kind: Kind,
+    key: &str,
+    value: &serde_json::Value,
+) -> Result<T, ValidationError>
+where
+    T: DeserializeOwned
+        + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+{
+    let mut object = wire::decode::<T>(value)
+        .map_err(|e| ValidationError {
+            kind,
+            name: stored_name(kind, key, value),
+            field: e.path,
+            message: e.message,
+            unsupported: false,
+        })?
+        .value;
+    let (key_namespace, key_name) = match key.split_once('/') {
+        Some((ns, name)) if kind.namespaced() => (Some(ns), name),
+        _ => (None, key),
+    };
+    let meta = object.metadata_mut();
+    meta.name.get_or_insert_with(|| key_name.to_string());
+    if let Some(ns) = key_namespace {
+        meta.namespace.get_or_insert_with(|| ns.to_string());
+    }
+    Ok(object)
 }
 
 /// A Kubernetes NetworkPolicy: decoded (a field of the wrong type, or one its spec does not
@@ -584,6 +648,8 @@ fn validate_policy(
         tier,
         order: spec.order,
         selector,
+        namespace_selector: ns_sel,
+        service_account_selector: sa_sel,
         selects_host_endpoints,
         ingress: ingress_on.then_some(ingress),
         egress: egress_on.then_some(egress),

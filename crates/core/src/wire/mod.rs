@@ -40,6 +40,11 @@ pub enum Kind {
     /// Kubernetes' own `networking.k8s.io/v1` NetworkPolicy, enforced as the Calico
     /// NetworkPolicy it converts to ([`knp`]).
     KubernetesNetworkPolicy,
+    /// Kubernetes `v1` objects policy reads about pods (`policy::workload`): in manifests for
+    /// the policy tools; not stored in etcd under these kinds.
+    Pod,
+    Namespace,
+    ServiceAccount,
 }
 
 impl Kind {
@@ -53,7 +58,8 @@ impl Kind {
         Kind::NetworkSet,
     ];
 
-    pub const ALL: [Kind; 7] = {
+    /// The kinds a datastore stores as policy objects (the etcd keys of [`Kind::plural`]).
+    pub const STORED: [Kind; 7] = {
         let c = Kind::CALICO;
         [
             c[0],
@@ -66,10 +72,30 @@ impl Kind {
         ]
     };
 
+    pub const ALL: [Kind; 10] = {
+        let s = Kind::STORED;
+        [
+            s[0],
+            s[1],
+            s[2],
+            s[3],
+            s[4],
+            s[5],
+            s[6],
+            Kind::Pod,
+            Kind::Namespace,
+            Kind::ServiceAccount,
+        ]
+    };
+
     pub fn namespaced(self) -> bool {
         matches!(
             self,
-            Kind::NetworkPolicy | Kind::NetworkSet | Kind::KubernetesNetworkPolicy
+            Kind::NetworkPolicy
+                | Kind::NetworkSet
+                | Kind::KubernetesNetworkPolicy
+                | Kind::Pod
+                | Kind::ServiceAccount
         )
     }
 
@@ -77,6 +103,7 @@ impl Kind {
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::KubernetesNetworkPolicy => "networking.k8s.io/v1",
+            Kind::Pod | Kind::Namespace | Kind::ServiceAccount => "v1",
             _ => "projectcalico.org/v3",
         }
     }
@@ -85,6 +112,9 @@ impl Kind {
     pub fn kind_name(self) -> &'static str {
         match self {
             Kind::KubernetesNetworkPolicy => "NetworkPolicy",
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+            Kind::ServiceAccount => "ServiceAccount",
             other => other.calico_name(),
         }
     }
@@ -98,6 +128,9 @@ impl Kind {
             Kind::GlobalNetworkSet => "GlobalNetworkSet",
             Kind::NetworkSet => "NetworkSet",
             Kind::KubernetesNetworkPolicy => "KubernetesNetworkPolicy",
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+            Kind::ServiceAccount => "ServiceAccount",
         }
     }
 
@@ -119,7 +152,15 @@ impl Kind {
             Kind::NetworkSet => "networksets",
             // Our own etcd key (Calico keeps these in the Kubernetes API only).
             Kind::KubernetesNetworkPolicy => "kubernetesnetworkpolicies",
+            Kind::Pod => "pods",
+            Kind::Namespace => "namespaces",
+            Kind::ServiceAccount => "serviceaccounts",
         }
+    }
+
+    /// Whether a datastore stores objects of this kind (see [`Kind::STORED`]).
+    pub fn stored(self) -> bool {
+        Kind::STORED.contains(&self)
     }
 
     /// A `projectcalico.org/v3` kind by its `kind` name.
@@ -128,7 +169,7 @@ impl Kind {
     }
 
     pub fn from_plural(name: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.plural() == name)
+        Kind::STORED.into_iter().find(|k| k.plural() == name)
     }
 }
 
