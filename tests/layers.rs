@@ -175,7 +175,9 @@ const MODULE_LAYERS: &[(&str, &str, &[&str])] = &[
     (
         "crates/core/src/wire",
         "crate::wire",
-        &["common", "felix", "network", "policy", "knp", "crd"],
+        &[
+            "common", "felix", "network", "policy", "workload", "knp", "crd",
+        ],
     ),
     (
         "crates/datastore/src",

@@ -1200,6 +1200,8 @@ mod tests {
                     api::NetworkSet::crd(),
                 ),
                 Kind::KubernetesNetworkPolicy
+                | Kind::WorkloadEndpoint
+                | Kind::Profile
                 | Kind::Pod
                 | Kind::Namespace
                 | Kind::ServiceAccount => unreachable!("not a CRD of ours"),

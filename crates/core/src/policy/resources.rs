@@ -22,6 +22,7 @@ use crate::selector::{Expr, Selector};
 use crate::wire::common::{EntityRule, IcmpFields, NumOrString, PolicyType};
 use crate::wire::network::EndpointPort as WireEndpointPort;
 use crate::wire::policy::TierDefaultAction;
+use crate::wire::workload::{ProfileSpec, WorkloadEndpointSpec};
 use crate::wire::{
     self, GlobalNetworkPolicySpec, GlobalNetworkSetSpec, HostEndpointSpec, Kind, NetworkPolicySpec,
     NetworkSetSpec, Object, ObjectMeta, RawPolicyResources, TierSpec,
@@ -141,6 +142,16 @@ impl PolicyResources {
             }
             Kind::KubernetesNetworkPolicy => {
                 self.policies.push(kubernetes_network_policy(key, value)?);
+            }
+            Kind::WorkloadEndpoint => {
+                let stored = Stored::<WorkloadEndpointSpec>::decode(kind, key, value)?;
+                // An endpoint without addresses is invisible to policy, as in Felix.
+                self.workload_endpoints
+                    .extend(Option::<WorkloadEndpoint>::try_from(stored)?);
+            }
+            Kind::Profile => {
+                let profile = Profile::try_from(Stored::<ProfileSpec>::decode(kind, key, value)?)?;
+                self.profiles.insert(profile.name.clone(), profile);
             }
             Kind::Pod => {
                 let pod: Pod = decode_kubernetes(kind, key, value)?;
@@ -417,6 +428,8 @@ validated_by!(NetworkPolicySpec => Policy, |ctx, meta, key, spec: NetworkPolicyS
     validate_policy(ctx, meta, key, GlobalNetworkPolicySpec::from(spec))
 });
 validated_by!(TierSpec => Tier, validate_tier);
+validated_by!(WorkloadEndpointSpec => Option<WorkloadEndpoint>, validate_wep);
+validated_by!(ProfileSpec => Profile, validate_profile);
 validated_by!(HostEndpointSpec => HostEndpoint, validate_hep);
 validated_by!(GlobalNetworkSetSpec => NetworkSet, |ctx, meta, key, spec: GlobalNetworkSetSpec| {
     validate_netset(ctx, meta, key, &spec.nets)
@@ -1059,9 +1072,7 @@ fn validate_hep(
     let interface_name = spec.interface_name.filter(|i| !i.is_empty());
     if let Some(i) = &interface_name
         && i != "*"
-        && !(i.len() <= 15
-            && i.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)))
+        && !is_interface_name(i)
     {
         return Err(ctx.err(
             "spec.interfaceName",
@@ -1099,6 +1110,157 @@ fn validate_hep(
         labels: meta.labels.clone(),
         ports,
     })
+}
+
+/// A Calico WorkloadEndpoint as etcd holds it: the same endpoint a Pod gives on Kubernetes
+/// (`workload::from_pod`), from the fields the CNI plugin wrote. None when it has no address.
+fn validate_wep(
+    ctx: &Ctx,
+    meta: &ObjectMeta,
+    key: &str,
+    spec: WorkloadEndpointSpec,
+) -> Result<Option<WorkloadEndpoint>, ValidationError> {
+    let namespace = meta
+        .namespace
+        .clone()
+        .or_else(|| key.split_once('/').map(|(ns, _)| ns.to_string()))
+        .filter(|ns| !ns.is_empty())
+        .ok_or_else(|| ctx.err("metadata.namespace", "a WorkloadEndpoint needs a namespace"))?;
+    if spec.node.is_empty() {
+        return Err(ctx.err("spec.node", "is required"));
+    }
+    let pod = if spec.pod.is_empty() {
+        spec.workload.clone()
+    } else {
+        spec.pod.clone()
+    };
+    if pod.is_empty() {
+        return Err(ctx.err("spec.pod", "is required (or spec.workload)"));
+    }
+    let mut ips = Vec::new();
+    for (i, text) in spec.ip_networks.iter().enumerate() {
+        let net: IpNet = text.trim().parse().map_err(|e| {
+            ctx.err(
+                format!("spec.ipNetworks[{i}]"),
+                format!("{text:?} is not a CIDR: {e}"),
+            )
+        })?;
+        if net.prefix_len() != net.max_prefix_len() {
+            return Err(ctx.err(
+                format!("spec.ipNetworks[{i}]"),
+                format!("{text:?} is not a single address (/32 or /128)"),
+            ));
+        }
+        if !ips.contains(&net) {
+            ips.push(net);
+        }
+    }
+    if ips.is_empty() {
+        return Ok(None);
+    }
+    let interface_name = if spec.interface_name.is_empty() {
+        workload::interface_name(DEFAULT_INTERFACE_PREFIX, &namespace, &pod)
+    } else if is_interface_name(&spec.interface_name) {
+        spec.interface_name.clone()
+    } else {
+        return Err(ctx.err(
+            "spec.interfaceName",
+            format!(
+                "{:?} is not an interface name ([a-zA-Z0-9_.-]{{1,15}})",
+                spec.interface_name
+            ),
+        ));
+    };
+    let mut ports = Vec::new();
+    for (i, p) in spec
+        .ports
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| !p.name.is_empty())
+    {
+        let raw = WireEndpointPort {
+            name: p.name.clone(),
+            protocol: p
+                .protocol
+                .clone()
+                .unwrap_or_else(|| NumOrString::Str("TCP".into())),
+            port: p.port,
+        };
+        let port = validate_endpoint_port(ctx, &format!("spec.ports[{i}]"), &raw)?;
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    let account = Some(spec.service_account_name.clone()).filter(|a| !a.is_empty());
+    let orchestrator = Some(spec.orchestrator.clone())
+        .filter(|o| !o.is_empty())
+        .unwrap_or_else(|| "k8s".into());
+    let labels =
+        workload::endpoint_labels(&meta.labels, &namespace, &orchestrator, account.as_deref());
+    Ok(Some(WorkloadEndpoint {
+        namespace,
+        pod,
+        node: spec.node,
+        interface_name,
+        ips,
+        labels,
+        profiles: spec.profiles,
+        ports,
+        service_account: account,
+    }))
+}
+
+/// A Calico Profile. wiremesh applies profiles the way Kubernetes uses them: labels to apply,
+/// and rules that allow everything (`kns.*`) or nothing (`ksa.*`); other rules are not
+/// supported yet (reported; the profile is skipped, so its endpoints get no profile allow).
+fn validate_profile(
+    ctx: &Ctx,
+    meta: &ObjectMeta,
+    key: &str,
+    spec: ProfileSpec,
+) -> Result<Profile, ValidationError> {
+    let name = validate_name(ctx, meta, key, usize::MAX / 2)?;
+    let allow_all = |dir: &str, rules: &[wire::common::Rule]| -> Result<bool, ValidationError> {
+        match rules {
+            [] => Ok(false),
+            [only] if *only == allow_everything() => Ok(true),
+            _ => Err(ctx.unsupported(
+                format!("spec.{dir}"),
+                "profile rules other than a single `action: Allow` are not supported yet",
+            )),
+        }
+    };
+    Ok(Profile {
+        allow_ingress: allow_all("ingress", &spec.ingress)?,
+        allow_egress: allow_all("egress", &spec.egress)?,
+        labels_to_apply: spec.labels_to_apply,
+        name,
+    })
+}
+
+/// The rule `{action: Allow}` and nothing else.
+fn allow_everything() -> wire::common::Rule {
+    wire::common::Rule {
+        action: Action::Allow,
+        protocol: None,
+        not_protocol: None,
+        ip_version: None,
+        icmp: None,
+        not_icmp: None,
+        source: None,
+        destination: None,
+        http: None,
+        metadata: None,
+    }
+}
+
+/// An interface name as Calico's endpoints take it: `[a-zA-Z0-9_.-]{1,15}`.
+fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// A HostEndpoint named port, `{name, protocol, port}` (Calico's EndpointPort). Several entries

@@ -169,20 +169,12 @@ pub fn from_pod(pod: &Pod, prefix: &str) -> (Option<WorkloadEndpoint>, Vec<PodPr
     }
 
     let account = spec.service_account_name.clone().filter(|a| !a.is_empty());
-    let mut labels: BTreeMap<String, String> = meta
-        .labels
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(k, _)| {
-            !k.starts_with(NAMESPACE_LABEL_PREFIX) && !k.starts_with(SERVICE_ACCOUNT_LABEL_PREFIX)
-        })
-        .collect();
-    labels.insert(LABEL_NAMESPACE.into(), namespace.clone());
-    labels.insert(LABEL_ORCHESTRATOR.into(), "k8s".into());
-    if let Some(account) = &account {
-        labels.insert(LABEL_SERVICE_ACCOUNT.into(), account.clone());
-    }
+    let labels = endpoint_labels(
+        &meta.labels.clone().unwrap_or_default(),
+        &namespace,
+        "k8s",
+        account.as_deref(),
+    );
     let mut profiles = vec![format!("kns.{namespace}")];
     if let Some(account) = &account {
         profiles.push(format!("ksa.{namespace}.{account}"));
@@ -205,6 +197,30 @@ pub fn from_pod(pod: &Pod, prefix: &str) -> (Option<WorkloadEndpoint>, Vec<PodPr
         service_account: account,
     };
     (Some(endpoint), problems)
+}
+
+/// An endpoint's labels: its own, less any `pcns.`/`pcsa.` label (a pod cannot pose as
+/// another namespace), plus the implicit namespace, orchestrator and service-account labels,
+/// which win.
+pub fn endpoint_labels(
+    own: &BTreeMap<String, String>,
+    namespace: &str,
+    orchestrator: &str,
+    account: Option<&str>,
+) -> BTreeMap<String, String> {
+    let mut labels: BTreeMap<String, String> = own
+        .iter()
+        .filter(|(k, _)| {
+            !k.starts_with(NAMESPACE_LABEL_PREFIX) && !k.starts_with(SERVICE_ACCOUNT_LABEL_PREFIX)
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.insert(LABEL_NAMESPACE.into(), namespace.to_string());
+    labels.insert(LABEL_ORCHESTRATOR.into(), orchestrator.to_string());
+    if let Some(account) = account {
+        labels.insert(LABEL_SERVICE_ACCOUNT.into(), account.to_string());
+    }
+    labels
 }
 
 fn parse_ip(text: &str) -> Result<IpNet, String> {

@@ -11,6 +11,7 @@ pub mod felix;
 pub mod knp;
 pub mod network;
 pub mod policy;
+pub mod workload;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -40,6 +41,9 @@ pub enum Kind {
     /// Kubernetes' own `networking.k8s.io/v1` NetworkPolicy, enforced as the Calico
     /// NetworkPolicy it converts to ([`knp`]).
     KubernetesNetworkPolicy,
+    /// Calico's pods and their profiles, as the etcd datastore holds them ([`workload`]).
+    WorkloadEndpoint,
+    Profile,
     /// Kubernetes `v1` objects policy reads about pods (`policy::workload`): in manifests for
     /// the policy tools; not stored in etcd under these kinds.
     Pod,
@@ -59,7 +63,7 @@ impl Kind {
     ];
 
     /// The kinds a datastore stores as policy objects (the etcd keys of [`Kind::plural`]).
-    pub const STORED: [Kind; 7] = {
+    pub const STORED: [Kind; 9] = {
         let c = Kind::CALICO;
         [
             c[0],
@@ -69,10 +73,12 @@ impl Kind {
             c[4],
             c[5],
             Kind::KubernetesNetworkPolicy,
+            Kind::WorkloadEndpoint,
+            Kind::Profile,
         ]
     };
 
-    pub const ALL: [Kind; 10] = {
+    pub const ALL: [Kind; 12] = {
         let s = Kind::STORED;
         [
             s[0],
@@ -82,6 +88,8 @@ impl Kind {
             s[4],
             s[5],
             s[6],
+            s[7],
+            s[8],
             Kind::Pod,
             Kind::Namespace,
             Kind::ServiceAccount,
@@ -94,6 +102,7 @@ impl Kind {
             Kind::NetworkPolicy
                 | Kind::NetworkSet
                 | Kind::KubernetesNetworkPolicy
+                | Kind::WorkloadEndpoint
                 | Kind::Pod
                 | Kind::ServiceAccount
         )
@@ -128,6 +137,8 @@ impl Kind {
             Kind::GlobalNetworkSet => "GlobalNetworkSet",
             Kind::NetworkSet => "NetworkSet",
             Kind::KubernetesNetworkPolicy => "KubernetesNetworkPolicy",
+            Kind::WorkloadEndpoint => "WorkloadEndpoint",
+            Kind::Profile => "Profile",
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
             Kind::ServiceAccount => "ServiceAccount",
@@ -152,6 +163,8 @@ impl Kind {
             Kind::NetworkSet => "networksets",
             // Our own etcd key (Calico keeps these in the Kubernetes API only).
             Kind::KubernetesNetworkPolicy => "kubernetesnetworkpolicies",
+            Kind::WorkloadEndpoint => "workloadendpoints",
+            Kind::Profile => "profiles",
             Kind::Pod => "pods",
             Kind::Namespace => "namespaces",
             Kind::ServiceAccount => "serviceaccounts",
@@ -165,7 +178,9 @@ impl Kind {
 
     /// A `projectcalico.org/v3` kind by its `kind` name.
     pub fn from_kind_name(name: &str) -> Option<Kind> {
-        Kind::CALICO.into_iter().find(|k| k.calico_name() == name)
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.api_version() == "projectcalico.org/v3" && k.calico_name() == name)
     }
 
     pub fn from_plural(name: &str) -> Option<Kind> {
