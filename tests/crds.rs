@@ -85,6 +85,40 @@ fn crds_have_calico_group_version_and_scope() {
     assert_eq!(scopes, expected);
 }
 
+/// No enum lists `null` (issue 12: kubectl's client-side validation refuses it, "unknown
+/// object type nil", and API servers before 1.23 refuse the CRD); `nullable` says it instead.
+#[test]
+fn no_crd_lists_null_among_enum_values() {
+    fn nulls(schema: &Value, path: &str, out: &mut Vec<String>) {
+        match schema {
+            Value::Object(map) => {
+                if let Some(Value::Array(values)) = map.get("enum")
+                    && values.iter().any(Value::is_null)
+                {
+                    out.push(path.to_string());
+                }
+                for (k, v) in map {
+                    nulls(v, &format!("{path}.{k}"), out);
+                }
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    nulls(v, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    for (kind, schema) in schemas() {
+        nulls(&schema, &kind, &mut found);
+    }
+    assert!(found.is_empty(), "enums with null: {found:?}");
+    let tier = &schemas()["Tier"]["properties"]["spec"]["properties"]["defaultAction"];
+    assert_eq!(tier["enum"], serde_json::json!(["Deny", "Pass"]));
+    assert_eq!(tier["nullable"], true);
+}
+
 /// kind -> openAPIV3Schema as JSON.
 fn schemas() -> BTreeMap<String, Value> {
     api::crds()

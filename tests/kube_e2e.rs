@@ -93,10 +93,10 @@ where
     .unwrap_or_else(|e| panic!("applying {name}: {e}"));
 }
 
-/// Applies deploy/namespace.yaml and deploy/rbac.yaml (the DaemonSet is not needed: the agents
+/// Applies deploy/00-namespace.yaml and deploy/rbac.yaml (the DaemonSet is not needed: the agents
 /// run out of cluster, in the lab).
 async fn apply_rbac(client: &Client) {
-    for file in ["deploy/namespace.yaml", "deploy/rbac.yaml"] {
+    for file in ["deploy/00-namespace.yaml", "deploy/rbac.yaml"] {
         for doc in yaml_documents(&root().join(file)) {
             let namespace = doc
                 .pointer("/metadata/namespace")

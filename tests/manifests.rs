@@ -85,6 +85,18 @@ async fn kubectl_accepts_crds_and_deploy() {
         );
     }
     assert_eq!(names.len(), 7 + 5, "{names:#?}");
+    // kubectl applies a directory in file-name order: the Namespace must come before what
+    // lives in it, or the first `kubectl apply -f deploy/` fails ("namespaces not found").
+    let applied: Vec<&str> = stdout.lines().collect();
+    let at = |name: &str| applied.iter().position(|n| *n == name).expect("listed");
+    assert!(
+        at("namespace/wiremesh") < at("serviceaccount/wiremesh"),
+        "{applied:#?}"
+    );
+    assert!(
+        at("namespace/wiremesh") < at("daemonset.apps/wiremesh"),
+        "{applied:#?}"
+    );
 }
 
 #[test]

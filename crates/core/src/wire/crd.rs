@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube_core::CustomResourceExt as _;
 
 use super::{
@@ -40,7 +42,53 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     ]
     .into_iter()
     .map(spec_optional)
+    .map(no_null_in_enums)
     .collect()
+}
+
+/// schemars lists `null` among an optional enum's values (`enum: [Deny, Pass, null]`, with
+/// `nullable: true`); kubectl's client-side validation refuses that ("unknown object type nil")
+/// and API servers before Kubernetes 1.23 refuse the CRD. `nullable: true` already says it.
+fn no_null_in_enums(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            strip_null_enum_values(schema);
+        }
+    }
+    crd
+}
+
+fn strip_null_enum_values(schema: &mut JSONSchemaProps) {
+    if let Some(values) = schema.enum_.as_mut() {
+        values.retain(|v| !v.0.is_null());
+    }
+    for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        strip_null_enum_values(child);
+    }
+    match schema.items.as_mut() {
+        Some(JSONSchemaPropsOrArray::Schema(item)) => strip_null_enum_values(item),
+        Some(JSONSchemaPropsOrArray::Schemas(items)) => {
+            items.iter_mut().for_each(strip_null_enum_values)
+        }
+        None => {}
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
+        strip_null_enum_values(extra);
+    }
+    for list in [
+        schema.all_of.as_mut(),
+        schema.any_of.as_mut(),
+        schema.one_of.as_mut(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        list.iter_mut().for_each(strip_null_enum_values);
+    }
 }
 
 /// Like Calico's CRDs, an object without `spec` is accepted (e.g. a FelixConfiguration created
