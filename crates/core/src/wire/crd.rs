@@ -50,16 +50,21 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
 /// `nullable: true`); kubectl's client-side validation refuses that ("unknown object type nil")
 /// and API servers before Kubernetes 1.23 refuse the CRD. `nullable: true` already says it.
 fn no_null_in_enums(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    for_each_schema(&mut crd, strip_null_enum_values);
+    crd
+}
+
+/// Calls `f` with each version's `openAPIV3Schema`.
+fn for_each_schema(crd: &mut CustomResourceDefinition, mut f: impl FnMut(&mut JSONSchemaProps)) {
     for version in &mut crd.spec.versions {
         if let Some(schema) = version
             .schema
             .as_mut()
             .and_then(|s| s.open_api_v3_schema.as_mut())
         {
-            strip_null_enum_values(schema);
+            f(schema);
         }
     }
-    crd
 }
 
 fn strip_null_enum_values(schema: &mut JSONSchemaProps) {
@@ -94,19 +99,14 @@ fn strip_null_enum_values(schema: &mut JSONSchemaProps) {
 /// Like Calico's CRDs, an object without `spec` is accepted (e.g. a FelixConfiguration created
 /// with only a name); the derive marks `spec` required.
 fn spec_optional(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
-    for version in &mut crd.spec.versions {
-        if let Some(schema) = version
-            .schema
-            .as_mut()
-            .and_then(|s| s.open_api_v3_schema.as_mut())
-            && let Some(required) = schema.required.as_mut()
-        {
+    for_each_schema(&mut crd, |schema| {
+        if let Some(required) = schema.required.as_mut() {
             required.retain(|field| field != "spec");
             if required.is_empty() {
                 schema.required = None;
             }
         }
-    }
+    });
     crd
 }
 
