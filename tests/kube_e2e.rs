@@ -151,6 +151,13 @@ async fn allowed(client: &Client, verb: &str, group: &str, resource: &str) -> bo
 }
 
 async fn check_rbac(client: &Client) {
+    // The authorizer sees a ClusterRoleBinding applied a moment ago only once its cache has
+    // caught up (on a freshly started API server this took over a second): wait for the first
+    // right before asserting the rest.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !allowed(client, "list", "", "nodes").await && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for (verb, group, resource) in [
         ("list", "", "nodes"),
         ("watch", "", "nodes"),
