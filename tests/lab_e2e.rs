@@ -84,6 +84,11 @@ fn status(lab: &Lab, index: u32) -> Value {
     serde_json::from_slice(&std::fs::read(&path).expect("status.json")).expect("status JSON")
 }
 
+/// How many configuration errors node `index`'s status file reports.
+fn config_errors(lab: &Lab, index: u32) -> Option<usize> {
+    status(lab, index)["configErrors"].as_array().map(Vec::len)
+}
+
 fn log_of(lab: &Lab, index: u32) -> String {
     std::fs::read_to_string(&lab.node(index).expect("node").log).unwrap_or_default()
 }
@@ -684,18 +689,12 @@ async fn bad_felix_fields_keep_encryption_on_and_say_so() {
     .await
     .expect("write");
     wait_for("every agent to report the bad fields", async || {
-        (1..=3).all(|i| {
-            status(&lab, i)["configErrors"]
-                .as_array()
-                .is_some_and(|e| e.len() == 3)
-        })
+        (1..=3).all(|i| config_errors(&lab, i) == Some(3))
     })
     .await;
     lab.restart_agent("node2").expect("restart node2");
     wait_for("the restarted agent to report the bad fields", async || {
-        status(&lab, 2)["configErrors"]
-            .as_array()
-            .is_some_and(|e| e.len() == 3)
+        config_errors(&lab, 2) == Some(3)
     })
     .await;
     let results = verify::verify(&lab, VerifyExpect::Encrypted, 2)
@@ -725,11 +724,7 @@ async fn bad_felix_fields_keep_encryption_on_and_say_so() {
     .await
     .expect("write");
     wait_for("every agent to clear the errors", async || {
-        (1..=3).all(|i| {
-            status(&lab, i)["configErrors"]
-                .as_array()
-                .is_some_and(Vec::is_empty)
-        })
+        (1..=3).all(|i| config_errors(&lab, i) == Some(0))
     })
     .await;
     assert_eq!(node_status_report(&lab, "node1")["verdict"]["level"], "ok");
@@ -740,11 +735,7 @@ async fn bad_felix_fields_keep_encryption_on_and_say_so() {
         .await
         .expect("delete");
     wait_for("every agent to report the deleted switch", async || {
-        (1..=3).all(|i| {
-            status(&lab, i)["configErrors"]
-                .as_array()
-                .is_some_and(|e| e.len() == 1)
-        })
+        (1..=3).all(|i| config_errors(&lab, i) == Some(1))
     })
     .await;
     let summary = node_status_report(&lab, "node3")["verdict"]["summary"]
