@@ -1327,6 +1327,16 @@ fn guards(lab: &Lab, node: &str, set: &str, cidr: &str) -> bool {
     chain.contains("\"plaintext-blocked\" drop") && elements.contains(cidr)
 }
 
+/// When `node` was first seen guarding both pod CIDRs (strict mode) in both families: at or
+/// after the moment it applied them.
+async fn guarded_from(lab: &Lab, node: &str, v4: &str, v6: &str) -> std::time::SystemTime {
+    wait_for(&format!("{node} to guard {v4} and {v6}"), async || {
+        guards(lab, node, "encrypted-pods4", v4) && guards(lab, node, "encrypted-pods6", v6)
+    })
+    .await;
+    std::time::SystemTime::now()
+}
+
 /// Issue 10: a dual-stack lab (IPv6 underlay and pods beside IPv4), switched on under 20/s
 /// pings in both families with strict mode on while node2's agent is down. Once a node has
 /// applied the switch, not one pod packet leaves it in clear in either family (without strict
@@ -1370,44 +1380,20 @@ async fn a_dual_stack_lab_switched_on_under_strict_mode() {
         .expect("enable IPv6");
     // The moment each node has applied the switch in both families (seen every 200 ms, so at
     // or after it did): from then on nothing may leave that node in clear to the other's pods.
-    let mut node1_at = None;
-    wait_for("node1 to guard node2's pods", async || {
-        if guards(&lab, "node1", "encrypted-pods4", "10.244.2.0/24")
-            && guards(&lab, "node1", "encrypted-pods6", "fd00:10:244:2::/64")
-        {
-            node1_at = Some(std::time::SystemTime::now());
-        }
-        node1_at.is_some()
-    })
-    .await;
+    let node1_at = guarded_from(&lab, "node1", "10.244.2.0/24", "fd00:10:244:2::/64").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     lab.start_agent("node2").expect("start node2's agent");
-    let mut node2_at = None;
-    wait_for("node2 to guard node1's pods", async || {
-        if guards(&lab, "node2", "encrypted-pods4", "10.244.1.0/24")
-            && guards(&lab, "node2", "encrypted-pods6", "fd00:10:244:1::/64")
-        {
-            node2_at = Some(std::time::SystemTime::now());
-        }
-        node2_at.is_some()
-    })
-    .await;
+    let node2_at = guarded_from(&lab, "node2", "10.244.1.0/24", "fd00:10:244:1::/64").await;
     let _ = v4_pings.join().expect("ping thread");
     let _ = v6_pings.join().expect("ping thread");
     capture.stop();
     let pods = "net 10.244.0.0/16 or net fd00:10:244::/48";
     let mut clear = capture
-        .packets_since(
-            "src 10.244.1.2 or src fd00:10:244:1::2",
-            node1_at.expect("seen"),
-        )
+        .packets_since("src 10.244.1.2 or src fd00:10:244:1::2", node1_at)
         .expect("read capture");
     clear.extend(
         capture
-            .packets_since(
-                "src 10.244.2.2 or src fd00:10:244:2::2",
-                node2_at.expect("seen"),
-            )
+            .packets_since("src 10.244.2.2 or src fd00:10:244:2::2", node2_at)
             .expect("read capture"),
     );
     let all = capture.count(pods).expect("count");
