@@ -5,9 +5,7 @@
 //! Only addresses inside our namespaces are used (10.98.1.0/24, fd98:1::/64).
 
 mod support;
-use std::process::Command;
-use std::time::{Duration, Instant};
-use support::root_or_skip;
+use support::{root_or_skip, tcp_answers};
 
 use serde_json::{Value, json};
 use wiremesh::netns::Netns;
@@ -127,26 +125,6 @@ fn pair() -> (Netns, Netns) {
         .expect("neigh");
     }
     (a, b)
-}
-
-/// True if a TCP connection attempt gets an answer (accept or RST) within 2 s, false if it is
-/// dropped. Needs no listener: "connection refused" proves the SYN got through.
-fn tcp_answers(from: &Netns, to: &str, port: u16) -> bool {
-    let started = Instant::now();
-    let status = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            from.name(),
-            "timeout",
-            "2",
-            "bash",
-            "-c",
-            &format!("echo > /dev/tcp/{to}/{port}"),
-        ])
-        .output()
-        .expect("bash");
-    status.status.code() != Some(124) && started.elapsed() < Duration::from_secs(2)
 }
 
 #[tokio::test]

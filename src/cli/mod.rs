@@ -65,7 +65,7 @@ pub enum Command {
     Status(status::StatusArgs),
     /// The mesh as a Graphviz DOT graph, from `wiremesh status -o json` reports.
     Graph(graph::GraphArgs),
-    /// Host-endpoint policy tools: check, which-endpoints, unused, explain.
+    /// Policy tools (host endpoints and pods): check, which-endpoints, unused, explain.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
     /// A multi-node lab on this machine, out of network namespaces.

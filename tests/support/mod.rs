@@ -27,6 +27,26 @@ pub fn root_or_skip(test: &str) -> bool {
     );
 }
 
+/// True if a TCP connection attempt gets an answer (accept or RST) within 2 s, false if it is
+/// dropped. Needs no listener: "connection refused" proves the SYN got through.
+pub fn tcp_answers(from: &wiremesh::netns::Netns, to: &str, port: u16) -> bool {
+    let started = std::time::Instant::now();
+    let status = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            from.name(),
+            "timeout",
+            "2",
+            "bash",
+            "-c",
+            &format!("echo > /dev/tcp/{to}/{port}"),
+        ])
+        .output()
+        .expect("bash");
+    status.status.code() != Some(124) && started.elapsed() < std::time::Duration::from_secs(2)
+}
+
 /// A deterministic private key for node `i` (tests only).
 pub fn key(i: u8) -> PrivateKey {
     let mut bytes = [i; 32];

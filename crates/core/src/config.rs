@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::model::{Family, FelixConfigurations};
-use crate::policy::program::{FailsafePort, PolicySettings};
+use crate::policy::program::{EndpointToHostAction, FailsafePort, PolicySettings};
 use crate::wire::felix::{DecodedFelix, ProtoPort, shown_at, top_level};
 use crate::wire::{FelixConfigurationSpec, did_you_mean, field_names};
 
@@ -117,6 +117,10 @@ pub struct EffectiveConfig {
     pub failsafe_outbound: Vec<FailsafePort>,
     /// Prefix of `Log` rules' kernel log lines.
     pub log_prefix: String,
+    /// Prefixes of pods' host-side interfaces (`interfacePrefix`).
+    pub interface_prefixes: Vec<String>,
+    /// `defaultEndpointToHostAction`.
+    pub endpoint_to_host: EndpointToHostAction,
     /// The fields that do not take effect as written, and why.
     pub errors: Vec<ConfigFieldError>,
     /// Fields that are not Felix fields at all (see [`unknown_fields`]).
@@ -141,6 +145,8 @@ impl Default for EffectiveConfig {
             failsafe_inbound: policy.failsafe_inbound,
             failsafe_outbound: policy.failsafe_outbound,
             log_prefix: policy.log_prefix,
+            interface_prefixes: policy.workload_prefixes,
+            endpoint_to_host: policy.endpoint_to_host,
             errors: Vec::new(),
             unknown_fields: Vec::new(),
         }
@@ -237,6 +243,25 @@ impl EffectiveConfig {
             if let Some(prefix) = spec.log_prefix.as_ref().filter(|p| !p.is_empty()) {
                 out.log_prefix = prefix.clone();
             }
+            if let Some(list) = spec.interface_prefix.as_ref().filter(|p| !p.is_empty()) {
+                match interface_prefixes(list) {
+                    Ok(prefixes) => out.interface_prefixes = prefixes,
+                    Err(reason) => err("interfacePrefix", reason),
+                }
+            }
+            if let Some(action) = spec
+                .default_endpoint_to_host_action
+                .as_ref()
+                .filter(|a| !a.is_empty())
+            {
+                match EndpointToHostAction::parse(action) {
+                    Some(a) => out.endpoint_to_host = a,
+                    None => err(
+                        "defaultEndpointToHostAction",
+                        format!("{action:?} is not Drop, Return or Accept"),
+                    ),
+                }
+            }
             out.errors
                 .extend(errors.into_iter().map(|(field, reason)| ConfigFieldError {
                     object: (*object).to_string(),
@@ -256,7 +281,8 @@ impl EffectiveConfig {
             failsafe_outbound: self.failsafe_outbound.clone(),
             wireguard_ports,
             log_prefix: self.log_prefix.clone(),
-            ..PolicySettings::default()
+            workload_prefixes: self.interface_prefixes.clone(),
+            endpoint_to_host: self.endpoint_to_host,
         }
     }
 }
@@ -587,6 +613,22 @@ impl WireguardSettings {
 const MIN_KEY_ROTATION: Duration = Duration::from_secs(3600);
 
 /// Calico's interface-name rule: `^[a-zA-Z0-9:._+-]{1,15}$`.
+/// `interfacePrefix`: comma-separated, each 1-15 of letters, digits, `_` and `-`.
+fn interface_prefixes(list: &str) -> Result<Vec<String>, String> {
+    let prefixes: Vec<String> = list.split(',').map(str::to_string).collect();
+    let ok = |p: &String| {
+        (1..=15).contains(&p.len())
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+    };
+    match prefixes.iter().find(|p| !ok(p)) {
+        Some(bad) => Err(format!(
+            "{bad:?} is not an interface prefix (1-15 of letters, digits, _ and -; prefixes are separated by commas)"
+        )),
+        None => Ok(prefixes),
+    }
+}
+
 fn validate_interface_name(name: &str) -> Result<(), String> {
     let ok_chars = name
         .chars()

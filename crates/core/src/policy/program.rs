@@ -1,6 +1,7 @@
 //! The evaluation model: for one node's host endpoints, the ordered per-interface,
 //! per-hook, per-direction program (tiers -> policies -> rules), plus failsafes, the WireGuard
-//! port and the address sets that rule selectors refer to. Pure: no I/O.
+//! port and the address sets that rule selectors refer to; for the node's pods (workload
+//! endpoints), the ingress and egress program of each (tiers, then profiles). Pure: no I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -15,6 +16,7 @@ use super::model::{
     Direction, Entity, HostEndpoint, Policy, Protocol, Rule, TierDefault, cmp_order,
 };
 use super::resources::PolicyResources;
+use super::workload::{WorkloadEndpoint, effective_labels, interface_name, selects};
 use crate::model::Family;
 use crate::selector::{Scope, Selector};
 use crate::wire::felix::ProtoPort;
@@ -122,6 +124,33 @@ pub struct PolicySettings {
     pub workload_prefixes: Vec<String>,
     /// Log prefix base (`logPrefix`); tier, policy and rule are appended.
     pub log_prefix: String,
+    /// What happens to a pod's traffic to its own host once its egress policy allowed it.
+    pub endpoint_to_host: EndpointToHostAction,
+}
+
+/// Felix's `defaultEndpointToHostAction`: the verdict on traffic from a local pod to its own
+/// host after the pod's egress policy has allowed it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum EndpointToHostAction {
+    Drop,
+    /// On to the host's own input rules (host endpoint policy, other tables).
+    Return,
+    /// What every Calico manifest and the Tigera operator set (Felix's own default is Drop);
+    /// Kubernetes expects a pod to reach its node.
+    #[default]
+    Accept,
+}
+
+impl EndpointToHostAction {
+    /// Calico's values, in any case.
+    pub fn parse(s: &str) -> Option<EndpointToHostAction> {
+        match s.to_ascii_lowercase().as_str() {
+            "drop" => Some(EndpointToHostAction::Drop),
+            "return" => Some(EndpointToHostAction::Return),
+            "accept" => Some(EndpointToHostAction::Accept),
+            _ => None,
+        }
+    }
 }
 
 impl Default for PolicySettings {
@@ -132,6 +161,7 @@ impl Default for PolicySettings {
             wireguard_ports: vec![51820],
             workload_prefixes: vec!["cali".into()],
             log_prefix: "calico-packet".into(),
+            endpoint_to_host: EndpointToHostAction::default(),
         }
     }
 }
@@ -218,6 +248,46 @@ impl EndpointProgram {
     /// After all tiers of a normal chain: a profile allows, or the endpoint drops.
     pub fn default_allow(&self) -> bool {
         self.profiles.iter().any(|p| p == DEFAULT_ALLOW_PROFILE)
+    }
+}
+
+/// Whether one of an endpoint's profiles allows each direction (Kubernetes' `kns.<namespace>`
+/// allows both; `ksa.<namespace>.<account>` neither).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProfileVerdict {
+    pub name: String,
+    pub allow_ingress: bool,
+    pub allow_egress: bool,
+}
+
+/// One local pod's program: its ingress (traffic to it) and egress (from it) tiers, then its
+/// profiles, then drop.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkloadProgram {
+    pub namespace: String,
+    pub pod: String,
+    /// The host-side interface when its name carries a workload prefix: packets are
+    /// dispatched by it. Every pod is also dispatched by address where the interface is not a
+    /// workload one (a CNI that names interfaces its own way).
+    pub interface: Option<String>,
+    pub ips: Vec<IpNet>,
+    pub ingress: Vec<TierProgram>,
+    pub egress: Vec<TierProgram>,
+    /// The endpoint's profiles that exist, in its order (a missing one allows nothing).
+    pub profiles: Vec<ProfileVerdict>,
+}
+
+impl WorkloadProgram {
+    pub fn tiers(&self, dir: Direction) -> &[TierProgram] {
+        match dir {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+
+    /// `namespace/pod`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.pod)
     }
 }
 
@@ -309,6 +379,17 @@ pub fn named_port_members(
     negated: bool,
     res: &PolicyResources,
 ) -> NamedPortSet {
+    named_port_members_with(rule, side, negated, res, &workload_labels(res))
+}
+
+/// [`named_port_members`] with the pods' labels worked out already.
+fn named_port_members_with(
+    rule: &Rule,
+    side: &Entity,
+    negated: bool,
+    res: &PolicyResources,
+    wep_labels: &[BTreeMap<String, String>],
+) -> NamedPortSet {
     let names = if negated {
         &side.not_named_ports
     } else {
@@ -321,20 +402,29 @@ pub fn named_port_members(
         names: names.clone(),
         ..Default::default()
     };
-    for h in &res.host_endpoints {
-        if side
-            .selector
+    let selected = |labels: &BTreeMap<String, String>, scope: Scope| {
+        side.selector
             .as_ref()
-            .is_some_and(|s| !s.matches_in(&h.labels, Scope::Global))
-        {
-            continue;
-        }
-        for p in &h.ports {
+            .is_none_or(|s| s.matches_in(labels, scope))
+    };
+    let hosts = res
+        .host_endpoints
+        .iter()
+        .filter(|h| selected(&h.labels, Scope::Global))
+        .map(|h| (&h.ports, h.expected_ips.clone()));
+    let pods = res
+        .workload_endpoints
+        .iter()
+        .zip(wep_labels)
+        .filter(|(_, labels)| selected(labels, Scope::Namespaced))
+        .map(|(w, _)| (&w.ports, w.ips.iter().map(|n| n.addr()).collect::<Vec<_>>()));
+    for (ports, ips) in hosts.chain(pods) {
+        for p in ports {
             let proto = p.protocol.number();
             if !names.contains(&p.name) || protocol.is_some_and(|want| want != proto) {
                 continue;
             }
-            for ip in &h.expected_ips {
+            for ip in &ips {
                 match ip {
                     IpAddr::V4(a) => set.v4.insert((*a, proto, p.port)),
                     IpAddr::V6(a) => set.v6.insert((*a, proto, p.port)),
@@ -369,6 +459,8 @@ pub struct Program {
     pub settings: PolicySettings,
     /// Specific interfaces in name order, then the `"*"` endpoint if any.
     pub endpoints: Vec<EndpointProgram>,
+    /// This node's pods, by namespace and name.
+    pub workloads: Vec<WorkloadProgram>,
     pub policies: BTreeMap<String, PolicyProgram>,
     /// Keyed by selector unique ID.
     pub sets: BTreeMap<String, SelectorSet>,
@@ -377,9 +469,10 @@ pub struct Program {
 }
 
 impl Program {
-    /// Nothing to enforce on this node: no host endpoint applies. The table should be removed.
+    /// Nothing to enforce on this node: no host endpoint applies and no pod runs here. The
+    /// table should be removed.
     pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
+        self.endpoints.is_empty() && self.workloads.is_empty()
     }
 
     /// The endpoint program that owns `iface`, if any: a specific one, else `"*"`. Workload
@@ -465,11 +558,9 @@ fn policy_hooks(p: &Policy) -> Vec<Hook> {
     }
 }
 
-/// Builds the node's program. Pure.
-pub fn compile(inputs: &PolicyInputs<'_>) -> Program {
-    let empty = PolicyResources::default();
-    let res = inputs.resources.unwrap_or(&empty);
-    // Tier order: existing tiers by (order, name); missing tiers after them by name, as Deny.
+/// Tiers in evaluation order: existing tiers by (order, name); tiers that policies name but
+/// that do not exist after them, by name, as Deny.
+fn ordered_tiers(res: &PolicyResources) -> Vec<(&str, TierDefault)> {
     let mut tier_names: BTreeSet<&str> = res.policies.iter().map(|p| p.tier.as_str()).collect();
     tier_names.extend(res.tiers.keys().map(String::as_str));
     let mut tiers: Vec<(bool, Option<f64>, &str, TierDefault)> = tier_names
@@ -484,6 +575,74 @@ pub fn compile(inputs: &PolicyInputs<'_>) -> Program {
             .then_with(|| cmp_order(a.1, b.1))
             .then_with(|| a.2.as_bytes().cmp(b.2.as_bytes()))
     });
+    tiers.into_iter().map(|(_, _, n, d)| (n, d)).collect()
+}
+
+/// The tiers (with the policies in each, in order) of the policies `applies` picks that have
+/// rules for `dir`; tiers with none are left out. Each policy used lands in `used`.
+fn tier_programs(
+    res: &PolicyResources,
+    tiers: &[(&str, TierDefault)],
+    dir: Direction,
+    applies: impl Fn(&Policy) -> bool,
+    used: &mut BTreeMap<String, PolicyProgram>,
+) -> Vec<TierProgram> {
+    let mut out = Vec::new();
+    for &(tier, default_action) in tiers {
+        let ids: Vec<String> = res
+            .policies
+            .iter()
+            .filter(|p| p.tier == tier && p.rules(dir).is_some() && applies(p))
+            .map(|p| {
+                let id = p.display_name();
+                used.entry(id.clone()).or_insert_with(|| PolicyProgram {
+                    id: id.clone(),
+                    tier: p.tier.clone(),
+                    ingress: p.ingress.clone().unwrap_or_default(),
+                    egress: p.egress.clone().unwrap_or_default(),
+                });
+                id
+            })
+            .collect();
+        if !ids.is_empty() {
+            out.push(TierProgram {
+                name: tier.to_string(),
+                default_action,
+                policies: ids,
+            });
+        }
+    }
+    out
+}
+
+/// The labels selectors see on every workload endpoint of the cluster (its own and its
+/// profiles'), in `res.workload_endpoints` order.
+fn workload_labels(res: &PolicyResources) -> Vec<BTreeMap<String, String>> {
+    res.workload_endpoints
+        .iter()
+        .map(|w| effective_labels(w, &res.profiles))
+        .collect()
+}
+
+/// The interface a local pod is dispatched by: its stored name, or for a pod whose name was
+/// computed (a Kubernetes Pod) the name Calico's CNI gives it with the first configured
+/// prefix; `None` when the name carries no workload prefix.
+fn dispatch_interface(wep: &WorkloadEndpoint, prefixes: &[String]) -> Option<String> {
+    let name = match (wep.interface_computed, prefixes.first()) {
+        (true, Some(first)) => interface_name(first, &wep.namespace, &wep.pod),
+        _ => wep.interface_name.clone(),
+    };
+    prefixes
+        .iter()
+        .any(|p| !p.is_empty() && name.starts_with(p.as_str()))
+        .then_some(name)
+}
+
+/// Builds the node's program. Pure.
+pub fn compile(inputs: &PolicyInputs<'_>) -> Program {
+    let empty = PolicyResources::default();
+    let res = inputs.resources.unwrap_or(&empty);
+    let tiers = ordered_tiers(res);
 
     let mut policies_used: BTreeMap<String, PolicyProgram> = BTreeMap::new();
     let mut endpoints = Vec::new();
@@ -500,39 +659,12 @@ pub fn compile(inputs: &PolicyInputs<'_>) -> Program {
                 if hook == Hook::PreDnat && dir == Direction::Egress {
                     continue;
                 }
-                let mut out = Vec::new();
-                for &(_, _, tier, default_action) in &tiers {
-                    let ids: Vec<String> = res
-                        .policies
-                        .iter()
-                        .filter(|p| {
-                            p.tier == tier
-                                && p.selects_host_endpoints
-                                && policy_hooks(p).contains(&hook)
-                                && p.rules(dir).is_some()
-                                && p.selector.matches_in(&hep.labels, Scope::Global)
-                        })
-                        .map(|p| {
-                            let id = p.display_name();
-                            policies_used
-                                .entry(id.clone())
-                                .or_insert_with(|| PolicyProgram {
-                                    id: id.clone(),
-                                    tier: p.tier.clone(),
-                                    ingress: p.ingress.clone().unwrap_or_default(),
-                                    egress: p.egress.clone().unwrap_or_default(),
-                                });
-                            id
-                        })
-                        .collect();
-                    if !ids.is_empty() {
-                        out.push(TierProgram {
-                            name: tier.to_string(),
-                            default_action,
-                            policies: ids,
-                        });
-                    }
-                }
+                let applies = |p: &Policy| {
+                    p.selects_host_endpoints
+                        && policy_hooks(p).contains(&hook)
+                        && p.selector.matches_in(&hep.labels, Scope::Global)
+                };
+                let out = tier_programs(res, &tiers, dir, applies, &mut policies_used);
                 chains.insert((hook, dir), out);
             }
         }
@@ -541,6 +673,37 @@ pub fn compile(inputs: &PolicyInputs<'_>) -> Program {
             iface,
             profiles: hep.profiles.clone(),
             chains,
+        });
+    }
+
+    // This node's pods. doNotTrack and preDNAT policies are host-endpoint only (as in Felix).
+    let labels = workload_labels(res);
+    let mut workloads = Vec::new();
+    for (wep, wep_labels) in res.workload_endpoints.iter().zip(&labels) {
+        if wep.node != inputs.node {
+            continue;
+        }
+        let applies = |p: &Policy| !p.do_not_track && !p.pre_dnat && selects(p, wep, wep_labels);
+        let ingress = tier_programs(res, &tiers, Direction::Ingress, applies, &mut policies_used);
+        let egress = tier_programs(res, &tiers, Direction::Egress, applies, &mut policies_used);
+        let profiles = wep
+            .profiles
+            .iter()
+            .filter_map(|name| res.profiles.get(name))
+            .map(|p| ProfileVerdict {
+                name: p.name.clone(),
+                allow_ingress: p.allow_ingress,
+                allow_egress: p.allow_egress,
+            })
+            .collect();
+        workloads.push(WorkloadProgram {
+            namespace: wep.namespace.clone(),
+            pod: wep.pod.clone(),
+            interface: dispatch_interface(wep, &inputs.settings.workload_prefixes),
+            ips: wep.ips.clone(),
+            ingress,
+            egress,
+            profiles,
         });
     }
 
@@ -555,9 +718,9 @@ pub fn compile(inputs: &PolicyInputs<'_>) -> Program {
                 }
                 for negated in [false, true] {
                     if let Some(id) = named_port_set_id(r, e, negated) {
-                        named_port_sets
-                            .entry(id)
-                            .or_insert_with(|| named_port_members(r, e, negated, res));
+                        named_port_sets.entry(id).or_insert_with(|| {
+                            named_port_members_with(r, e, negated, res, &labels)
+                        });
                     }
                 }
             }
@@ -566,26 +729,41 @@ pub fn compile(inputs: &PolicyInputs<'_>) -> Program {
     let sets = selectors
         .into_iter()
         .map(|(id, sel)| {
-            let set = selector_members(&sel, res);
+            let set = selector_members_with(&sel, res, &labels);
             (id, set)
         })
         .collect();
     Program {
         settings: inputs.settings.clone(),
         endpoints,
+        workloads,
         policies: policies_used,
         sets,
         named_port_sets,
     }
 }
 
-/// Members of a selector's set: matching host endpoints' `expectedIPs` (any node) and the
-/// nets of matching network sets.
+/// Members of a selector's set: matching host endpoints' `expectedIPs` (any node), matching
+/// pods' addresses (any node) and the nets of matching network sets.
 pub fn selector_members(sel: &Selector, res: &PolicyResources) -> SelectorSet {
+    selector_members_with(sel, res, &workload_labels(res))
+}
+
+/// [`selector_members`] with the pods' labels worked out already (see [`workload_labels`]).
+fn selector_members_with(
+    sel: &Selector,
+    res: &PolicyResources,
+    wep_labels: &[BTreeMap<String, String>],
+) -> SelectorSet {
     let mut nets: Vec<IpNet> = Vec::new();
     for h in &res.host_endpoints {
         if sel.matches_in(&h.labels, Scope::Global) {
             nets.extend(h.expected_ips.iter().map(|ip| IpNet::from(*ip)));
+        }
+    }
+    for (w, labels) in res.workload_endpoints.iter().zip(wep_labels) {
+        if sel.matches_in(labels, Scope::Namespaced) {
+            nets.extend(w.ips.iter().copied());
         }
     }
     for s in &res.network_sets {

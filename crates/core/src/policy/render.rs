@@ -12,6 +12,12 @@
 //!   `sel4-<selector id>`/`sel6-<selector id>`, so a set change never rewrites a rule;
 //! - an empty chain `hash-<hex>` whose name carries a hash of the rule part (everything but set
 //!   elements), so that an observer can tell "only elements changed" from "rules changed";
+//! - for the node's pods: dispatch chains `wl-from-dispatch`/`wl-to-dispatch` (a verdict map
+//!   keyed by the host-side interface, then drop: an unknown workload interface gets nothing)
+//!   and `wl-from-addr-dispatch`/`wl-to-addr-dispatch` (verdict maps keyed by the pod's
+//!   address, for interfaces without a workload prefix), pod chains `fw-<ns>/<pod>` (egress:
+//!   from the pod) and `tw-<ns>/<pod>` (ingress: to the pod) with tiers then profiles, and
+//!   `wl-to-host` (a pod's traffic to its own host);
 //! - named counters, one per policy rule (`<policy id>/<in|out><index>`), per tier default
 //!   (`tier/<tier>/<in|out>`) and for the host endpoints' default deny
 //!   (`endpoint-default/<in|out>`): a rule rendered into several chains (both families, every
@@ -28,7 +34,8 @@ use sha2::{Digest, Sha256};
 
 use super::model::{Action, Direction, Entity, PortRange, Protocol, Rule, TierDefault};
 use super::program::{
-    EndpointProgram, FailsafePort, Hook, Iface, Program, named_port_set_id, rule_families,
+    EndpointProgram, EndpointToHostAction, FailsafePort, Hook, Iface, Program, TierProgram,
+    WorkloadProgram, named_port_set_id, rule_families,
 };
 use crate::model::Family;
 use crate::selector::Selector;
@@ -113,10 +120,29 @@ pub struct CounterLabels {
     pub action: &'static str,
 }
 
+/// What a verdict map is keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MapKey {
+    /// Interface name (`ifname`).
+    Interface,
+    Addr(Family),
+}
+
+/// A verdict map: key (as nft prints it: `"cali1234"`, `10.0.0.5`) -> chain to go to.
+/// Its elements are part of the rule part (they name chains).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MapSpec {
+    pub key: MapKey,
+    pub comment: String,
+    pub elements: BTreeMap<String, String>,
+}
+
 /// The table as pure data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct FilterSpec {
     pub sets: BTreeMap<String, SetSpec>,
+    /// Verdict maps (pod dispatch).
+    pub maps: BTreeMap<String, MapSpec>,
     /// Named counters (`counter <name> {}` in the table, `counter name "<name>"` in rules).
     pub counters: BTreeMap<String, CounterLabels>,
     /// Named counters of the encryption guard (`crate::guard`), not of a policy rule.
@@ -134,6 +160,12 @@ impl FilterSpec {
                 SetKind::NamedPort | SetKind::TimedAddr => {
                     h.update(format!("set {name} {:?} {:?}\n", s.family, s.kind))
                 }
+            }
+        }
+        for (name, m) in &self.maps {
+            h.update(format!("map {name} {:?}\n", m.key));
+            for (k, v) in &m.elements {
+                h.update(format!("{k} : {v}\n"));
             }
         }
         for name in self.counters.keys().chain(&self.guard_counters) {
@@ -183,6 +215,25 @@ impl FilterSpec {
             let _ = writeln!(out, "\t\tcomment {}", quote(&s.comment));
             if !s.elements.is_empty() {
                 let elems: Vec<&str> = s.elements.iter().map(String::as_str).collect();
+                let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
+            }
+            let _ = writeln!(out, "\t}}");
+        }
+        for (name, m) in &self.maps {
+            let key = match m.key {
+                MapKey::Interface => "ifname",
+                MapKey::Addr(Family::V4) => "ipv4_addr",
+                MapKey::Addr(Family::V6) => "ipv6_addr",
+            };
+            let _ = writeln!(out, "\tmap {name} {{");
+            let _ = writeln!(out, "\t\ttype {key} : verdict");
+            let _ = writeln!(out, "\t\tcomment {}", quote(&m.comment));
+            if !m.elements.is_empty() {
+                let elems: Vec<String> = m
+                    .elements
+                    .iter()
+                    .map(|(k, chain)| format!("{k} : goto {chain}"))
+                    .collect();
                 let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
             }
             let _ = writeln!(out, "\t}}");
@@ -663,6 +714,124 @@ fn failsafe_rules(list: &[FailsafePort], port_field: &str, peer_field: &str) -> 
     out
 }
 
+/// The tiers of an endpoint chain: each policy's chain in turn (a Pass skips the rest of its
+/// tier), `on_allow` once a policy allowed, and the tier's end-of-tier drop where it has one.
+fn tier_rules(
+    tiers: &[TierProgram],
+    dir: Direction,
+    on_allow: &str,
+    tier_default: bool,
+    counters: &mut BTreeMap<String, CounterLabels>,
+) -> Vec<String> {
+    let mut r = Vec::new();
+    for tier in tiers {
+        r.push(format!(
+            "{} comment {}",
+            clear_marks(MARK_PASS),
+            quote(&format!("tier {}", tier.name))
+        ));
+        for pid in &tier.policies {
+            r.push(format!(
+                "{} jump {}",
+                mark_clear(MARK_PASS),
+                policy_chain(pid, dir)
+            ));
+            r.push(format!("{} {on_allow}", mark_is(MARK_ACCEPT)));
+        }
+        if tier_default && tier.default_action == TierDefault::Deny {
+            let counter = tier_counter(&tier.name, dir);
+            r.push(format!(
+                "{} {} drop comment {}",
+                mark_clear(MARK_PASS),
+                count(&counter),
+                quote(&format!("end of tier {}", tier.name))
+            ));
+            counters.insert(
+                counter,
+                CounterLabels {
+                    tier: tier.name.clone(),
+                    policy: String::new(),
+                    direction: dir_label(dir),
+                    rule: "end-of-tier".into(),
+                    action: "deny",
+                },
+            );
+        }
+    }
+    r
+}
+
+/// Name of a pod's chain: `tw-<ns>/<pod>` (ingress: to the workload), `fw-<ns>/<pod>`
+/// (egress: from it).
+pub fn workload_chain(dir: Direction, wl: &WorkloadProgram) -> String {
+    let d = match dir {
+        Direction::Ingress => "tw",
+        Direction::Egress => "fw",
+    };
+    counter_name(&format!("{d}-{}", wl.id()))
+}
+
+/// Counter of the pods' default deny (no profile allowed) in direction `dir`.
+fn workload_default_counter(dir: Direction) -> String {
+    format!("workload-default/{}", dir_short(dir))
+}
+
+/// An endpoint's final drop, counted in `counter` (labelled `endpoint-default`).
+fn default_deny(
+    counter: String,
+    comment: &str,
+    dir: Direction,
+    counters: &mut BTreeMap<String, CounterLabels>,
+) -> String {
+    let rule = format!("{} drop comment {}", count(&counter), quote(comment));
+    counters.insert(
+        counter,
+        CounterLabels {
+            tier: String::new(),
+            policy: String::new(),
+            direction: dir_label(dir),
+            rule: "endpoint-default".into(),
+            action: "deny",
+        },
+    );
+    rule
+}
+
+/// A pod's chain for `dir`, as Felix orders it: conntrack, tiers, profiles, drop. Allowed
+/// returns with the accept mark set; the caller decides.
+fn workload_body(
+    wl: &WorkloadProgram,
+    dir: Direction,
+    counters: &mut BTreeMap<String, CounterLabels>,
+) -> Vec<String> {
+    let allow = format!("meta mark set meta mark | {MARK_ACCEPT:#010x} return");
+    let mut r = vec![
+        "ct state established,related accept".to_string(),
+        "ct state invalid drop".to_string(),
+        clear_marks(MARK_ACCEPT | MARK_PASS),
+    ];
+    r.extend(tier_rules(wl.tiers(dir), dir, "return", true, counters));
+    for p in &wl.profiles {
+        let allows = match dir {
+            Direction::Ingress => p.allow_ingress,
+            Direction::Egress => p.allow_egress,
+        };
+        if allows {
+            r.push(format!(
+                "{allow} comment {}",
+                quote(&format!("profile {}", p.name))
+            ));
+        }
+    }
+    r.push(default_deny(
+        workload_default_counter(dir),
+        &format!("no profile of pod {} allowed it", wl.id()),
+        dir,
+        counters,
+    ));
+    r
+}
+
 fn endpoint_body(
     ep: &EndpointProgram,
     hook: Hook,
@@ -687,40 +856,13 @@ fn endpoint_body(
         Hook::Untracked => "notrack return",
         Hook::PreDnat | Hook::Forward => "return",
     };
-    for tier in ep.tiers(hook, dir) {
-        r.push(format!(
-            "{} comment {}",
-            clear_marks(MARK_PASS),
-            quote(&format!("tier {}", tier.name))
-        ));
-        for pid in &tier.policies {
-            r.push(format!(
-                "{} jump {}",
-                mark_clear(MARK_PASS),
-                policy_chain(pid, dir)
-            ));
-            r.push(format!("{} {on_allow}", mark_is(MARK_ACCEPT)));
-        }
-        if hook.has_tier_default() && tier.default_action == TierDefault::Deny {
-            let counter = tier_counter(&tier.name, dir);
-            r.push(format!(
-                "{} {} drop comment {}",
-                mark_clear(MARK_PASS),
-                count(&counter),
-                quote(&format!("end of tier {}", tier.name))
-            ));
-            counters.insert(
-                counter,
-                CounterLabels {
-                    tier: tier.name.clone(),
-                    policy: String::new(),
-                    direction: dir_label(dir),
-                    rule: "end-of-tier".into(),
-                    action: "deny",
-                },
-            );
-        }
-    }
+    r.extend(tier_rules(
+        ep.tiers(hook, dir),
+        dir,
+        on_allow,
+        hook.has_tier_default(),
+        counters,
+    ));
     if hook == Hook::Normal {
         if ep.default_allow() {
             r.push(format!(
@@ -728,22 +870,12 @@ fn endpoint_body(
                 quote("profile projectcalico-default-allow")
             ));
         } else {
-            let counter = endpoint_default_counter(dir);
-            r.push(format!(
-                "{} drop comment {}",
-                count(&counter),
-                quote(&format!("default deny of host endpoint {}", ep.hep))
+            r.push(default_deny(
+                endpoint_default_counter(dir),
+                &format!("default deny of host endpoint {}", ep.hep),
+                dir,
+                counters,
             ));
-            counters.insert(
-                counter,
-                CounterLabels {
-                    tier: String::new(),
-                    policy: String::new(),
-                    direction: dir_label(dir),
-                    rule: "endpoint-default".into(),
-                    action: "deny",
-                },
-            );
         }
     }
     r
@@ -831,6 +963,7 @@ pub fn render(program: &Program) -> FilterSpec {
         .map(|p| format!("\"{p}*\""))
         .collect();
     let wg: Vec<u16> = s.wireguard_ports.clone();
+    let pods = !program.workloads.is_empty();
     let mut chains = Vec::new();
     let base =
         |name: &str, hook: &'static str, priority: &'static str, rules: Vec<String>| ChainSpec {
@@ -877,6 +1010,9 @@ pub fn render(program: &Program) -> FilterSpec {
     }
     input.push(format!("{} accept", mark_is(MARK_ACCEPT)));
     input.push(clear_marks(MARK_ACCEPT | MARK_PASS));
+    if pods {
+        input.push("jump wl-to-host".into());
+    }
     input.push("jump filter-from-hep".into());
     chains.push(base("filter-input", "input", "filter", input));
     let mut output = vec![format!("{} accept", mark_is(MARK_ACCEPT))];
@@ -887,11 +1023,24 @@ pub fn render(program: &Program) -> FilterSpec {
     output.push(clear_marks(MARK_ACCEPT | MARK_PASS));
     output.push("jump filter-to-hep".into());
     chains.push(base("filter-output", "output", "filter", output));
-    let forward = vec![
+    let mut forward = vec![
         clear_marks(MARK_PASS),
         format!("{} jump forward-from-hep", mark_clear(MARK_ACCEPT)),
-        "jump forward-to-hep".into(),
     ];
+    if pods {
+        // A pod's egress, then (same node) the other pod's ingress: each returns only when it
+        // allowed, with the accept mark set.
+        forward.extend(by_interface_or_address(&workload, "iifname", "wl-from"));
+        forward.extend(by_interface_or_address(&workload, "oifname", "wl-to"));
+    }
+    forward.push("jump forward-to-hep".into());
+    if pods {
+        forward.push(format!(
+            "{} accept comment {}",
+            mark_is(MARK_ACCEPT),
+            quote("allowed by policy")
+        ));
+    }
     chains.push(base("filter-forward", "forward", "filter", forward));
 
     // Dispatch chains.
@@ -928,6 +1077,9 @@ pub fn render(program: &Program) -> FilterSpec {
                 rules,
             });
         }
+    }
+    if pods {
+        render_workloads(program, &workload, &mut spec, &mut chains);
     }
     // Failsafe chains.
     chains.push(ChainSpec {
@@ -985,6 +1137,15 @@ pub fn render(program: &Program) -> FilterSpec {
             }
         }
     }
+    for wl in &program.workloads {
+        for dir in [Direction::Ingress, Direction::Egress] {
+            for t in wl.tiers(dir) {
+                for p in &t.policies {
+                    used.insert((p.clone(), dir));
+                }
+            }
+        }
+    }
     for (id, dir) in used {
         let Some(p) = program.policies.get(&id) else {
             continue;
@@ -997,6 +1158,117 @@ pub fn render(program: &Program) -> FilterSpec {
     }
     spec.chains = chains;
     spec
+}
+
+/// Jumps to the interface dispatch chain `<stem>-dispatch` for workload interfaces, and to the
+/// address dispatch chain `<stem>-addr-dispatch` for every other interface.
+fn by_interface_or_address(workload: &[String], field: &str, stem: &str) -> Vec<String> {
+    if workload.is_empty() {
+        return vec![format!("jump {stem}-addr-dispatch")];
+    }
+    vec![
+        format!("{field} {} jump {stem}-dispatch", list(workload)),
+        format!("{field} != {} jump {stem}-addr-dispatch", list(workload)),
+    ]
+}
+
+/// The pods' maps and chains: dispatch by interface and by address, each pod's two chains,
+/// and `wl-to-host`.
+fn render_workloads(
+    program: &Program,
+    workload: &[String],
+    spec: &mut FilterSpec,
+    chains: &mut Vec<ChainSpec>,
+) {
+    // Keys: the first pod (by namespace and name) to claim an interface or address has it.
+    for (dir, stem, what) in [
+        (Direction::Egress, "wl-from", "packets from the pod"),
+        (Direction::Ingress, "wl-to", "packets to the pod"),
+    ] {
+        let mut by_iface = BTreeMap::new();
+        for wl in &program.workloads {
+            if let Some(iface) = &wl.interface {
+                by_iface
+                    .entry(quote(iface))
+                    .or_insert_with(|| workload_chain(dir, wl));
+            }
+        }
+        spec.maps.insert(
+            format!("{stem}-iface"),
+            MapSpec {
+                key: MapKey::Interface,
+                comment: format!("host-side interface -> pod chain, {what}"),
+                elements: by_iface,
+            },
+        );
+        for (fam, suffix) in [(Family::V4, "4"), (Family::V6, "6")] {
+            let mut by_addr = BTreeMap::new();
+            for wl in &program.workloads {
+                for ip in wl.ips.iter().filter(|ip| Family::of_net(ip) == fam) {
+                    by_addr
+                        .entry(ip.addr().to_string())
+                        .or_insert_with(|| workload_chain(dir, wl));
+                }
+            }
+            spec.maps.insert(
+                format!("{stem}-addr{suffix}"),
+                MapSpec {
+                    key: MapKey::Addr(fam),
+                    comment: format!("pod address -> pod chain, {what}"),
+                    elements: by_addr,
+                },
+            );
+        }
+        let (iface_field, addr_field) = match dir {
+            Direction::Egress => ("iifname", "saddr"),
+            Direction::Ingress => ("oifname", "daddr"),
+        };
+        chains.push(ChainSpec {
+            name: format!("{stem}-dispatch"),
+            base: None,
+            rules: vec![
+                format!("{iface_field} vmap @{stem}-iface"),
+                format!("drop comment {}", quote("unknown workload interface")),
+            ],
+        });
+        chains.push(ChainSpec {
+            name: format!("{stem}-addr-dispatch"),
+            base: None,
+            rules: vec![
+                format!("ip {addr_field} vmap @{stem}-addr4"),
+                format!("ip6 {addr_field} vmap @{stem}-addr6"),
+            ],
+        });
+    }
+
+    // A pod's traffic to its own host: IPv6 neighbour discovery and MLD first (Felix), then
+    // the pod's egress, then defaultEndpointToHostAction. Host to pod is never policed.
+    let mut to_host = vec!["icmpv6 type { 130, 131, 132, 133, 135, 136 } accept".to_string()];
+    to_host.extend(by_interface_or_address(workload, "iifname", "wl-from"));
+    let action = match program.settings.endpoint_to_host {
+        EndpointToHostAction::Accept => "accept",
+        EndpointToHostAction::Return => "return",
+        EndpointToHostAction::Drop => "drop",
+    };
+    to_host.push(format!(
+        "{} {action} comment {}",
+        mark_is(MARK_ACCEPT),
+        quote("defaultEndpointToHostAction")
+    ));
+    chains.push(ChainSpec {
+        name: "wl-to-host".into(),
+        base: None,
+        rules: to_host,
+    });
+    for wl in &program.workloads {
+        for dir in [Direction::Egress, Direction::Ingress] {
+            chains.push(ChainSpec {
+                name: workload_chain(dir, wl),
+                base: None,
+                rules: workload_body(wl, dir, &mut spec.counters),
+            });
+        }
+    }
 }
 
 fn hook_dir_applies(ep: &EndpointProgram, hook: Hook, dir: Direction) -> bool {

@@ -1158,7 +1158,8 @@ fn validate_wep(
     if ips.is_empty() {
         return Ok(None);
     }
-    let interface_name = if spec.interface_name.is_empty() {
+    let interface_computed = spec.interface_name.is_empty();
+    let interface_name = if interface_computed {
         workload::interface_name(DEFAULT_INTERFACE_PREFIX, &namespace, &pod)
     } else if is_interface_name(&spec.interface_name) {
         spec.interface_name.clone()
@@ -1202,6 +1203,7 @@ fn validate_wep(
         pod,
         node: spec.node,
         interface_name,
+        interface_computed,
         ips,
         labels,
         profiles: spec.profiles,

@@ -52,6 +52,9 @@ pub struct WorkloadEndpoint {
     pub node: String,
     /// The host side of the pod's interface.
     pub interface_name: String,
+    /// The name was computed (a Pod, or a stored endpoint without one), not written by a CNI:
+    /// the agent computes it again with the first configured `interfacePrefix`.
+    pub interface_computed: bool,
     /// The pod's addresses, as /32 and /128 networks.
     pub ips: Vec<IpNet>,
     /// Own labels plus Calico's implicit ones (profiles' labels are applied on top, see
@@ -187,6 +190,7 @@ pub fn from_pod(pod: &Pod, prefix: &str) -> (Option<WorkloadEndpoint>, Vec<PodPr
     let ports = named_ports(containers, &mut problem);
     let endpoint = WorkloadEndpoint {
         interface_name: interface_name(prefix, &namespace, &name),
+        interface_computed: true,
         namespace,
         pod: name,
         node,

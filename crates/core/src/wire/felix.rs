@@ -11,6 +11,12 @@ use serde::{Deserialize, Serialize};
 
 /// Linux interface names as Felix validates them.
 const INTERFACE_NAME_PATTERN: &str = r"^[a-zA-Z0-9:._+-]{1,15}$";
+/// `interfacePrefix`: comma-separated prefixes, as Felix validates them.
+const INTERFACE_PREFIX_PATTERN: &str = r"^[a-zA-Z0-9_-]{1,15}(,[a-zA-Z0-9_-]{1,15})*$";
+/// `defaultEndpointToHostAction`, in any case (Calico's CRD says `^(?i)(Drop|Accept|Return)?$`;
+/// spelt out here because JSON Schema's regex dialect has no `(?i)`).
+const ENDPOINT_TO_HOST_PATTERN: &str =
+    r"^([Dd][Rr][Oo][Pp]|[Aa][Cc][Cc][Ee][Pp][Tt]|[Rr][Ee][Tt][Uu][Rr][Nn])?$";
 /// Go durations as Calico's CRD accepts them (`25s`, `1m30s`, `0`).
 const DURATION_PATTERN: &str = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$";
 
@@ -90,6 +96,18 @@ pub struct FelixConfigurationSpec {
     /// Prefix of the kernel log lines of `Log` rules (default `calico-packet`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_prefix: Option<String>,
+    /// Prefixes of pods' host-side interfaces, comma-separated (default `cali`; `eni` beside
+    /// the Amazon VPC CNI, ...). A pod's interface is the first prefix and 11 hex digits of
+    /// SHA-1 of `<namespace>.<pod>`, as Calico's CNI names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = INTERFACE_PREFIX_PATTERN))]
+    pub interface_prefix: Option<String>,
+    /// What happens to a pod's traffic to its own host once the pod's egress policy allowed
+    /// it: `Drop`, `Return` (on to the host's rules) or `Accept` (wiremesh's default, as every
+    /// Calico manifest sets it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = ENDPOINT_TO_HOST_PATTERN))]
+    pub default_endpoint_to_host_action: Option<String>,
     /// wiremesh's own (not a Felix field): drop pod traffic to nodes that encrypt when it would
     /// leave outside the WireGuard device (start-up, restart, a daemon that died), instead of
     /// sending it in clear (default false).

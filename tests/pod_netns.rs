@@ -1,0 +1,332 @@
+//! Tier 3: pod policy in the real kernel. One node namespace routes for four pod namespaces
+//! (Calico-style: a veth per pod, /32 routes, proxy ARP) and a remote host namespace; our table
+//! is programmed from WorkloadEndpoints, Profiles and Kubernetes NetworkPolicies, and TCP
+//! probes show who reaches whom. Pods `x/a` and `x/b` have `cali*` interfaces (dispatched by
+//! interface), `y/c` has `vethc` (dispatched by address, as beside a CNI that names its
+//! interfaces its own way), and a fourth pod on `caliunknown0` has no endpoint.
+//! Must run as root; set `WIREMESH_SKIP_ROOT_TESTS=1` to skip (loudly) elsewhere.
+//! Only addresses inside our namespaces are used (10.97.0.0/16).
+
+mod support;
+use support::{root_or_skip, tcp_answers};
+
+use wiremesh::netns::Netns;
+use wiremesh_core::dataplane::filter::plan;
+use wiremesh_core::manifest::Manifest;
+use wiremesh_core::policy::program::EndpointToHostAction;
+use wiremesh_core::policy::render::FilterSpec;
+use wiremesh_core::policy::workload::interface_name;
+use wiremesh_core::policy::{PolicyInputs, PolicySettings, desired_filter};
+use wiremesh_dataplane::nft::{FilterDataplane, KernelNft};
+
+const NODE: &str = "10.97.0.1";
+const REMOTE: &str = "10.97.0.2";
+
+struct Pod {
+    ns: Netns,
+    ip: &'static str,
+}
+
+struct Topology {
+    node: Netns,
+    remote: Netns,
+    a: Pod,
+    b: Pod,
+    c: Pod,
+    unknown: Pod,
+}
+
+fn sh(ns: &Netns, cmd: &str) {
+    ns.exec(&["sh", "-c", cmd])
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+}
+
+/// A pod namespace behind host-side interface `iface` of `node`, addressed `ip`/32.
+fn pod(node: &Netns, iface: &str, ip: &'static str) -> Pod {
+    let ns = Netns::new("wmt-pod").expect("netns");
+    node.ip(&[
+        "link",
+        "add",
+        iface,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
+    ])
+    .expect("veth");
+    sh(
+        node,
+        &format!(
+            "ip link set {iface} up && sysctl -qw net.ipv4.conf.{iface}.proxy_arp=1 \
+             && ip route add {ip}/32 dev {iface}"
+        ),
+    );
+    sh(
+        &ns,
+        &format!(
+            "ip link set lo up && ip link set eth0 up && ip addr add {ip}/32 dev eth0 \
+             && ip route add 169.254.1.1 dev eth0 scope link \
+             && ip route add default via 169.254.1.1 dev eth0"
+        ),
+    );
+    Pod { ns, ip }
+}
+
+/// The node: forwarding on, and a route to the pods' gateway address `169.254.1.1` so that proxy
+/// ARP on the pods' interfaces answers for it (as on a Calico node, where the default route
+/// does).
+fn topology() -> Topology {
+    let node = Netns::new("wmt-podnode").expect("netns");
+    let remote = Netns::new("wmt-podremote").expect("netns");
+    node.ip(&[
+        "link",
+        "add",
+        "eth-r",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        remote.name(),
+    ])
+    .expect("veth");
+    sh(
+        &node,
+        &format!(
+            "ip link set lo up && ip link set eth-r up && ip addr add {NODE}/24 dev eth-r \
+             && sysctl -qw net.ipv4.ip_forward=1 \
+             && ip route add 169.254.1.1 dev eth-r"
+        ),
+    );
+    sh(
+        &remote,
+        &format!(
+            "ip link set lo up && ip link set eth0 up && ip addr add {REMOTE}/24 dev eth0 \
+             && ip route add 10.97.1.0/24 via {NODE}"
+        ),
+    );
+    let a = pod(&node, &interface_name("cali", "x", "a"), "10.97.1.2");
+    let b = pod(&node, &interface_name("cali", "x", "b"), "10.97.1.3");
+    let c = pod(&node, "vethc", "10.97.1.4");
+    let unknown = pod(&node, "caliunknown0", "10.97.1.5");
+    Topology {
+        node,
+        remote,
+        a,
+        b,
+        c,
+        unknown,
+    }
+}
+
+/// The endpoints (three pods on node `n1`, one elsewhere), their profiles, and `policies`.
+fn spec(policies: &str, endpoint_to_host: EndpointToHostAction) -> FilterSpec {
+    let wep = |ns: &str, pod: &str, iface: &str, ip: &str, node: &str| {
+        format!(
+            "apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {{name: {node}-k8s-{pod}-eth0, namespace: {ns}, labels: {{pod: {pod}}}}}
+spec: {{node: {node}, orchestrator: k8s, pod: {pod}, endpoint: eth0, interfaceName: {iface},
+        ipNetworks: [{ip}/32], profiles: [kns.{ns}]}}
+---
+"
+        )
+    };
+    let mut text = String::new();
+    text.push_str(&wep(
+        "x",
+        "a",
+        &interface_name("cali", "x", "a"),
+        "10.97.1.2",
+        "n1",
+    ));
+    text.push_str(&wep(
+        "x",
+        "b",
+        &interface_name("cali", "x", "b"),
+        "10.97.1.3",
+        "n1",
+    ));
+    text.push_str(&wep("y", "c", "vethc", "10.97.1.4", "n1"));
+    text.push_str(&wep("y", "far", "cali0000000000f", "10.97.9.9", "n2"));
+    for ns in ["x", "y"] {
+        text.push_str(&format!(
+            "apiVersion: projectcalico.org/v3
+kind: Profile
+metadata: {{name: kns.{ns}}}
+spec:
+  ingress: [{{action: Allow}}]
+  egress: [{{action: Allow}}]
+  labelsToApply: {{pcns.ns: {ns}, pcns.projectcalico.org/name: {ns}}}
+---
+"
+        ));
+    }
+    text.push_str(policies);
+    let manifest = Manifest::parse("pods.yaml", &text);
+    assert!(manifest.errors.is_empty(), "{:?}", manifest.errors);
+    let (res, problems) = manifest.validate();
+    assert!(problems.is_empty(), "{problems:?}");
+    desired_filter(&PolicyInputs {
+        node: "n1",
+        resources: Some(&res),
+        settings: PolicySettings {
+            endpoint_to_host,
+            ..PolicySettings::default()
+        },
+        ..Default::default()
+    })
+}
+
+async fn converge(nft: &mut KernelNft, spec: &FilterSpec) {
+    let before = nft.observe().await.expect("observe");
+    nft.apply(&plan(spec, &before)).await.expect("apply");
+    let after = nft.observe().await.expect("observe");
+    assert!(plan(spec, &after).is_empty(), "not converged");
+}
+
+/// Each `(from, to, port, expected)` probe; all mismatches are reported together.
+fn expect(step: &str, probes: &[(&str, &Netns, &str, u16, bool)]) {
+    let wrong: Vec<String> = probes
+        .iter()
+        .filter(|(_, from, to, port, want)| tcp_answers(from, to, *port) != *want)
+        .map(|(what, _, _, port, want)| {
+            let verdict = if *want { "answer" } else { "be dropped" };
+            format!("{what}:{port} should {verdict}")
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{step}: {wrong:?}");
+}
+
+const DENY_INGRESS_X: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny-ingress, namespace: x}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+";
+
+const ALLOW_B_TO_A_80: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-b-to-a, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}], ports: [{port: 80}]}]
+---
+";
+
+const ISOLATE_Y: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: isolate, namespace: y}
+spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
+---
+";
+
+#[tokio::test]
+async fn pod_policy_is_enforced_by_interface_and_by_address() {
+    if !root_or_skip("pod_policy_is_enforced_by_interface_and_by_address") {
+        return;
+    }
+    let t = topology();
+    let (a, b, c) = (t.a.ip, t.b.ip, t.c.ip);
+    expect(
+        "no table",
+        &[
+            ("b -> a", &t.b.ns, a, 80, true),
+            ("unknown -> a", &t.unknown.ns, a, 80, true),
+            ("remote -> c", &t.remote, c, 80, true),
+        ],
+    );
+    let mut nft = KernelNft::in_netns(t.node.name());
+    let accept = EndpointToHostAction::Accept;
+
+    // Endpoints and their allow-all profiles: open, except for an interface with the
+    // workload prefix that belongs to no endpoint.
+    converge(&mut nft, &spec("", accept)).await;
+    expect(
+        "endpoints, no policy",
+        &[
+            ("b -> a", &t.b.ns, a, 80, true),
+            ("remote -> a", &t.remote, a, 80, true),
+            ("c -> a", &t.c.ns, a, 80, true),
+            ("a -> c", &t.a.ns, c, 80, true),
+            ("a -> node", &t.a.ns, NODE, 22, true),
+            ("unknown -> a", &t.unknown.ns, a, 80, false),
+        ],
+    );
+
+    // Default deny ingress in x: nothing reaches a or b, whatever the path; the host still
+    // does (host to pod is never policed) and a still reaches out.
+    converge(&mut nft, &spec(DENY_INGRESS_X, accept)).await;
+    expect(
+        "default-deny-ingress in x",
+        &[
+            ("b -> a (same node)", &t.b.ns, a, 80, false),
+            ("remote -> a (forwarded)", &t.remote, a, 80, false),
+            (
+                "c -> a (from an address-dispatched pod)",
+                &t.c.ns,
+                a,
+                80,
+                false,
+            ),
+            ("node -> a", &t.node, a, 80, true),
+            ("a -> c", &t.a.ns, c, 80, true),
+            ("a -> remote", &t.a.ns, REMOTE, 80, true),
+            ("a -> node", &t.a.ns, NODE, 22, true),
+        ],
+    );
+
+    // Allow b -> a on port 80 only.
+    let both = format!("{DENY_INGRESS_X}{ALLOW_B_TO_A_80}");
+    converge(&mut nft, &spec(&both, accept)).await;
+    expect(
+        "allow b -> a:80",
+        &[
+            ("b -> a", &t.b.ns, a, 80, true),
+            ("b -> a", &t.b.ns, a, 81, false),
+            ("c -> a", &t.c.ns, a, 80, false),
+            ("a -> b", &t.a.ns, b, 80, false),
+        ],
+    );
+
+    // Isolate y (ingress and egress): c is dispatched by address both ways.
+    let three = format!("{both}{ISOLATE_Y}");
+    converge(&mut nft, &spec(&three, accept)).await;
+    expect(
+        "isolate y",
+        &[
+            ("c -> remote", &t.c.ns, REMOTE, 80, false),
+            ("c -> node", &t.c.ns, NODE, 22, false),
+            ("remote -> c", &t.remote, c, 80, false),
+            ("a -> c", &t.a.ns, c, 80, false),
+            ("node -> c", &t.node, c, 80, true),
+            ("b -> a", &t.b.ns, a, 80, true),
+        ],
+    );
+
+    // defaultEndpointToHostAction Drop: a pod no longer reaches its host; others unchanged.
+    converge(&mut nft, &spec(&both, EndpointToHostAction::Drop)).await;
+    expect(
+        "defaultEndpointToHostAction Drop",
+        &[
+            ("a -> node", &t.a.ns, NODE, 22, false),
+            ("a -> remote", &t.a.ns, REMOTE, 80, true),
+            ("node -> a", &t.node, a, 80, true),
+        ],
+    );
+
+    // Removing the table opens everything again.
+    converge(&mut nft, &FilterSpec::default()).await;
+    expect(
+        "table removed",
+        &[
+            ("b -> a", &t.b.ns, a, 81, true),
+            ("unknown -> a", &t.unknown.ns, a, 80, true),
+            ("c -> remote", &t.c.ns, REMOTE, 80, true),
+        ],
+    );
+}
