@@ -41,7 +41,9 @@ fn table(lab: &Lab, node: &str) -> String {
 
 fn rule_part(table: &str) -> Vec<String> {
     // Set elements may span lines; counter values change with traffic; keep everything else.
-    let mut out = Vec::new();
+    // The kernel lists objects in the order they were created, which differs between a table
+    // written whole and one updated chain by chain: compare the objects as a sorted list.
+    let mut lines = Vec::new();
     let mut in_elements = false;
     for l in table.lines() {
         if l.contains("elements = {") {
@@ -52,12 +54,14 @@ fn rule_part(table: &str) -> Vec<String> {
             in_elements = !l.trim_end().ends_with('}');
             continue;
         }
-        if l.trim_start().starts_with("packets ") {
+        if l.trim_start().starts_with("packets ") || l.starts_with("table ") || l == "}" {
             continue;
         }
-        out.push(l.to_string());
+        lines.push(l.to_string());
     }
-    out
+    let mut objects: Vec<String> = lines.join("\n").split("\n\n").map(str::to_string).collect();
+    objects.sort();
+    objects
 }
 
 /// The value of one series in `node`'s `/metrics` (the lab agent's port 9091), if present.

@@ -166,13 +166,45 @@ async fn table_lifecycle_and_set_only_updates() {
     );
     assert_ne!(ruleset1, ruleset2);
 
-    // A rule change replaces the table in one transaction.
+    // A rule change rewrites only the policy's chain (and the marker), in one transaction with
+    // the element changes; the kernel then holds what a whole-table write would give.
     let mut objs = base_objects(&["10.98.0.2"]);
     objs[2].1["spec"]["ingress"][1]["action"] = json!("Deny");
     let ops = converge(&mut k, &spec_for(&objs)).await;
+    let NftOp::UpdateRules(update) = &ops[0] else {
+        panic!("expected a rule update first: {ops:?}");
+    };
+    let written: Vec<&str> = update
+        .write_chains
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(written, ["pi-gnp/deny-list"], "{update}");
     assert!(
-        matches!(ops.as_slice(), [NftOp::ReplaceTable(_)]),
+        update.add_chains.is_empty() && update.delete_chains.is_empty(),
+        "{update}"
+    );
+    assert!(
+        ops[1..]
+            .iter()
+            .all(|o| matches!(o, NftOp::DeleteElements { .. })),
         "{ops:?}"
+    );
+    let incremental = nft(&a, &["list", "table", "inet", "wiremesh"]);
+    k.apply(&[NftOp::ReplaceTable(Box::new(spec_for(&objs)))])
+        .await
+        .expect("replace");
+    // The kernel lists objects in the order they were created: compare them as a set.
+    let objects = |t: &str| {
+        let lines: Vec<String> = strip(t).into_iter().filter(|l| l != "}").collect();
+        let mut blocks: Vec<String> = lines.join("\n").split("\n\n").map(str::to_string).collect();
+        blocks.sort();
+        blocks
+    };
+    assert_eq!(
+        objects(&incremental),
+        objects(&nft(&a, &["list", "table", "inet", "wiremesh"])),
+        "the updated table differs from the same table written whole"
     );
 
     // Drift: a chain of ours flushed behind our back is repaired by the next full observe.

@@ -11,7 +11,7 @@ mod support;
 use support::{root_or_skip, tcp_answers};
 
 use wiremesh::netns::Netns;
-use wiremesh_core::dataplane::filter::plan;
+use wiremesh_core::dataplane::filter::{NftOp, plan};
 use wiremesh_core::manifest::Manifest;
 use wiremesh_core::policy::program::EndpointToHostAction;
 use wiremesh_core::policy::render::FilterSpec;
@@ -182,11 +182,31 @@ spec:
     })
 }
 
-async fn converge(nft: &mut KernelNft, spec: &FilterSpec) {
+/// Converges our table on `spec`; returns the ops it took.
+async fn converge(nft: &mut KernelNft, spec: &FilterSpec) -> Vec<NftOp> {
     let before = nft.observe().await.expect("observe");
-    nft.apply(&plan(spec, &before)).await.expect("apply");
+    let ops = plan(spec, &before);
+    nft.apply(&ops).await.expect("apply");
     let after = nft.observe().await.expect("observe");
     assert!(plan(spec, &after).is_empty(), "not converged");
+    ops
+}
+
+/// Converges on `spec` by changing only what differs (no table replacement), and returns the
+/// chains the change wrote.
+async fn update(nft: &mut KernelNft, spec: &FilterSpec) -> Vec<String> {
+    let ops = converge(nft, spec).await;
+    assert!(
+        !ops.iter().any(|o| matches!(o, NftOp::ReplaceTable(_))),
+        "{ops:?}"
+    );
+    ops.iter()
+        .filter_map(|o| match o {
+            NftOp::UpdateRules(u) => Some(u.write_chains.iter().map(|c| c.name.clone())),
+            _ => None,
+        })
+        .flatten()
+        .collect()
 }
 
 /// Each `(from, to, port, expected)` probe; all mismatches are reported together.
@@ -260,7 +280,13 @@ async fn pod_policy_is_enforced_by_interface_and_by_address() {
 
     // Default deny ingress in x: nothing reaches a or b, whatever the path; the host still
     // does (host to pod is never policed) and a still reaches out.
-    converge(&mut nft, &spec(DENY_INGRESS_X, accept)).await;
+    // From here on each change is an update of what differs, in the running table.
+    let written = update(&mut nft, &spec(DENY_INGRESS_X, accept)).await;
+    assert_eq!(
+        written,
+        ["tw-x/a", "tw-x/b"],
+        "the policy selects a and b (its own chain has no rules)"
+    );
     expect(
         "default-deny-ingress in x",
         &[
@@ -282,7 +308,12 @@ async fn pod_policy_is_enforced_by_interface_and_by_address() {
 
     // Allow b -> a on port 80 only.
     let both = format!("{DENY_INGRESS_X}{ALLOW_B_TO_A_80}");
-    converge(&mut nft, &spec(&both, accept)).await;
+    let written = update(&mut nft, &spec(&both, accept)).await;
+    assert_eq!(
+        written,
+        ["tw-x/a", "pi-np/x/knp.default.allow-b-to-a"],
+        "the policy selects a"
+    );
     expect(
         "allow b -> a:80",
         &[
@@ -295,7 +326,7 @@ async fn pod_policy_is_enforced_by_interface_and_by_address() {
 
     // Isolate y (ingress and egress): c is dispatched by address both ways.
     let three = format!("{both}{ISOLATE_Y}");
-    converge(&mut nft, &spec(&three, accept)).await;
+    update(&mut nft, &spec(&three, accept)).await;
     expect(
         "isolate y",
         &[
@@ -309,7 +340,8 @@ async fn pod_policy_is_enforced_by_interface_and_by_address() {
     );
 
     // defaultEndpointToHostAction Drop: a pod no longer reaches its host; others unchanged.
-    converge(&mut nft, &spec(&both, EndpointToHostAction::Drop)).await;
+    let written = update(&mut nft, &spec(&both, EndpointToHostAction::Drop)).await;
+    assert!(written.contains(&"wl-to-host".to_string()), "{written:?}");
     expect(
         "defaultEndpointToHostAction Drop",
         &[

@@ -2,6 +2,7 @@
 //! which pods get chains, in which order tiers and profiles run, how packets reach a pod's
 //! chains (by interface, by address), and the selector sets pods feed.
 
+use wiremesh_core::dataplane::filter::{NftOp, NftState, RuleUpdate, plan};
 use wiremesh_core::manifest::Manifest;
 use wiremesh_core::policy::program::{EndpointToHostAction, Program};
 use wiremesh_core::policy::render::{FilterSpec, MapKey, render};
@@ -260,4 +261,213 @@ fn no_local_pod_and_no_host_endpoint_means_no_table() {
     });
     assert!(p.is_empty());
     assert!(render(&p).chains.is_empty());
+
+    // The agent's --pod-policy=false: no pod chains; remote pods still feed selector sets.
+    let res = resources("");
+    let p = program_with(
+        &res,
+        PolicySettings {
+            pods: false,
+            ..PolicySettings::default()
+        },
+    );
+    assert!(p.workloads.is_empty() && p.is_empty());
+    let set = wiremesh_core::policy::program::selector_members(
+        &wiremesh_core::selector::Selector::parse("app == 'web'").expect("selector"),
+        &res,
+    );
+    assert_eq!(set.v4.len(), 2, "a and c, of both nodes: {set:?}");
+}
+
+/// The kernel state right after `spec` was written whole.
+fn written(spec: &FilterSpec) -> NftState {
+    let mut state = NftState::default();
+    state.apply_ops(&[NftOp::ReplaceTable(Box::new(spec.clone()))]);
+    state
+}
+
+/// Plans `to` from the state after `from`, applies it, and checks nothing is left to do; returns
+/// the rule update (there must be exactly one, and no table replacement).
+fn update_between(from: &FilterSpec, to: &FilterSpec) -> RuleUpdate {
+    let mut state = written(from);
+    let ops = plan(to, &state);
+    assert!(
+        !ops.iter().any(|o| matches!(o, NftOp::ReplaceTable(_))),
+        "{ops:?}"
+    );
+    state.apply_ops(&ops);
+    assert!(plan(to, &state).is_empty(), "not converged");
+    let updates: Vec<&RuleUpdate> = ops
+        .iter()
+        .filter_map(|o| match o {
+            NftOp::UpdateRules(u) => Some(u.as_ref()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(updates.len(), 1, "{ops:?}");
+    updates[0].clone()
+}
+
+fn names(chains: &[wiremesh_core::policy::render::ChainSpec]) -> Vec<&str> {
+    chains.iter().map(|c| c.name.as_str()).collect()
+}
+
+const POD_C: &str = "apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: n1-k8s-c-eth0, namespace: x, labels: {app: web}}
+spec: {node: n1, pod: c, endpoint: eth0, interfaceName: cali0cc, ipNetworks: [10.1.0.9/32], profiles: [kns.x]}
+---
+";
+
+const WEB_POLICY: &str = "apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: web, namespace: x}
+spec:
+  selector: app == 'web'
+  ingress: [{action: Allow, source: {selector: app == 'db'}, protocol: TCP, destination: {ports: [80]}}]
+---
+";
+
+#[test]
+fn a_pod_start_or_stop_touches_only_its_chains_map_entries_and_set_elements() {
+    let (_, before) = program(WEB_POLICY);
+    let (_, after) = program(&format!("{WEB_POLICY}{POD_C}"));
+    let u = update_between(&before, &after);
+    assert_eq!(names(&u.add_chains), ["fw-x/c", "tw-x/c"], "{u}");
+    assert_eq!(names(&u.write_chains), ["fw-x/c", "tw-x/c"], "{u}");
+    let keys: Vec<String> = u
+        .map_adds
+        .iter()
+        .flat_map(|(map, e)| e.iter().map(move |(k, v)| format!("{map} {k} {v}")))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "wl-from-addr4 10.1.0.9 fw-x/c",
+            "wl-from-iface \"cali0cc\" fw-x/c",
+            "wl-to-addr4 10.1.0.9 tw-x/c",
+            "wl-to-iface \"cali0cc\" tw-x/c"
+        ]
+    );
+    assert!(u.delete_chains.is_empty() && u.map_deletes.is_empty() && u.add_sets.is_empty());
+
+    // And back: its chains and map entries go, nothing else is written.
+    let u = update_between(&after, &before);
+    assert_eq!(u.delete_chains, ["fw-x/c", "tw-x/c"], "{u}");
+    assert!(u.write_chains.is_empty() && u.add_chains.is_empty(), "{u}");
+    assert_eq!(u.map_deletes.len(), 4, "{u}");
+}
+
+#[test]
+fn a_policy_edit_rewrites_only_that_policys_chain() {
+    let (_, before) = program(WEB_POLICY);
+    let (_, after) = program(&WEB_POLICY.replace("ports: [80]", "ports: [8080]"));
+    let u = update_between(&before, &after);
+    assert_eq!(names(&u.write_chains), ["pi-np/x/web"], "{u}");
+    assert!(u.add_chains.is_empty() && u.delete_chains.is_empty(), "{u}");
+    assert!(u.map_adds.is_empty() && u.map_deletes.is_empty(), "{u}");
+
+    // A label change that moves a pod under the policy rewrites that pod's chain only (and
+    // the set element of its address, which is an element change, not a rule change).
+    let relabelled = format!("{WEB_POLICY}{POD_C}");
+    let (_, with_c) = program(&relabelled);
+    let (_, c_as_db) = program(&relabelled.replace(
+        "name: n1-k8s-c-eth0, namespace: x, labels: {app: web}",
+        "name: n1-k8s-c-eth0, namespace: x, labels: {app: db}",
+    ));
+    let mut state = written(&with_c);
+    let ops = plan(&c_as_db, &state);
+    let NftOp::UpdateRules(u) = &ops[0] else {
+        panic!("{ops:?}");
+    };
+    assert_eq!(names(&u.write_chains), ["tw-x/c"], "{u}");
+    assert!(
+        ops[1..]
+            .iter()
+            .all(|o| matches!(o, NftOp::AddElements { .. } | NftOp::DeleteElements { .. })),
+        "{ops:?}"
+    );
+    state.apply_ops(&ops);
+    assert!(plan(&c_as_db, &state).is_empty());
+}
+
+#[test]
+fn without_knowing_the_kernels_rules_the_table_is_replaced() {
+    let (_, before) = program(WEB_POLICY);
+    let (_, after) = program(&format!("{WEB_POLICY}{POD_C}"));
+    let mut state = written(&before);
+    state.rules = None; // an agent restarted: the marker names rules it never wrote
+    assert!(matches!(
+        plan(&after, &state).as_slice(),
+        [NftOp::ReplaceTable(_)]
+    ));
+    // A chain flushed behind our back (seen by a full listing) is not patched around.
+    let mut state = written(&before);
+    state.rule_counts = Some(Default::default());
+    assert!(matches!(
+        plan(&after, &state).as_slice(),
+        [NftOp::ReplaceTable(_)]
+    ));
+}
+
+/// Pods and policies that come and go in any combination.
+fn variant(mask: u16) -> String {
+    let mut text = String::new();
+    for (bit, pod, node, ip, labels) in [
+        (0, "c", "n1", "10.1.0.9", "app: web"),
+        (1, "d", "n1", "10.1.0.10", "app: db"),
+        (2, "e", "n2", "10.2.0.10", "app: db"),
+        (3, "f", "n1", "10.1.0.11", "app: cache"),
+    ] {
+        if mask & (1 << bit) != 0 {
+            text.push_str(&format!(
+                "apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {{name: {node}-k8s-{pod}-eth0, namespace: x, labels: {{{labels}}}}}
+spec: {{node: {node}, pod: {pod}, endpoint: eth0, interfaceName: cali0{pod}, ipNetworks: [{ip}/32], profiles: [kns.x]}}
+---
+"
+            ));
+        }
+    }
+    if mask & (1 << 4) != 0 {
+        text.push_str(WEB_POLICY);
+    }
+    if mask & (1 << 5) != 0 {
+        text.push_str(&WEB_POLICY.replace("ports: [80]", "ports: [8080]"));
+    }
+    if mask & (1 << 6) != 0 {
+        text.push_str(
+            "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: x}
+spec: {podSelector: {matchLabels: {app: db}}, policyTypes: [Ingress, Egress], egress: [{to: [{podSelector: {}}]}]}
+---
+",
+        );
+    }
+    text
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// From the table of any combination to that of any other: no replacement, and afterwards
+    /// the kernel holds exactly the new rule part and sets.
+    #[test]
+    fn updates_converge_between_any_two_tables(a in 0u16..128, b in 0u16..128) {
+        let (_, from) = program(&variant(a));
+        let (_, to) = program(&variant(b));
+        let mut state = written(&from);
+        let ops = plan(&to, &state);
+        proptest::prop_assert!(!ops.iter().any(|o| matches!(o, NftOp::ReplaceTable(_))));
+        state.apply_ops(&ops);
+        proptest::prop_assert!(plan(&to, &state).is_empty());
+        let expected = written(&to);
+        proptest::prop_assert_eq!(&state.sets, &expected.sets);
+        proptest::prop_assert_eq!(&state.rules_hash, &expected.rules_hash);
+        proptest::prop_assert_eq!(
+            state.rules.as_ref().map(|r| r.spec.chains.clone()),
+            Some(to.chains.clone())
+        );
+    }
 }

@@ -137,18 +137,21 @@ async fn policy_is_programmed_updated_by_elements_and_removed() {
     );
     assert!(errors[0].contains("last valid version"), "{errors:?}");
 
-    // No host endpoint on this node any more: only the encryption guard (its set and its
-    // shutdown hold set) stays in the table.
+    // No host endpoint on this node any more: only the encryption guard (its chain, its set
+    // and its shutdown hold set) stays in the table, by one update that deletes the rest.
     r.reconcile_once(&cluster(&["10.244.2.0/24"], "node2"))
         .await
         .expect("reconcile");
     let log = h.nft.take_log();
     assert_eq!(log.len(), 1, "{log:?}");
     assert!(
-        log[0].starts_with("replace_table: replace table inet wiremesh (1 chains, 2 sets"),
+        log[0].starts_with("update_rules: ") && log[0].contains("chains +0 -18 written []"),
         "{log:?}"
     );
-    assert!(h.nft.lock().table.present);
+    let nft = h.nft.lock();
+    assert!(nft.table.present);
+    let left = nft.spec.as_ref().expect("table");
+    assert_eq!((left.chains.len(), left.sets.len()), (1, 2), "{left:?}");
 }
 
 #[tokio::test]

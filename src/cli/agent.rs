@@ -66,10 +66,15 @@ pub struct AgentArgs {
     /// Address the health port binds.
     #[arg(long, env = "WIREMESH_HEALTH_ADDRESS", default_value = "0.0.0.0")]
     pub health_address: IpAddr,
-    /// Enforce HostEndpoint policy in the nftables table `inet wiremesh`. With `false`, the
-    /// table is removed at start-up and never written.
+    /// Enforce policy (host endpoints, and pods unless `--pod-policy=false`) in the nftables
+    /// table `inet wiremesh`. With `false`, the table is removed at start-up and never written.
     #[arg(long, env = "WIREMESH_HOST_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
     pub host_policy: bool,
+    /// Enforce policy on this node's pods too (with `--host-policy`): per-pod chains and
+    /// dispatch. `false` leaves pods to another policy engine (encryption and host policy
+    /// only).
+    #[arg(long, env = "WIREMESH_POD_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pod_policy: bool,
     /// After SIGTERM, drop pod traffic to encrypting nodes that would leave in clear (a
     /// wireguard-go that dies with the container) for this long, or until the next agent is up
     /// (Go duration, at most 1h; 0s: off; strict mode drops anyway).
@@ -98,6 +103,7 @@ impl AgentArgs {
             metrics_address: address(self.metrics_address, self.metrics_port),
             health_address: address(self.health_address, self.health_port),
             host_policy: self.host_policy,
+            pod_policy: self.pod_policy,
             shutdown_hold: self.shutdown_hold,
         }
     }

@@ -17,6 +17,8 @@ pub struct PolicySubsystem {
     filter: Box<dyn FilterDataplane>,
     /// Last valid version of every policy object, so a bad edit keeps the previous one.
     last_good: RawPolicyResources,
+    /// Enforce policy on this node's pods (`--pod-policy`).
+    pub pods: bool,
 }
 
 impl PolicySubsystem {
@@ -24,6 +26,7 @@ impl PolicySubsystem {
         PolicySubsystem {
             filter,
             last_good: RawPolicyResources::default(),
+            pods: true,
         }
     }
 
@@ -72,7 +75,10 @@ impl PolicySubsystem {
             node,
             resources: Some(resources),
             local_interfaces,
-            settings,
+            settings: PolicySettings {
+                pods: self.pods,
+                ..settings
+            },
         });
         add_guard(&mut desired, guard);
         let actual = self.filter.observe().await?;

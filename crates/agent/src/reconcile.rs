@@ -131,6 +131,15 @@ impl<W: WireguardDataplane, L: LinkDataplane, R: RoutingDataplane> Reconciler<W,
         self
     }
 
+    /// Whether policy also applies to this node's pods (default: yes). Call after
+    /// [`Reconciler::with_filter`].
+    pub fn with_pod_policy(mut self, on: bool) -> Self {
+        if let Some(policy) = self.policy.as_mut() {
+            policy.pods = on;
+        }
+        self
+    }
+
     /// Also run when the kernel reports a change (see `wiremesh_dataplane::events`).
     pub fn with_kernel_events(mut self, events: tokio::sync::mpsc::Receiver<()>) -> Self {
         self.kernel_events = Some(events);

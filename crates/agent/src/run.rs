@@ -43,6 +43,8 @@ pub struct AgentConfig {
     /// Enforce HostEndpoint policy in the nftables table `inet wiremesh`; without it the table
     /// is removed at start-up and never written.
     pub host_policy: bool,
+    /// With `host_policy`, also enforce policy on this node's pods.
+    pub pod_policy: bool,
     /// How long pod traffic that would leave in clear is dropped after a deliberate stop
     /// (`guard::hold_script`); zero: not at all.
     pub shutdown_hold: Duration,
@@ -189,6 +191,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         )?;
         reconciler
             .with_filter(Box::new(KernelNft::new()))
+            .with_pod_policy(config.pod_policy)
             .with_nftables_events(nftables_rx)
     } else {
         if let Err(e) = remove_table(&mut KernelNft::new()).await {

@@ -283,6 +283,7 @@ impl EffectiveConfig {
             log_prefix: self.log_prefix.clone(),
             workload_prefixes: self.interface_prefixes.clone(),
             endpoint_to_host: self.endpoint_to_host,
+            pods: true,
         }
     }
 }

@@ -2,12 +2,13 @@
 //!
 //! `observe()` lists our table (`nft -j list table inet wiremesh`): its sets with their elements
 //! and the hash of its rule part (the name of the empty marker chain `hash-<hex>`, see
-//! `wiremesh_core::policy::render`). `plan()` is pure: when the rule part differs it replaces the whole
-//! table in one transaction (`add table; delete table; table { ... }`), otherwise it emits only
-//! set-element additions and deletions. `apply()` runs all ops as one `nft -f -` transaction.
+//! `wiremesh_core::policy::render`). `plan()` is pure: set-element changes, a rule update of
+//! just what differs when the kernel holds the rule part we last wrote (kept here across
+//! observations), or a whole-table replacement (`add table; delete table; table { ... }`).
+//! `apply()` runs all ops as one `nft -f -` transaction.
 //!
 //! Drift: a rule edited in place (`nft replace rule`) keeps the hash chain and the rule count.
-//! After every table replacement a background task lists the table and keeps a fingerprint of
+//! After every change of the rule part a background task lists the table and keeps a fingerprint of
 //! the kernel's own rendering of our rules ([`rules_fingerprint`]: handles, counter values and
 //! set elements left out); every later full listing is compared with it, and a difference
 //! marks the state [`NftState::edited`], which makes `plan()` replace the table.
@@ -29,7 +30,7 @@ use tokio::io::AsyncWriteExt as _;
 use tracing::{debug, warn};
 
 use crate::DataplaneError;
-use wiremesh_core::dataplane::filter::{CounterValue, NftOp, NftState, plan, script};
+use wiremesh_core::dataplane::filter::{CounterValue, KnownRules, NftOp, NftState, plan, script};
 use wiremesh_core::policy::Protocol;
 use wiremesh_core::policy::render::{
     FilterSpec, TABLE, TABLE_FAMILY, element_text, named_port_element_text,
@@ -325,6 +326,10 @@ pub struct KernelNft {
     netns: Option<String>,
     /// What we last applied (or fully observed), and when it was fully observed last.
     cache: Option<(Instant, NftState)>,
+    /// The rule part we last wrote. Outlives the cache (our own writes notify, and a
+    /// notification drops the cache): whenever the marker chain still names its hash, plan()
+    /// may change just what differs.
+    written: Option<KnownRules>,
     /// The fingerprint full listings are compared with. Locked by the background task that
     /// takes it, so a full observe waits for a listing in progress.
     baseline: Arc<tokio::sync::Mutex<Option<Baseline>>>,
@@ -467,9 +472,9 @@ impl KernelNft {
     }
 }
 
-#[async_trait]
-impl FilterDataplane for KernelNft {
-    async fn observe(&mut self) -> Result<NftState, DataplaneError> {
+impl KernelNft {
+    /// Observes the kernel (a cached view between full listings; see FULL_OBSERVE_INTERVAL).
+    async fn observe_kernel(&mut self) -> Result<NftState, DataplaneError> {
         // `list chains` is cheap even with thousands of rules and shows the hash chain. Listing
         // sets or rules is not (nft fetches every anonymous set too), so set elements come from
         // what we last applied while the hash is unchanged, with a full listing (elements and
@@ -519,6 +524,23 @@ impl FilterDataplane for KernelNft {
         }
         self.cache = Some((Instant::now(), full.clone()));
         Ok(full)
+    }
+
+    /// `state` with the rule part we wrote attached, when the kernel's marker names it.
+    fn with_written(&self, mut state: NftState) -> NftState {
+        state.rules = self
+            .written
+            .clone()
+            .filter(|w| state.rules_hash.as_deref() == Some(w.hash.as_str()));
+        state
+    }
+}
+
+#[async_trait]
+impl FilterDataplane for KernelNft {
+    async fn observe(&mut self) -> Result<NftState, DataplaneError> {
+        let state = self.observe_kernel().await?;
+        Ok(self.with_written(state))
     }
 
     fn forget_observation(&mut self) {
@@ -575,13 +597,24 @@ impl FilterDataplane for KernelNft {
             // After a failure (or without a baseline) the next observe lists everything.
             _ => self.cache = None,
         }
-        if result.is_ok()
-            && let Some(NftOp::ReplaceTable(spec)) = ops
-                .iter()
-                .rev()
-                .find(|op| matches!(op, NftOp::ReplaceTable(_) | NftOp::DeleteTable))
-        {
-            self.take_baseline(spec.rules_hash()).await;
+        if result.is_err() {
+            // What the kernel holds now is unknown: the next change replaces the table.
+            self.written = None;
+            return result;
+        }
+        let mut after = NftState {
+            present: true,
+            rules: self.written.clone(),
+            rules_hash: self.written.as_ref().map(|w| w.hash.clone()),
+            ..NftState::default()
+        };
+        after.apply_ops(ops);
+        self.written = after.rules.clone().filter(|_| after.present);
+        let rules_changed = ops
+            .iter()
+            .any(|op| matches!(op, NftOp::ReplaceTable(_) | NftOp::UpdateRules(_)));
+        if rules_changed && let Some(hash) = after.rules_hash {
+            self.take_baseline(hash).await;
         }
         result
     }
@@ -637,7 +670,7 @@ pub struct FakeNft {
 #[derive(Debug, Clone, Default)]
 pub struct FakeNftState {
     pub table: NftState,
-    /// The last full table written.
+    /// The table's rule part as last written (whole, or by an update).
     pub spec: Option<FilterSpec>,
     pub log: Vec<String>,
     pub fail_next_apply: Option<String>,
@@ -685,6 +718,7 @@ impl FilterDataplane for FakeNft {
             s.log.push(format!("{}: {op}", op.kind()));
             match op {
                 NftOp::ReplaceTable(spec) => s.spec = Some((**spec).clone()),
+                NftOp::UpdateRules(u) => s.spec = Some((*u.target).clone()),
                 NftOp::DeleteTable => s.spec = None,
                 _ => {}
             }

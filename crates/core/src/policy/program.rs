@@ -126,6 +126,9 @@ pub struct PolicySettings {
     pub log_prefix: String,
     /// What happens to a pod's traffic to its own host once its egress policy allowed it.
     pub endpoint_to_host: EndpointToHostAction,
+    /// Enforce policy on this node's pods (the agent's `--pod-policy`); pods of every node
+    /// still feed selector sets.
+    pub pods: bool,
 }
 
 /// Felix's `defaultEndpointToHostAction`: the verdict on traffic from a local pod to its own
@@ -162,6 +165,7 @@ impl Default for PolicySettings {
             workload_prefixes: vec!["cali".into()],
             log_prefix: "calico-packet".into(),
             endpoint_to_host: EndpointToHostAction::default(),
+            pods: true,
         }
     }
 }
@@ -680,7 +684,7 @@ pub fn compile(inputs: &PolicyInputs<'_>) -> Program {
     let labels = workload_labels(res);
     let mut workloads = Vec::new();
     for (wep, wep_labels) in res.workload_endpoints.iter().zip(&labels) {
-        if wep.node != inputs.node {
+        if wep.node != inputs.node || !inputs.settings.pods {
             continue;
         }
         let applies = |p: &Policy| !p.do_not_track && !p.pre_dnat && selects(p, wep, wep_labels);

@@ -194,47 +194,16 @@ impl FilterSpec {
         let mut out = String::new();
         let _ = writeln!(out, "table {TABLE_FAMILY} {TABLE} {{");
         for (name, s) in &self.sets {
-            let ty = match s.family {
-                Family::V4 => "ipv4_addr",
-                Family::V6 => "ipv6_addr",
-            };
             let _ = writeln!(out, "\tset {name} {{");
-            match s.kind {
-                SetKind::Addr => {
-                    let _ = writeln!(out, "\t\ttype {ty}");
-                    let _ = writeln!(out, "\t\tflags interval");
-                }
-                SetKind::NamedPort => {
-                    let _ = writeln!(out, "\t\ttype {ty} . inet_proto . inet_service");
-                }
-                SetKind::TimedAddr => {
-                    let _ = writeln!(out, "\t\ttype {ty}");
-                    let _ = writeln!(out, "\t\tflags interval, timeout");
-                }
-            }
-            let _ = writeln!(out, "\t\tcomment {}", quote(&s.comment));
-            if !s.elements.is_empty() {
-                let elems: Vec<&str> = s.elements.iter().map(String::as_str).collect();
-                let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
+            for line in set_lines(s) {
+                let _ = writeln!(out, "\t\t{line}");
             }
             let _ = writeln!(out, "\t}}");
         }
         for (name, m) in &self.maps {
-            let key = match m.key {
-                MapKey::Interface => "ifname",
-                MapKey::Addr(Family::V4) => "ipv4_addr",
-                MapKey::Addr(Family::V6) => "ipv6_addr",
-            };
             let _ = writeln!(out, "\tmap {name} {{");
-            let _ = writeln!(out, "\t\ttype {key} : verdict");
-            let _ = writeln!(out, "\t\tcomment {}", quote(&m.comment));
-            if !m.elements.is_empty() {
-                let elems: Vec<String> = m
-                    .elements
-                    .iter()
-                    .map(|(k, chain)| format!("{k} : goto {chain}"))
-                    .collect();
-                let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
+            for line in map_lines(m) {
+                let _ = writeln!(out, "\t\t{line}");
             }
             let _ = writeln!(out, "\t}}");
         }
@@ -269,6 +238,77 @@ impl FilterSpec {
             self.to_nft()
         )
     }
+}
+
+/// The lines of a set's declaration (type, flags, comment, elements).
+fn set_lines(s: &SetSpec) -> Vec<String> {
+    let ty = match s.family {
+        Family::V4 => "ipv4_addr",
+        Family::V6 => "ipv6_addr",
+    };
+    let mut lines = match s.kind {
+        SetKind::Addr => vec![format!("type {ty}"), "flags interval".to_string()],
+        SetKind::NamedPort => vec![format!("type {ty} . inet_proto . inet_service")],
+        SetKind::TimedAddr => vec![format!("type {ty}"), "flags interval, timeout".to_string()],
+    };
+    lines.push(format!("comment {}", quote(&s.comment)));
+    if !s.elements.is_empty() {
+        let elems: Vec<&str> = s.elements.iter().map(String::as_str).collect();
+        lines.push(format!("elements = {{ {} }}", elems.join(", ")));
+    }
+    lines
+}
+
+/// The lines of a verdict map's declaration.
+fn map_lines(m: &MapSpec) -> Vec<String> {
+    let key = match m.key {
+        MapKey::Interface => "ifname",
+        MapKey::Addr(Family::V4) => "ipv4_addr",
+        MapKey::Addr(Family::V6) => "ipv6_addr",
+    };
+    let mut lines = vec![
+        format!("type {key} : verdict"),
+        format!("comment {}", quote(&m.comment)),
+    ];
+    if !m.elements.is_empty() {
+        let elems: Vec<String> = m
+            .elements
+            .iter()
+            .map(|(k, chain)| format!("{k} : goto {chain}"))
+            .collect();
+        lines.push(format!("elements = {{ {} }}", elems.join(", ")));
+    }
+    lines
+}
+
+/// `{ type ...; flags ...; comment ...; elements = ... }`, for `add set`.
+pub fn set_declaration(s: &SetSpec) -> String {
+    format!("{{ {}; }}", set_lines(s).join("; "))
+}
+
+/// `{ type ... : verdict; comment ...; }`, for `add map`.
+pub fn map_declaration(m: &MapSpec) -> String {
+    format!("{{ {}; }}", map_lines(m).join("; "))
+}
+
+/// `nft -f` commands for one chain of our table: declare it (`rules == false`; a base chain
+/// with its hook), or write it whole (`rules == true`: flush, then add each rule).
+pub fn chain_script(c: &ChainSpec, rules: bool) -> String {
+    let t = format!("{TABLE_FAMILY} {TABLE}");
+    if !rules {
+        return match &c.base {
+            Some(b) => format!(
+                "add chain {t} {} {{ type filter hook {} priority {}; policy accept; }}\n",
+                c.name, b.hook, b.priority
+            ),
+            None => format!("add chain {t} {}\n", c.name),
+        };
+    }
+    let mut out = format!("flush chain {t} {}\n", c.name);
+    for r in &c.rules {
+        let _ = writeln!(out, "add rule {t} {} {r}", c.name);
+    }
+    out
 }
 
 /// Removes our table (a no-op if absent), as one transaction.
