@@ -56,13 +56,16 @@ pub const FELIX_CONFIGURATIONS_PREFIX: &str =
     "/calico/resources/v3/projectcalico.org/felixconfigurations/";
 /// Prefix of Calico IPAM block affinities (per host).
 /// Policy resources, one prefix per kind: `<prefix><name>` or `<prefix><namespace>/<name>`.
-pub const POLICY_PREFIXES: [&str; 6] = [
+pub const POLICY_PREFIXES: [&str; 9] = [
     "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/",
     "/calico/resources/v3/projectcalico.org/networkpolicies/",
     "/calico/resources/v3/projectcalico.org/tiers/",
     "/calico/resources/v3/projectcalico.org/hostendpoints/",
     "/calico/resources/v3/projectcalico.org/globalnetworksets/",
     "/calico/resources/v3/projectcalico.org/networksets/",
+    "/calico/resources/v3/projectcalico.org/kubernetesnetworkpolicies/",
+    "/calico/resources/v3/projectcalico.org/workloadendpoints/",
+    "/calico/resources/v3/projectcalico.org/profiles/",
 ];
 
 /// The etcd key of a policy resource (`name` is `namespace/name` for namespaced kinds).
@@ -620,7 +623,7 @@ async fn bounded<T>(
 }
 
 /// The watched prefixes, in a fixed order (the index names a watch).
-const PREFIXES: [&str; 9] = [
+const PREFIXES: [&str; 12] = [
     NODES_PREFIX,
     AFFINITIES_PREFIX,
     FELIX_CONFIGURATIONS_PREFIX,
@@ -630,6 +633,9 @@ const PREFIXES: [&str; 9] = [
     POLICY_PREFIXES[3],
     POLICY_PREFIXES[4],
     POLICY_PREFIXES[5],
+    POLICY_PREFIXES[6],
+    POLICY_PREFIXES[7],
+    POLICY_PREFIXES[8],
 ];
 type Revisions = [i64; PREFIXES.len()];
 
@@ -1303,6 +1309,24 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().expect("test CIDR")
+    }
+
+    /// Every kind that may be stored in etcd is watched, and nothing else (pods, WEPs,
+    /// profiles and Kubernetes NetworkPolicies were once stored but never read).
+    #[test]
+    fn every_stored_kind_is_watched() {
+        let stored: Vec<String> = wiremesh_core::wire::Kind::STORED
+            .iter()
+            .map(|k| policy_key(*k, ""))
+            .collect();
+        let mut watched: Vec<String> = POLICY_PREFIXES.iter().map(|p| p.to_string()).collect();
+        let mut want = stored.clone();
+        want.sort();
+        watched.sort();
+        assert_eq!(watched, want);
+        for p in POLICY_PREFIXES {
+            assert!(PREFIXES.contains(&p), "{p} is not watched");
+        }
     }
 
     #[test]
