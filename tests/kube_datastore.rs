@@ -589,20 +589,46 @@ async fn problems_become_warning_events_on_the_object() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host-endpoint policy kinds
+// Policy kinds
 // ---------------------------------------------------------------------------------------------
 
 const CALICO: &str = "/apis/projectcalico.org/v3/";
+const PODS: &str = "/api/v1/pods";
+const NAMESPACES: &str = "/api/v1/namespaces";
+const SERVICE_ACCOUNTS: &str = "/api/v1/serviceaccounts";
+const K8S_NETWORK_POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
+
+/// Where a policy kind is listed and watched across all namespaces.
+fn kind_path(kind: Kind) -> String {
+    match kind {
+        Kind::Pod => PODS.into(),
+        Kind::Namespace => NAMESPACES.into(),
+        Kind::ServiceAccount => SERVICE_ACCOUNTS.into(),
+        Kind::KubernetesNetworkPolicy => K8S_NETWORK_POLICIES.into(),
+        _ => format!("{CALICO}{}", kind.plural()),
+    }
+}
 
 /// The policy kind a request path lists or watches (all namespaces), if any.
 fn policy_kind(path: &str) -> Option<Kind> {
-    Kind::from_plural(path.strip_prefix(CALICO)?)
+    Kind::KUBERNETES.into_iter().find(|k| kind_path(*k) == path)
 }
 
-/// One object of every policy kind, as its author wrote it (and as `calicoctl` stores it in etcd).
+/// A list of `kind` as the API server answers it.
+fn kind_list(kind: Kind, rv: &str, items: Vec<Value>) -> Value {
+    list(
+        &format!("{}List", kind.kind_name()),
+        kind.api_version(),
+        rv,
+        items,
+    )
+}
+
+/// One object of every Calico policy kind, as its author wrote it (and as `calicoctl` stores
+/// it in etcd).
 fn authored() -> Vec<(Kind, &'static str, Value)> {
     let object = |kind: Kind, metadata: Value, spec: Value| {
-        json!({ "apiVersion": "projectcalico.org/v3", "kind": kind.to_string(),
+        json!({ "apiVersion": kind.api_version(), "kind": kind.kind_name(),
                 "metadata": metadata, "spec": spec })
     };
     vec![
@@ -716,15 +742,7 @@ fn base_answer(req: &Seen) -> Option<Response<Body>> {
             "1",
             vec![felix_default(false)],
         )),
-        (path, false) => {
-            let kind = policy_kind(path)?;
-            ok(&list(
-                &format!("{kind}List"),
-                "projectcalico.org/v3",
-                "1",
-                vec![],
-            ))
-        }
+        (path, false) => ok(&kind_list(policy_kind(path)?, "1", vec![])),
         _ => None,
     }
 }
@@ -742,12 +760,7 @@ async fn policy_kinds_land_in_the_snapshot_as_the_etcd_adapter_keeps_them() {
                     .filter(|(k, _, _)| *k == kind)
                     .map(|(_, _, object)| served(object, "7"))
                     .collect();
-                ok(&list(
-                    &format!("{kind}List"),
-                    "projectcalico.org/v3",
-                    "8",
-                    items,
-                ))
+                ok(&kind_list(kind, "8", items))
             }
             _ => base_answer(req),
         }
@@ -760,8 +773,8 @@ async fn policy_kinds_land_in_the_snapshot_as_the_etcd_adapter_keeps_them() {
 
     // Every kind listed, across all namespaces (no namespace in the path).
     let seen = server.seen();
-    for kind in Kind::CALICO {
-        let path = format!("{CALICO}{}", kind.plural());
+    for kind in Kind::KUBERNETES {
+        let path = kind_path(kind);
         assert!(
             seen.iter().any(|r| r.path == path && !r.is_watch()),
             "{kind} listed at {path}: {seen:#?}"
@@ -951,12 +964,7 @@ async fn without_host_policy_no_policy_kind_is_requested() {
                     .filter(|(k, _, _)| *k == kind)
                     .map(|(_, _, object)| served(object, "3"))
                     .collect();
-                ok(&list(
-                    &format!("{kind}List"),
-                    "projectcalico.org/v3",
-                    "4",
-                    items,
-                ))
+                ok(&kind_list(kind, "4", items))
             }
             _ => base_answer(req),
         }
@@ -1063,5 +1071,478 @@ async fn policy_problems_become_events_on_the_object_in_its_namespace() {
         events[1]["regarding"],
         json!({ "apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
                 "namespace": "ns1", "name": "gone" })
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pods, Namespaces, ServiceAccounts and Kubernetes NetworkPolicies
+// ---------------------------------------------------------------------------------------------
+
+/// A pod as the API server serves it (bookkeeping, images, statuses), in namespace `shop`.
+fn pod(name: &str, rv: &str, node: &str, ip: Option<&str>, labels: Value) -> Value {
+    let mut status = json!({
+        "phase": "Running", "hostIP": "192.0.2.1",
+        "conditions": [{ "type": "Ready", "status": "True" }],
+        "containerStatuses": [{ "name": "main", "ready": true, "restartCount": 0,
+                                "image": "nginx:1.27", "imageID": "", "state": { "running": {} } }]
+    });
+    if let (Some(ip), Some(map)) = (ip, status.as_object_mut()) {
+        map.insert("podIP".into(), json!(ip));
+        map.insert("podIPs".into(), json!([{ "ip": ip }]));
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": "shop", "resourceVersion": rv,
+            "uid": format!("00000000-0000-4000-8000-{:0>12}", name.len()),
+            "labels": labels,
+            "managedFields": [{ "manager": "kubelet", "operation": "Update" }]
+        },
+        "spec": {
+            "nodeName": node, "serviceAccountName": "web",
+            "containers": [{ "name": "main", "image": "nginx:1.27",
+                             "env": [{ "name": "MODE", "value": "prod" }],
+                             "ports": [{ "name": "http", "containerPort": 80, "protocol": "TCP" }] }]
+        },
+        "status": status
+    })
+}
+
+fn namespace(name: &str, rv: &str, labels: Value) -> Value {
+    json!({ "apiVersion": "v1", "kind": "Namespace",
+            "metadata": { "name": name, "resourceVersion": rv, "labels": labels },
+            "spec": { "finalizers": ["kubernetes"] }, "status": { "phase": "Active" } })
+}
+
+fn service_account(name: &str, rv: &str, labels: Value) -> Value {
+    json!({ "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": { "name": name, "namespace": "shop", "resourceVersion": rv,
+                          "labels": labels },
+            "secrets": [{ "name": format!("{name}-token-x1y2z") }] })
+}
+
+fn k8s_network_policy(name: &str, rv: &str, port: u16) -> Value {
+    served(
+        &json!({ "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                 "metadata": { "name": name, "namespace": "shop" },
+                 "spec": { "podSelector": { "matchLabels": { "app": "web" } },
+                           "policyTypes": ["Ingress"],
+                           "ingress": [{ "ports": [{ "protocol": "TCP", "port": port }] }] } }),
+        rv,
+    )
+}
+
+/// Answers the list of each kind with `lists`, its first watch with `events` (then leaves the
+/// watch open), and everything else with [`base_answer`].
+fn kinds_script(lists: Vec<(Kind, Vec<Value>)>, events: Vec<(Kind, Vec<Value>)>) -> Script {
+    let mut watched: Vec<Kind> = Vec::new();
+    Box::new(move |req| {
+        let Some(kind) = policy_kind(&req.path) else {
+            return base_answer(req);
+        };
+        if !req.is_watch() {
+            let items = lists
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, items)| items.clone())
+                .unwrap_or_default();
+            return ok(&kind_list(kind, "100", items));
+        }
+        if watched.contains(&kind) {
+            return None;
+        }
+        watched.push(kind);
+        let answer = events.iter().find(|(k, _)| *k == kind)?;
+        watch_events(&answer.1)
+    })
+}
+
+#[tokio::test]
+async fn pods_namespaces_service_accounts_and_network_policies_arrive_change_and_go() {
+    let web = json!({ "app": "web" });
+    let mut host = pod("host-agent", "11", "node1", Some("192.0.2.1"), json!({}));
+    host["spec"]["hostNetwork"] = json!(true);
+    // Only the readiness condition changes: nothing policy reads.
+    let mut web_unready = pod("web-0", "101", "node1", Some("10.244.1.5"), web.clone());
+    web_unready["status"]["conditions"] = json!([{ "type": "Ready", "status": "False" }]);
+    web_unready["status"]["containerStatuses"][0]["ready"] = json!(false);
+    let script = kinds_script(
+        vec![
+            (
+                Kind::Pod,
+                vec![
+                    pod("web-0", "10", "node1", Some("10.244.1.5"), web.clone()),
+                    host,
+                    pod("web-1", "12", "node1", None, web.clone()),
+                    pod(
+                        "db-0",
+                        "13",
+                        "node2",
+                        Some("10.244.2.9"),
+                        json!({ "app": "db" }),
+                    ),
+                ],
+            ),
+            (
+                Kind::Namespace,
+                vec![namespace("shop", "5", json!({ "team": "a" }))],
+            ),
+            (
+                Kind::ServiceAccount,
+                vec![
+                    service_account("web", "6", json!({ "role": "frontend" })),
+                    service_account("old", "7", json!({})),
+                ],
+            ),
+            (
+                Kind::KubernetesNetworkPolicy,
+                vec![k8s_network_policy("web-ingress", "8", 80)],
+            ),
+        ],
+        vec![
+            (
+                Kind::Pod,
+                vec![
+                    json!({ "type": "MODIFIED", "object": web_unready }),
+                    json!({ "type": "MODIFIED",
+                            "object": pod("web-1", "102", "node1", Some("10.244.1.6"), web.clone()) }),
+                    json!({ "type": "DELETED",
+                            "object": pod("db-0", "103", "node2", Some("10.244.2.9"), json!({ "app": "db" })) }),
+                ],
+            ),
+            (
+                Kind::Namespace,
+                vec![
+                    json!({ "type": "ADDED", "object": namespace("other", "104", json!({})) }),
+                    json!({ "type": "MODIFIED",
+                            "object": namespace("shop", "105", json!({ "team": "b" })) }),
+                ],
+            ),
+            (
+                Kind::ServiceAccount,
+                vec![
+                    json!({ "type": "DELETED", "object": service_account("old", "106", json!({})) }),
+                ],
+            ),
+            (
+                Kind::KubernetesNetworkPolicy,
+                vec![
+                    json!({ "type": "MODIFIED", "object": k8s_network_policy("web-ingress", "107", 8080) }),
+                    json!({ "type": "ADDED", "object": k8s_network_policy("deny-all", "108", 1) }),
+                ],
+            ),
+        ],
+    );
+    let (client, server) = MockApi::start(script);
+    let datastore = KubeDatastore::from_client(client).with_policy(true);
+    let (tx, mut rx) = watch::channel(ClusterSnapshot::default());
+    let task = tokio::spawn(async move { datastore.run(tx).await });
+
+    let keys = |s: &ClusterSnapshot, kind: Kind| -> Vec<String> {
+        s.policy
+            .objects
+            .get(&kind)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let first = wait_for(&mut rx, |s| s.synced).await;
+    // The first snapshot may already hold some watch events; the lists are all in it.
+    assert!(keys(&first, Kind::Pod).contains(&"shop/web-0".to_string()));
+    assert!(keys(&first, Kind::Namespace).contains(&"shop".to_string()));
+    assert!(keys(&first, Kind::ServiceAccount).contains(&"shop/web".to_string()));
+
+    let last = wait_for(&mut rx, |s| {
+        keys(s, Kind::KubernetesNetworkPolicy) == ["shop/deny-all", "shop/web-ingress"]
+            && keys(s, Kind::Pod) == ["shop/host-agent", "shop/web-0", "shop/web-1"]
+            && keys(s, Kind::Namespace) == ["other", "shop"]
+            && keys(s, Kind::ServiceAccount) == ["shop/web"]
+            && s.policy.objects[&Kind::Pod]["shop/web-1"]["status"]["podIP"] == "10.244.1.6"
+            && s.policy.objects[&Kind::Namespace]["shop"]["metadata"]["labels"]["team"] == "b"
+            && s.policy.objects[&Kind::KubernetesNetworkPolicy]["shop/web-ingress"]["spec"]
+                ["ingress"][0]["ports"][0]["port"]
+                == 8080
+    })
+    .await;
+    task.abort();
+
+    // Each kind listed and watched across all namespaces.
+    let seen = server.seen();
+    for path in [PODS, NAMESPACES, SERVICE_ACCOUNTS, K8S_NETWORK_POLICIES] {
+        assert!(
+            seen.iter().any(|r| r.path == path && !r.is_watch()),
+            "{path} listed: {seen:#?}"
+        );
+        assert!(
+            seen.iter()
+                .any(|r| r.path == path && r.is_watch() && r.query.contains("resourceVersion=100")),
+            "{path} watched from the list's version: {seen:#?}"
+        );
+    }
+    // A pod is kept as policy reads it, nothing more.
+    assert_eq!(
+        last.policy.objects[&Kind::Pod]["shop/web-0"],
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "web-0", "namespace": "shop", "labels": { "app": "web" } },
+            "spec": { "nodeName": "node1", "serviceAccountName": "web",
+                      "containers": [{ "name": "main", "ports": [
+                          { "name": "http", "containerPort": 80, "protocol": "TCP" }] }] },
+            "status": { "phase": "Running", "podIP": "10.244.1.5",
+                        "podIPs": [{ "ip": "10.244.1.5" }] }
+        })
+    );
+    assert_eq!(
+        last.policy.objects[&Kind::ServiceAccount]["shop/web"],
+        json!({ "apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": { "name": "web", "namespace": "shop", "labels": { "role": "frontend" } } })
+    );
+
+    // Through the existing decode: endpoints for the pods with an IP that are not on the host
+    // network (the host-network pod and a pod without IP yield none), the namespace and
+    // service-account profiles, and both NetworkPolicies.
+    let validated = PolicyResources::from_raw(&last.policy);
+    assert_eq!(validated.errors, vec![]);
+    let endpoints: Vec<(&str, String)> = validated
+        .workload_endpoints
+        .iter()
+        .map(|e| {
+            (
+                e.pod.as_str(),
+                e.ips.iter().map(|ip| ip.to_string()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        endpoints,
+        [
+            ("web-0", "10.244.1.5/32".to_string()),
+            ("web-1", "10.244.1.6/32".to_string())
+        ]
+    );
+    assert_eq!(
+        validated.profiles.keys().collect::<Vec<_>>(),
+        ["kns.other", "kns.shop", "ksa.shop.web"]
+    );
+    assert_eq!(
+        validated.profiles["kns.shop"]
+            .labels_to_apply
+            .get("pcns.team"),
+        Some(&"b".to_string())
+    );
+    assert_eq!(validated.policies.len(), 2);
+}
+
+/// A pod with no IP and a host-network pod are in the snapshot but are no endpoint; once the
+/// pod gets its IP it becomes one.
+#[tokio::test]
+async fn pods_without_ip_or_on_the_host_network_are_no_endpoint() {
+    let mut host = pod("host-agent", "11", "node1", Some("192.0.2.1"), json!({}));
+    host["spec"]["hostNetwork"] = json!(true);
+    let script = kinds_script(
+        vec![(
+            Kind::Pod,
+            vec![
+                host,
+                pod("web-1", "12", "node1", None, json!({ "app": "web" })),
+            ],
+        )],
+        vec![],
+    );
+    let (client, _server) = MockApi::start(script);
+    let datastore = KubeDatastore::from_client(client).with_policy(true);
+    let (tx, mut rx) = watch::channel(ClusterSnapshot::default());
+    let task = tokio::spawn(async move { datastore.run(tx).await });
+    let synced = wait_for(&mut rx, |s| s.synced).await;
+    task.abort();
+    assert_eq!(synced.policy.objects[&Kind::Pod].len(), 2);
+    let validated = PolicyResources::from_raw(&synced.policy);
+    assert_eq!(validated.errors, vec![]);
+    assert_eq!(validated.workload_endpoints, vec![]);
+}
+
+/// A failed re-list (here its second page) never replaces a kind's cache: the last complete
+/// list of pods stays in the snapshot, the failure shows in the sync health, and a later
+/// complete list replaces the cache in one step.
+#[tokio::test]
+async fn a_failed_pod_relist_keeps_the_last_complete_list() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let recovered = Arc::new(AtomicBool::new(false));
+    let recover = Arc::clone(&recovered);
+    let mut pod_lists = 0;
+    let mut pod_watches = 0;
+    let (client, server) = MockApi::start(Box::new(move |req| {
+        if req.path != PODS {
+            return base_answer(req);
+        }
+        if req.is_watch() {
+            pod_watches += 1;
+            // The first watch ends with 410 Gone: the watcher re-lists.
+            return if pod_watches == 1 {
+                watch_events(&[
+                    json!({ "type": "ERROR", "object": status(410, "Expired", "too old resource version") }),
+                ])
+            } else {
+                None
+            };
+        }
+        pod_lists += 1;
+        let web =
+            |name: &str, ip: &str| pod(name, "10", "node1", Some(ip), json!({ "app": "web" }));
+        if pod_lists == 1 {
+            return ok(&kind_list(
+                Kind::Pod,
+                "10",
+                vec![web("web-0", "10.244.1.5"), web("web-1", "10.244.1.6")],
+            ));
+        }
+        if recover.load(Ordering::SeqCst) {
+            return ok(&kind_list(
+                Kind::Pod,
+                "30",
+                vec![web("web-0", "10.244.1.5"), web("web-2", "10.244.1.7")],
+            ));
+        }
+        // The first re-list fails on its second page, later ones at once.
+        if pod_lists == 2 && !req.query.contains("continue=") {
+            let mut page = kind_list(Kind::Pod, "20", vec![web("web-0", "10.244.1.5")]);
+            page["metadata"]["continue"] = json!("page-2");
+            return ok(&page);
+        }
+        respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &status(500, "InternalError", "etcd leader changed"),
+        )
+    }));
+    let datastore = Arc::new(KubeDatastore::from_client(client).with_policy(true));
+    let health = datastore.sync_health();
+    let (tx, mut rx) = watch::channel(ClusterSnapshot::default());
+    let task = {
+        let datastore = Arc::clone(&datastore);
+        tokio::spawn(async move { datastore.run(tx).await })
+    };
+    let pods = |s: &ClusterSnapshot| -> Vec<String> {
+        s.policy
+            .objects
+            .get(&Kind::Pod)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let first = wait_for(&mut rx, |s| s.synced).await;
+    assert_eq!(pods(&first), ["shop/web-0", "shop/web-1"]);
+
+    // Wait until the failed page has been answered, then a failed re-list, and the watcher
+    // has asked again after that (so both failures have gone through the adapter).
+    let failed_then_retried = || {
+        let seen = server.seen();
+        let lists: Vec<&Seen> = seen
+            .iter()
+            .filter(|r| r.path == PODS && !r.is_watch())
+            .collect();
+        lists
+            .iter()
+            .position(|r| r.query.contains("continue="))
+            .is_some_and(|at| lists.len() > at + 2)
+    };
+    for _ in 0..200 {
+        if failed_then_retried() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed_then_retried(), "{:#?}", server.seen());
+    assert_eq!(
+        pods(&rx.borrow()),
+        ["shop/web-0", "shop/web-1"],
+        "the last complete list stays in force"
+    );
+    assert!(rx.borrow().synced);
+    let state = health.state();
+    assert!(!state.current(), "{state:?}");
+    assert!(
+        state.error.as_deref().is_some_and(|e| !e.is_empty()),
+        "{state:?}"
+    );
+
+    recovered.store(true, Ordering::SeqCst);
+    let last = wait_for(&mut rx, |s| pods(s) == ["shop/web-0", "shop/web-2"]).await;
+    task.abort();
+    assert!(last.synced);
+}
+
+#[tokio::test]
+async fn pod_rbac_denial_names_verb_and_resource() {
+    let (client, _server) = MockApi::start(Box::new(|req| {
+        if req.path == PODS && !req.is_watch() {
+            return respond(
+                StatusCode::FORBIDDEN,
+                &status(
+                    403,
+                    "Forbidden",
+                    "pods is forbidden: User \"system:serviceaccount:wiremesh:wiremesh\" cannot list resource \"pods\" in API group \"\" at the cluster scope",
+                ),
+            );
+        }
+        base_answer(req)
+    }));
+    let datastore = KubeDatastore::from_client(client).with_policy(true);
+    let (tx, rx) = watch::channel(ClusterSnapshot::default());
+    let error = tokio::time::timeout(Duration::from_secs(10), datastore.run(tx))
+        .await
+        .expect("run must fail, not hang, on 403")
+        .expect_err("403 is fatal");
+    assert!(
+        matches!(&error, DatastoreError::Forbidden { verb, resource, .. }
+            if verb == "list" && resource == "pods"),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .starts_with("not allowed to list pods (pods is forbidden: "),
+        "{error}"
+    );
+    assert!(!error.is_transient());
+    assert!(!rx.borrow().synced, "nothing applies without every list");
+}
+
+/// Denied the watch after a good list (RBAC with `list` but not `watch`): the adapter stops
+/// naming the verb and resource, and the snapshot it sent stays as it was.
+#[tokio::test]
+async fn network_policy_watch_denial_names_verb_and_resource() {
+    let (client, _server) = MockApi::start(Box::new(|req| {
+        if req.path == K8S_NETWORK_POLICIES && req.is_watch() {
+            return respond(
+                StatusCode::FORBIDDEN,
+                &status(
+                    403,
+                    "Forbidden",
+                    "networkpolicies.networking.k8s.io is forbidden: User \"system:serviceaccount:wiremesh:wiremesh\" cannot watch resource \"networkpolicies\"",
+                ),
+            );
+        }
+        if req.path == K8S_NETWORK_POLICIES {
+            return ok(&kind_list(
+                Kind::KubernetesNetworkPolicy,
+                "3",
+                vec![k8s_network_policy("web-ingress", "2", 80)],
+            ));
+        }
+        base_answer(req)
+    }));
+    let datastore = KubeDatastore::from_client(client).with_policy(true);
+    let (tx, rx) = watch::channel(ClusterSnapshot::default());
+    let error = tokio::time::timeout(Duration::from_secs(10), datastore.run(tx))
+        .await
+        .expect("run must fail, not hang, on 403")
+        .expect_err("403 is fatal");
+    assert!(
+        matches!(&error, DatastoreError::Forbidden { verb, resource, .. }
+            if verb == "watch" && resource == "networkpolicies.networking.k8s.io"),
+        "{error:?}"
+    );
+    let snapshot = rx.borrow();
+    assert!(
+        !snapshot.synced || snapshot.policy.objects[&Kind::KubernetesNetworkPolicy].len() == 1,
+        "{snapshot:?}"
     );
 }

@@ -7,7 +7,9 @@
 //! nodes are Node objects and whose agents run out of cluster with `--datastore kubernetes`,
 //! enables WireGuard by patching FelixConfiguration `default` (as `kubectl patch --type=merge`
 //! does), checks the annotations, `wg show` and encrypted pod-to-pod traffic (the lab's
-//! `verify`), disables it and checks the cleanup, then deletes its Node objects.
+//! `verify`), disables it and checks the cleanup, then deletes its Node objects. Apart from the
+//! lab (no root needed): `kubernetes_pod_policy_kinds` reads Pods, Namespaces, ServiceAccounts
+//! and NetworkPolicies with the agent's own ServiceAccount token.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -182,6 +184,27 @@ async fn check_rbac(client: &Client) {
             );
         }
     }
+    // Pod policy: exactly list and watch of what a pod's endpoint, profiles and the
+    // Kubernetes NetworkPolicies come from.
+    for (group, resource) in [
+        ("", "pods"),
+        ("", "namespaces"),
+        ("", "serviceaccounts"),
+        ("networking.k8s.io", "networkpolicies"),
+    ] {
+        for verb in ["list", "watch"] {
+            assert!(
+                allowed(client, verb, group, resource).await,
+                "the agent may not {verb} {resource}"
+            );
+        }
+        for verb in ["get", "create", "update", "patch", "delete"] {
+            assert!(
+                !allowed(client, verb, group, resource).await,
+                "least rights: the agent must not {verb} {resource}"
+            );
+        }
+    }
     for (verb, group, resource) in [
         ("delete", "", "nodes"),
         ("update", "", "nodes"),
@@ -262,6 +285,254 @@ async fn kubernetes_end_to_end() {
     check_rbac(&client).await;
     let name = format!("ke{}", std::process::id() % 100_000);
     mesh_on_and_off(&client, &kubeconfig, &name).await;
+}
+
+/// Waits (at most CONVERGE) until the adapter's snapshot is synced and `done`; fails at once
+/// when the adapter stops (a 403, say).
+async fn wait_snapshot(
+    rx: &mut tokio::sync::watch::Receiver<wiremesh_core::model::ClusterSnapshot>,
+    task: &mut tokio::task::JoinHandle<Result<(), wiremesh_datastore::DatastoreError>>,
+    what: &str,
+    done: impl Fn(&wiremesh_core::model::ClusterSnapshot) -> bool,
+) -> wiremesh_core::model::ClusterSnapshot {
+    let outcome = tokio::select! {
+        seen = tokio::time::timeout(CONVERGE, rx.wait_for(|s| s.synced && done(s))) => {
+            seen.map(|r| r.map(|s| s.clone()))
+        }
+        ended = task => panic!("the adapter stopped while waiting for {what}: {ended:?}"),
+    };
+    match outcome {
+        Ok(Ok(snapshot)) => snapshot,
+        Ok(Err(_)) => panic!("the snapshot channel closed while waiting for {what}"),
+        Err(_) => panic!("timed out waiting for {what}: {:?}", *rx.borrow()),
+    }
+}
+
+/// Pod policy's kinds against the real API server, read as the agent reads them: with the
+/// ServiceAccount token of deploy/'s RBAC (a TokenRequest), through `KubeDatastore::connect`.
+/// A Namespace, a ServiceAccount, a Pod whose IP is written through the status subresource
+/// (the server has no kubelet) and a NetworkPolicy reach the snapshot, a change and a delete
+/// follow, and no list or watch is denied. Needs neither root nor the lab.
+#[tokio::test]
+async fn kubernetes_pod_policy_kinds() {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use wiremesh_core::model::ClusterSnapshot;
+    use wiremesh_core::policy::PolicyResources;
+    use wiremesh_core::wire::Kind;
+    use wiremesh_datastore::Datastore as _;
+    use wiremesh_datastore::kube::KubeDatastore;
+
+    let Some(kubeconfig) = std::env::var_os(ENV).map(PathBuf::from) else {
+        println!("kube_e2e: skipped: {ENV} is not set (see docs/testing.md)");
+        return;
+    };
+    let client = k8s::client(&kubeconfig)
+        .await
+        .expect("connect to the cluster");
+    apply_crds(&client).await;
+    apply_rbac(&client).await;
+    check_rbac(&client).await;
+
+    let ns = format!("wm-pods-{}", std::process::id() % 100_000);
+    let create = async |api: Api<DynamicObject>, object: Value| {
+        let object: DynamicObject = serde_json::from_value(object).expect("object");
+        let name = object.name_any();
+        api.create(&PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+    };
+    let resource = wiremesh_datastore::kube::policy_resource;
+    create(
+        Api::all_with(client.clone(), &resource(Kind::Namespace)),
+        json!({ "apiVersion": "v1", "kind": "Namespace",
+                "metadata": { "name": ns, "labels": { "team": "shop" } } }),
+    )
+    .await;
+    create(
+        Api::namespaced_with(client.clone(), &ns, &resource(Kind::ServiceAccount)),
+        json!({ "apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": { "name": "web", "labels": { "role": "frontend" } } }),
+    )
+    .await;
+    // No token controller runs: the pod must not ask for a mounted token.
+    create(
+        Api::namespaced_with(client.clone(), &ns, &resource(Kind::Pod)),
+        json!({ "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": "web-0", "labels": { "app": "web" } },
+                "spec": { "nodeName": "node1", "serviceAccountName": "web",
+                          "automountServiceAccountToken": false,
+                          "containers": [{ "name": "main", "image": "nginx:1.27",
+                                           "ports": [{ "name": "http", "containerPort": 80 }] }] } }),
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.patch_status(
+        "web-0",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({ "status": { "phase": "Running", "podIP": "10.244.1.5",
+                                          "podIPs": [{ "ip": "10.244.1.5" }] } }),
+        ),
+    )
+    .await
+    .expect("writing the pod's status");
+    create(
+        Api::namespaced_with(
+            client.clone(),
+            &ns,
+            &resource(Kind::KubernetesNetworkPolicy),
+        ),
+        json!({ "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": { "name": "web-ingress" },
+                "spec": { "podSelector": { "matchLabels": { "app": "web" } },
+                          "ingress": [{ "ports": [{ "port": "http" }] }] } }),
+    )
+    .await;
+
+    // The agent's credentials: a token of its ServiceAccount, in a kubeconfig of its own.
+    let token = Api::<ServiceAccount>::namespaced(client.clone(), "wiremesh")
+        .create_token_request(
+            "wiremesh",
+            &PostParams::default(),
+            &TokenRequest {
+                spec: TokenRequestSpec {
+                    expiration_seconds: Some(600),
+                    ..TokenRequestSpec::default()
+                },
+                ..TokenRequest::default()
+            },
+        )
+        .await
+        .expect("TokenRequest for wiremesh/wiremesh")
+        .status
+        .expect("token")
+        .token;
+    let admin: Value = serde_norway::from_str(
+        &std::fs::read_to_string(&kubeconfig).expect("reading the kubeconfig"),
+    )
+    .expect("kubeconfig YAML");
+    let cluster = admin
+        .pointer("/clusters/0")
+        .cloned()
+        .expect("a cluster in the kubeconfig");
+    let agent_config = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [cluster.clone()],
+        "users": [{ "name": "wiremesh", "user": { "token": token } }],
+        "contexts": [{ "name": "wiremesh",
+                       "context": { "cluster": cluster["name"], "user": "wiremesh" } }],
+        "current-context": "wiremesh",
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent_kubeconfig = dir.path().join("kubeconfig");
+    // JSON is YAML.
+    std::fs::write(&agent_kubeconfig, agent_config.to_string()).expect("write kubeconfig");
+    let datastore = KubeDatastore::connect(Some(&agent_kubeconfig), None)
+        .await
+        .expect("connect as the agent")
+        .with_policy(true);
+    let (tx, mut rx) = tokio::sync::watch::channel(ClusterSnapshot::default());
+    let mut task = tokio::spawn(async move { datastore.run(tx).await });
+
+    let has = |s: &ClusterSnapshot, kind: Kind, key: &str| {
+        s.policy
+            .objects
+            .get(&kind)
+            .is_some_and(|o| o.contains_key(key))
+    };
+    let pod_key = format!("{ns}/web-0");
+    let sa_key = format!("{ns}/web");
+    let np_key = format!("{ns}/web-ingress");
+    let synced = wait_snapshot(
+        &mut rx,
+        &mut task,
+        "the pod, namespace, account and NetworkPolicy",
+        |s| {
+            has(s, Kind::Pod, &pod_key)
+                && has(s, Kind::Namespace, &ns)
+                && has(s, Kind::ServiceAccount, &sa_key)
+                && has(s, Kind::KubernetesNetworkPolicy, &np_key)
+        },
+    )
+    .await;
+    assert_eq!(
+        synced.policy.objects[&Kind::Pod][&pod_key]["status"],
+        json!({ "phase": "Running", "podIP": "10.244.1.5", "podIPs": [{ "ip": "10.244.1.5" }] })
+    );
+    // The API server defaulted `policyTypes`; the spec is kept as served.
+    assert_eq!(
+        synced.policy.objects[&Kind::KubernetesNetworkPolicy][&np_key]["spec"]["policyTypes"],
+        json!(["Ingress"])
+    );
+    let validated = PolicyResources::from_raw(&synced.policy);
+    let ours: Vec<String> = validated
+        .errors
+        .iter()
+        .filter(|e| e.name.contains(&ns))
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(ours, Vec::<String>::new());
+    let endpoint = validated
+        .workload_endpoints
+        .iter()
+        .find(|e| e.namespace == ns && e.pod == "web-0")
+        .expect("the pod's endpoint");
+    assert_eq!(endpoint.ips, ["10.244.1.5/32".parse().expect("net")]);
+    assert_eq!(
+        endpoint.profiles,
+        [format!("kns.{ns}"), format!("ksa.{ns}.web")]
+    );
+    assert!(
+        validated.profiles[&format!("kns.{ns}")]
+            .labels_to_apply
+            .get("pcns.team")
+            .is_some_and(|v| v == "shop")
+    );
+    assert!(
+        validated
+            .policies
+            .iter()
+            .any(|p| p.namespace.as_deref() == Some(ns.as_str())),
+        "the NetworkPolicy converts: {:?}",
+        validated.policies
+    );
+
+    // A label change arrives through the watch; a NetworkPolicy deleted goes.
+    pods.patch(
+        "web-0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "labels": { "app": "web", "tier": "front" } } })),
+    )
+    .await
+    .expect("relabel the pod");
+    Api::<NetworkPolicy>::namespaced(client.clone(), &ns)
+        .delete("web-ingress", &Default::default())
+        .await
+        .expect("delete the NetworkPolicy");
+    wait_snapshot(&mut rx, &mut task, "the new label and the delete", |s| {
+        !has(s, Kind::KubernetesNetworkPolicy, &np_key)
+            && s.policy.objects[&Kind::Pod]
+                .get(&pod_key)
+                .is_some_and(|p| p["metadata"]["labels"]["tier"] == "front")
+    })
+    .await;
+    task.abort();
+
+    // The namespace stays Terminating (no controller finalizes it); its objects go (the pod at
+    // once: no kubelet would confirm a graceful deletion).
+    pods.delete("web-0", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete the pod");
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+        .delete("web", &Default::default())
+        .await
+        .expect("delete the account");
+    Api::<Namespace>::all(client.clone())
+        .delete(&ns, &Default::default())
+        .await
+        .expect("delete the namespace");
 }
 
 /// The lab's part of the suite, against the in-memory API stand-in (tests/support/apiserver.rs)

@@ -238,3 +238,160 @@ async fn policy_tools_read_the_kubernetes_api() {
         .collect();
     assert!(writes.is_empty(), "the policy tools only read: {writes:?}");
 }
+
+/// Pods (with their status written through the status subresource, as a kubelet does),
+/// Namespaces, ServiceAccounts and Kubernetes NetworkPolicies reach the snapshot over real
+/// HTTP, are updated and deleted by watch events, and decode into endpoints, profiles and
+/// policies.
+#[tokio::test]
+async fn pods_namespaces_service_accounts_and_network_policies_over_http() {
+    use wiremesh_core::policy::PolicyResources;
+    let server = ApiServer::start().await;
+    let client = client(&server).await;
+    let create = async |kind: Kind, namespace: Option<&str>, object: serde_json::Value| {
+        let resource = policy_resource(kind);
+        let api: Api<DynamicObject> = match namespace {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        let object: DynamicObject = serde_json::from_value(object).expect("object");
+        api.create(&PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("create {kind}: {e}"));
+    };
+    create(
+        Kind::Namespace,
+        None,
+        json!({ "apiVersion": "v1", "kind": "Namespace",
+                "metadata": { "name": "shop", "labels": { "team": "a" } } }),
+    )
+    .await;
+    create(
+        Kind::ServiceAccount,
+        Some("shop"),
+        json!({ "apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": { "name": "web", "labels": { "role": "frontend" } } }),
+    )
+    .await;
+    // Pending, no IP yet: in the snapshot, but no endpoint.
+    create(
+        Kind::Pod,
+        Some("shop"),
+        json!({ "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": "web-0", "labels": { "app": "web" } },
+                "spec": { "nodeName": "node1", "serviceAccountName": "web",
+                          "containers": [{ "name": "main", "image": "nginx",
+                                           "ports": [{ "name": "http", "containerPort": 80 }] }] },
+                "status": { "phase": "Pending" } }),
+    )
+    .await;
+
+    let datastore = KubeDatastore::from_client(client.clone()).with_policy(true);
+    let (tx, mut rx) = tokio::sync::watch::channel(ClusterSnapshot::default());
+    let task = tokio::spawn(async move { datastore.run(tx).await });
+    let has = |s: &ClusterSnapshot, kind: Kind, key: &str| {
+        s.policy
+            .objects
+            .get(&kind)
+            .is_some_and(|o| o.contains_key(key))
+    };
+    let first = wait_snapshot(&mut rx, "the pod, namespace and account", |s| {
+        has(s, Kind::Pod, "shop/web-0")
+            && has(s, Kind::Namespace, "shop")
+            && has(s, Kind::ServiceAccount, "shop/web")
+    })
+    .await;
+    let validated = PolicyResources::from_raw(&first.policy);
+    assert_eq!(validated.errors, vec![]);
+    assert_eq!(validated.workload_endpoints, vec![], "no IP, no endpoint");
+    assert_eq!(
+        validated.profiles.keys().collect::<Vec<_>>(),
+        ["kns.shop", "ksa.shop.web"]
+    );
+
+    // The kubelet's part: the pod's IP through the status subresource.
+    let pods: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "shop", &policy_resource(Kind::Pod));
+    pods.patch_status(
+        "web-0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": { "phase": "Running", "podIP": "10.244.1.5",
+                                          "podIPs": [{ "ip": "10.244.1.5" }],
+                                          "conditions": [{ "type": "Ready", "status": "True" }] } })),
+    )
+    .await
+    .expect("patch pod status");
+    let policies: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "shop",
+        &policy_resource(Kind::KubernetesNetworkPolicy),
+    );
+    let np: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": { "name": "web-ingress" },
+        "spec": { "podSelector": { "matchLabels": { "app": "web" } }, "policyTypes": ["Ingress"],
+                  "ingress": [{ "ports": [{ "port": "http" }] }] },
+    }))
+    .expect("policy");
+    policies
+        .create(&PostParams::default(), &np)
+        .await
+        .expect("create NetworkPolicy");
+    let running = wait_snapshot(&mut rx, "the pod's IP and the NetworkPolicy", |s| {
+        has(s, Kind::KubernetesNetworkPolicy, "shop/web-ingress")
+            && s.policy.objects[&Kind::Pod]["shop/web-0"]["status"]["podIP"] == "10.244.1.5"
+    })
+    .await;
+    let pod = &running.policy.objects[&Kind::Pod]["shop/web-0"];
+    assert_eq!(
+        pod["status"],
+        json!({ "phase": "Running", "podIP": "10.244.1.5", "podIPs": [{ "ip": "10.244.1.5" }] }),
+        "conditions are not kept"
+    );
+    assert!(pod["metadata"].get("uid").is_none(), "{pod}");
+    let validated = PolicyResources::from_raw(&running.policy);
+    assert_eq!(validated.errors, vec![]);
+    assert_eq!(validated.workload_endpoints.len(), 1);
+    assert_eq!(validated.workload_endpoints[0].pod, "web-0");
+    assert_eq!(validated.policies.len(), 1);
+
+    // Deletes.
+    Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        "shop",
+        &policy_resource(Kind::ServiceAccount),
+    )
+    .delete("web", &Default::default())
+    .await
+    .expect("delete account");
+    pods.delete("web-0", &Default::default())
+        .await
+        .expect("delete pod");
+    policies
+        .delete("web-ingress", &Default::default())
+        .await
+        .expect("delete policy");
+    let last = wait_snapshot(&mut rx, "the deletes", |s| {
+        !has(s, Kind::Pod, "shop/web-0")
+            && !has(s, Kind::ServiceAccount, "shop/web")
+            && !has(s, Kind::KubernetesNetworkPolicy, "shop/web-ingress")
+    })
+    .await;
+    task.abort();
+    assert!(has(&last, Kind::Namespace, "shop"));
+    // Every kind was watched across all namespaces.
+    let requests = server.requests();
+    for path in [
+        "/api/v1/pods?",
+        "/api/v1/namespaces?",
+        "/api/v1/serviceaccounts?",
+        "/apis/networking.k8s.io/v1/networkpolicies?",
+    ] {
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.starts_with(&format!("GET {path}")) && r.contains("watch=true")),
+            "{path}: {requests:?}"
+        );
+    }
+}

@@ -353,7 +353,8 @@ fn cluster_role_rules(path: &Path) -> Value {
 fn rbac_grants_exactly_what_the_agent_reads_and_writes() {
     use wiremesh_core::wire::Kind;
     let plain = cluster_role_rules(&root().join("deploy/rbac.yaml"));
-    // The six policy kinds the Kubernetes adapter watches: read-only, nothing else.
+    // The six policy kinds the Kubernetes adapter watches: read-only, nothing else; for pod
+    // policy only list and watch of Pods, Namespaces, ServiceAccounts and NetworkPolicies.
     let policy: Vec<&str> = Kind::CALICO.iter().map(|k| k.plural()).collect();
     assert_eq!(
         plain,
@@ -365,6 +366,10 @@ fn rbac_grants_exactly_what_the_agent_reads_and_writes() {
               "resources": ["hostendpoints", "globalnetworkpolicies", "networkpolicies", "tiers",
                             "globalnetworksets", "networksets"],
               "verbs": ["get", "list", "watch"] },
+            { "apiGroups": [""], "resources": ["pods", "namespaces", "serviceaccounts"],
+              "verbs": ["list", "watch"] },
+            { "apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+              "verbs": ["list", "watch"] },
             { "apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"] }
         ])
     );
@@ -378,6 +383,32 @@ fn rbac_grants_exactly_what_the_agent_reads_and_writes() {
     let mut watched = policy.clone();
     watched.sort_unstable();
     assert_eq!(granted, watched);
+    // Every kind the adapter watches has its rule: (group, plural) of each granted pair.
+    let mut rules: Vec<(String, String)> = Vec::new();
+    for rule in plain.as_array().expect("rules") {
+        for group in rule["apiGroups"].as_array().into_iter().flatten() {
+            for resource in rule["resources"].as_array().into_iter().flatten() {
+                rules.push((
+                    group.as_str().unwrap_or_default().to_string(),
+                    resource.as_str().unwrap_or_default().to_string(),
+                ));
+            }
+        }
+    }
+    for kind in Kind::KUBERNETES {
+        let group = match kind.api_version().split_once('/') {
+            Some((group, _)) => group,
+            None => "",
+        };
+        let plural = match kind {
+            Kind::KubernetesNetworkPolicy => "networkpolicies",
+            other => other.plural(),
+        };
+        assert!(
+            rules.iter().any(|(g, r)| g == group && r == plural),
+            "{kind}: no rule for {group}/{plural}"
+        );
+    }
 
     // The chart grants the same.
     let dir = tempfile::tempdir().expect("temp dir");
@@ -405,6 +436,8 @@ async fn helm_chart_values_reach_the_agent() {
     let rules = cluster_role_rules(&find("rbac.yaml"));
     let text = rules.to_string();
     assert!(!text.contains("globalnetworkpolicies"), "{text}");
+    assert!(!text.contains("pods"), "{text}");
+    assert!(!text.contains("networking.k8s.io"), "{text}");
     assert!(text.contains("felixconfigurations"), "{text}");
     let daemonset: Value =
         serde_norway::from_str(&std::fs::read_to_string(find("daemonset.yaml")).expect("read"))

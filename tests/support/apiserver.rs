@@ -9,8 +9,9 @@
 //!   older than the retained history (see [`ApiServer::compact`]), `timeoutSeconds` honoured;
 //! - create (409 AlreadyExists, `generateName`), get, delete (404 NotFound), JSON merge patch
 //!   (RFC 7386) and strategic merge patch treated alike (the same for the maps patched here),
-//!   the `status` subresource of Nodes (the main resource ignores `status`, the subresource
-//!   ignores everything else), `metadata.resourceVersion` preconditions (409 Conflict), and
+//!   the `status` subresource of Nodes and Pods (a patch of the main resource ignores
+//!   `status`, the subresource ignores everything else), `metadata.resourceVersion`
+//!   preconditions (409 Conflict), and
 //!   no-op writes that change nothing and bump no version;
 //! - a resource whose plural is unknown (an uninstalled CRD) is 404 on every verb;
 //! - discovery (`/api`, `/apis`, `/api/v1`, `/apis/GROUP/VERSION`) of the kinds it serves and of
@@ -33,6 +34,8 @@ use tokio::sync::{broadcast, mpsc};
 const KINDS: &[(&str, &str)] = &[
     ("nodes", "Node"),
     ("namespaces", "Namespace"),
+    ("pods", "Pod"),
+    ("serviceaccounts", "ServiceAccount"),
     ("events", "Event"),
     ("felixconfigurations", "FelixConfiguration"),
     ("hostendpoints", "HostEndpoint"),
@@ -51,6 +54,7 @@ fn kind_of(plural: &str) -> Option<&'static str> {
 const DISCOVERY: &[(&str, &str, &str, bool)] = &[
     ("v1", "namespaces", "Namespace", false),
     ("v1", "nodes", "Node", false),
+    ("v1", "pods", "Pod", true),
     ("v1", "serviceaccounts", "ServiceAccount", true),
     ("v1", "configmaps", "ConfigMap", true),
     ("v1", "events", "Event", true),
@@ -74,6 +78,12 @@ const DISCOVERY: &[(&str, &str, &str, bool)] = &[
         false,
     ),
     ("events.k8s.io/v1", "events", "Event", true),
+    (
+        "networking.k8s.io/v1",
+        "networkpolicies",
+        "NetworkPolicy",
+        true,
+    ),
     (
         "projectcalico.org/v3",
         "felixconfigurations",
@@ -560,7 +570,7 @@ impl ApiServer {
                 json!({ "status": patch.get("status").cloned().unwrap_or(Value::Null) })
             }
             Some(other) => return status(404, "NotFound", format!("no subresource {other}")),
-            None if target.collection.plural == "nodes" => {
+            None if matches!(target.collection.plural.as_str(), "nodes" | "pods") => {
                 let mut p = patch.clone();
                 if let Some(map) = p.as_object_mut() {
                     map.remove("status");

@@ -5,15 +5,19 @@
 //! | node | core/v1 `Node`: pod CIDRs from `spec.podCIDRs` (else `spec.podCIDR`); underlay from the `projectcalico.org/IPv4Address` / `IPv6Address` annotation (prefix dropped), else the `InternalIP` of that family |
 //! | WireGuard fields | `Node.metadata.annotations`: [`ANNOTATION_PUBLIC_KEY`], [`ANNOTATION_PUBLIC_KEY_V6`], [`ANNOTATION_INTERFACE_V4`], [`ANNOTATION_INTERFACE_V6`] |
 //! | settings | `felixconfigurations.projectcalico.org/v3` (cluster-scoped; `default`, `node.<name>`) |
-//! | host-endpoint policy (with [`KubeDatastore::with_policy`]) | the six `projectcalico.org/v3` kinds of [`Kind::CALICO`] (Kubernetes NetworkPolicies are not watched yet), namespaced ones in every namespace |
+//! | policy (with [`KubeDatastore::with_policy`]) | the kinds of [`Kind::KUBERNETES`]: the six `projectcalico.org/v3` kinds, `networking.k8s.io/v1` NetworkPolicies, and `v1` Pods (of every node), Namespaces and ServiceAccounts, namespaced ones in every namespace |
 //!
 //! Every kind is list-watched with kube-runtime's `watcher`. Its `Init` / `InitApply` /
 //! `InitDone` events are buffered, and the cache of that kind is replaced in one step at
 //! `InitDone`, so a re-list (after a 410 Gone or any desync) never shows a partial cache. The
 //! snapshot is sent only once every kind has been listed (`synced`), and only when it changed.
+//! A failed list or watch leaves the kind's last complete cache in force while the watcher
+//! retries; a 403 (or a missing CRD of ours) stops the adapter with an error naming it.
 //!
 //! Policy objects are kept as the raw JSON the etcd adapter keeps (see [`policy_entry`]), so the
-//! reconciler validates and renders them identically on both datastores.
+//! reconciler validates and renders them identically on both datastores. Pods, Namespaces and
+//! ServiceAccounts are cut down to what `policy::resources` reads of them, and an update that
+//! leaves that unchanged (a pod's container status, say) is dropped here.
 //!
 //! FelixConfigurations are read as untyped objects: one object whose spec does not decode is kept
 //! with its error (and reported) instead of failing the whole list.
@@ -48,6 +52,7 @@ use super::{
     Datastore, DatastoreError, ObjectProblem, ProblemObject, ReadScope, SnapshotSender, SyncHealth,
 };
 use wiremesh_core::model::{ClusterSnapshot, Family, NodeResource, PublishedWireguard};
+use wiremesh_core::policy::workload::IP_ANNOTATIONS as POD_IP_ANNOTATIONS;
 use wiremesh_core::wire::FelixConfigurationSpec;
 use wiremesh_core::wire::felix::DecodedFelix;
 use wiremesh_core::wire::{Kind, RawPolicyResources};
@@ -101,6 +106,22 @@ pub fn policy_resource(kind: Kind) -> ApiResource {
 /// The CRD behind a policy kind, e.g. `globalnetworksets.projectcalico.org`.
 fn policy_crd(kind: Kind) -> String {
     format!("{}.{CALICO_GROUP}", kind.plural())
+}
+
+/// The CRD behind a watched kind, when it is one of ours; Kubernetes' own kinds have none, so
+/// a 404 for them is retried like any other failure rather than reported as a missing CRD.
+fn crd_of(kind: Kind) -> Option<String> {
+    Kind::CALICO.contains(&kind).then(|| policy_crd(kind))
+}
+
+/// How errors and logs name a kind's resource, as RBAC rules do: `pods`, `namespaces`,
+/// `serviceaccounts`, `networkpolicies.networking.k8s.io`, or the CRD of one of ours.
+fn resource_name(kind: Kind) -> String {
+    match kind {
+        Kind::KubernetesNetworkPolicy => "networkpolicies.networking.k8s.io".into(),
+        Kind::Pod | Kind::Namespace | Kind::ServiceAccount => kind.plural().into(),
+        _ => policy_crd(kind),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -195,6 +216,10 @@ const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-config
 /// `namespace`, `labels` and `annotations`, and `spec`. Server bookkeeping (`uid`,
 /// `resourceVersion`, `generation`, `creationTimestamp`, `managedFields`, kubectl's last-applied
 /// copy) is left out: validation ignores it, and it would make both datastores differ.
+///
+/// Pods, Namespaces and ServiceAccounts keep only what `policy::resources` reads of them
+/// ([`pod_fields`]): the agent holds every pod of the cluster, and most pod updates (container
+/// statuses, conditions) change nothing policy sees, so the cache compares equal and no pass runs.
 fn policy_entry(kind: Kind, object: &DynamicObject) -> (String, Value) {
     let meta = &object.metadata;
     let name = meta.name.clone().unwrap_or_default();
@@ -214,26 +239,85 @@ fn policy_entry(kind: Kind, object: &DynamicObject) -> (String, Value) {
     if let Some(labels) = meta.labels.as_ref().filter(|l| !l.is_empty()) {
         metadata.insert("labels".into(), string_map(labels.iter()));
     }
+    let kept_annotation = |key: &str| match kind {
+        Kind::Pod => POD_IP_ANNOTATIONS.contains(&key),
+        // Their profiles read only labels.
+        Kind::Namespace | Kind::ServiceAccount => false,
+        _ => key != LAST_APPLIED_ANNOTATION,
+    };
     if let Some(annotations) = meta.annotations.as_ref() {
         let kept: Vec<_> = annotations
             .iter()
-            .filter(|(k, _)| k.as_str() != LAST_APPLIED_ANNOTATION)
+            .filter(|(k, _)| kept_annotation(k))
             .collect();
         if !kept.is_empty() {
             metadata.insert("annotations".into(), string_map(kept.into_iter()));
         }
     }
+    // A terminating pod whose CNI emptied its IP annotation has released its address.
+    if kind == Kind::Pod
+        && let Some(at) = meta
+            .deletion_timestamp
+            .as_ref()
+            .and_then(|t| serde_json::to_value(t).ok())
+    {
+        metadata.insert("deletionTimestamp".into(), at);
+    }
     let mut value = Map::new();
     value.insert(
         "apiVersion".into(),
-        Value::String(format!("{CALICO_GROUP}/{CALICO_VERSION}")),
+        Value::String(kind.api_version().into()),
     );
-    value.insert("kind".into(), Value::String(kind.to_string()));
+    value.insert("kind".into(), Value::String(kind.kind_name().into()));
     value.insert("metadata".into(), Value::Object(metadata));
-    if let Some(spec) = object.data.get("spec") {
-        value.insert("spec".into(), spec.clone());
+    match kind {
+        Kind::Pod => value.extend(pod_fields(&object.data)),
+        Kind::Namespace | Kind::ServiceAccount => {}
+        _ => {
+            if let Some(spec) = object.data.get("spec") {
+                value.insert("spec".into(), spec.clone());
+            }
+        }
     }
     (key, Value::Object(value))
+}
+
+/// The `spec` and `status` of a pod as `policy::workload::from_pod` reads them: where it runs,
+/// whether on the host network, its service account, the ports of its (init) containers, its
+/// phase and IPs. Everything else (images, env, volumes, probes, container statuses,
+/// conditions) is dropped.
+fn pod_fields(data: &Value) -> Map<String, Value> {
+    let pick = |from: Option<&Value>, fields: &[&str]| -> Map<String, Value> {
+        let from = from.and_then(Value::as_object);
+        fields
+            .iter()
+            .filter_map(|f| Some((f.to_string(), from?.get(*f)?.clone())))
+            .collect()
+    };
+    let spec = data.get("spec");
+    let mut kept_spec = pick(spec, &["nodeName", "hostNetwork", "serviceAccountName"]);
+    for list in ["containers", "initContainers"] {
+        let containers: Vec<Value> = spec
+            .and_then(|s| s.get(list))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|c| c.get("ports").is_some())
+            .map(|c| Value::Object(pick(Some(c), &["name", "ports"])))
+            .collect();
+        if !containers.is_empty() {
+            kept_spec.insert(list.into(), Value::Array(containers));
+        }
+    }
+    let status = pick(data.get("status"), &["phase", "podIP", "podIPs"]);
+    let mut out = Map::new();
+    if !kept_spec.is_empty() {
+        out.insert("spec".into(), Value::Object(kept_spec));
+    }
+    if !status.is_empty() {
+        out.insert("status".into(), Value::Object(status));
+    }
+    out
 }
 
 /// A watched policy object: the raw JSON for the snapshot, and its UID so that Events about it
@@ -577,8 +661,9 @@ fn event_reference(object: &ProblemObject) -> ObjectReference {
             namespace,
             name,
         } => ObjectReference {
-            api_version: Some(format!("{CALICO_GROUP}/{CALICO_VERSION}")),
-            kind: Some(kind.to_string()),
+            // A Kubernetes NetworkPolicy's is `networking.k8s.io/v1` `NetworkPolicy`.
+            api_version: Some(kind.api_version().into()),
+            kind: Some(kind.kind_name().into()),
             // The Event lands in the object's namespace (cluster-scoped: `default`).
             namespace: namespace.clone(),
             name: Some(name.clone()),
@@ -648,8 +733,8 @@ impl KubeDatastore {
         }
     }
 
-    /// Whether to list-watch the six policy kinds too. Off, the agent needs neither their CRDs
-    /// nor RBAC on them, and the snapshot's policy stays empty.
+    /// Whether to list-watch the policy kinds too ([`Kind::KUBERNETES`]). Off, the agent needs
+    /// neither their CRDs nor RBAC on them, and the snapshot's policy stays empty.
     pub fn with_policy(mut self, watch_policy: bool) -> Self {
         self.watch_policy = watch_policy;
         self
@@ -658,7 +743,7 @@ impl KubeDatastore {
     /// The policy kinds this adapter watches.
     fn policy_kinds(&self) -> &'static [Kind] {
         if self.watch_policy {
-            &Kind::CALICO
+            &Kind::KUBERNETES
         } else {
             &[]
         }
@@ -676,23 +761,23 @@ impl KubeDatastore {
         reference
     }
 
-    /// Every policy object of the six kinds, read once (no watch, no write), keyed and shaped
-    /// as the watchers keep them.
+    /// Every object of the policy kinds the agent watches, read once (no watch, no write),
+    /// keyed and shaped as the watchers keep them, so the tools see what the agent sees.
     async fn list_policy(&self) -> Result<RawPolicyResources, DatastoreError> {
         let mut raw = RawPolicyResources::default();
-        for kind in Kind::CALICO {
-            let crd = policy_crd(kind);
+        for kind in Kind::KUBERNETES {
+            let resource = resource_name(kind);
             let api: Api<DynamicObject> =
                 Api::all_with(self.client.clone(), &policy_resource(kind));
             let list = api
                 .list(&kube::api::ListParams::default())
                 .await
-                .map_err(|e| match api_status(&e) {
-                    Some(status) if not_found(status) => {
-                        DatastoreError::MissingCrd { crd: crd.clone() }
+                .map_err(|e| match (api_status(&e), crd_of(kind)) {
+                    (Some(status), Some(crd)) if not_found(status) => {
+                        DatastoreError::MissingCrd { crd }
                     }
-                    _ => classify(e, "list", &crd, |source| DatastoreError::List {
-                        what: crd.clone(),
+                    _ => classify(e, "list", &resource, |source| DatastoreError::List {
+                        what: resource.clone(),
                         source,
                     }),
                 })?;
@@ -801,6 +886,15 @@ impl Item {
             Item::Policy(_, item) => item.as_ref().as_ref().err(),
         }
     }
+
+    /// A watcher's `Init`: it announces a (re-)list before any request is made, so it says
+    /// nothing about whether the API server answers.
+    fn is_init(&self) -> bool {
+        match self {
+            Item::Node(item) => matches!(**item, Ok(Event::Init)),
+            Item::Felix(item) | Item::Policy(_, item) => matches!(**item, Ok(Event::Init)),
+        }
+    }
 }
 
 #[async_trait]
@@ -861,6 +955,7 @@ impl Datastore for KubeDatastore {
         let mut state = State::new(self.policy_kinds());
         while let Some(item) = events.next().await {
             match item.error() {
+                None if item.is_init() => {}
                 None => self.health.synced(),
                 Some(error) => self.health.failed(&error.to_string()),
             }
@@ -895,11 +990,15 @@ impl Datastore for KubeDatastore {
                         .get_mut(&kind)
                         .is_some_and(|c| c.apply(event, |o| policy_cache_entry(kind, o))),
                     Err(error) => {
-                        let crd = policy_crd(kind);
-                        if let Some(fatal) = fatal_watch_error(&error, &crd, Some(&crd)) {
+                        let resource = resource_name(kind);
+                        if let Some(fatal) =
+                            fatal_watch_error(&error, &resource, crd_of(kind).as_deref())
+                        {
                             return Err(fatal);
                         }
-                        warn!(error = %error, %kind, "watching policy resources failed; the watcher re-lists or resumes");
+                        // The kind's last complete list stays in the snapshot meanwhile: a
+                        // failure never empties a cache (fail closed).
+                        warn!(error = %error, %kind, %resource, "watching a policy kind failed; its last complete list stays in force while the watcher re-lists or resumes");
                         false
                     }
                 },
@@ -927,7 +1026,7 @@ impl Datastore for KubeDatastore {
             }
         }
         Err(DatastoreError::Watch {
-            what: "nodes and projectcalico.org resources".into(),
+            what: "the Kubernetes API".into(),
             source: "the watch streams ended".into(),
         })
     }
@@ -1334,5 +1433,260 @@ mod tests {
             .map(|m| m.into_keys().collect())
             .unwrap_or_default();
         assert_eq!(keys, vec!["b".to_string()]);
+    }
+
+    /// A pod as the API server serves it: what policy reads, and much it does not.
+    fn served_pod(name: &str, rv: &str, ready: &str, extra: Value) -> DynamicObject {
+        let mut pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": name, "namespace": "shop", "uid": "0b6c1f8e-0000-4000-8000-000000000002",
+                "resourceVersion": rv, "generation": 1,
+                "creationTimestamp": "2024-01-01T00:00:00Z",
+                "labels": {"app": "web"},
+                "annotations": {
+                    "cni.projectcalico.org/podIP": "10.244.1.5/32",
+                    "kubectl.kubernetes.io/restartedAt": "2024-01-01T00:00:00Z"
+                },
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                     "name": "web-1", "uid": "1"}],
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}]
+            },
+            "spec": {
+                "nodeName": "node1", "serviceAccountName": "web",
+                "containers": [
+                    {"name": "web", "image": "nginx:1.27",
+                     "env": [{"name": "A", "value": "1"}],
+                     "ports": [{"name": "http", "containerPort": 80, "protocol": "TCP"}],
+                     "readinessProbe": {"httpGet": {"path": "/", "port": 80}}},
+                    {"name": "sidecar", "image": "busybox"}
+                ],
+                "initContainers": [
+                    {"name": "init", "image": "busybox",
+                     "ports": [{"name": "metrics", "containerPort": 9090}]}
+                ],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+                "tolerations": [{"operator": "Exists"}]
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.244.1.5",
+                "podIPs": [{"ip": "10.244.1.5"}],
+                "hostIP": "192.0.2.1", "startTime": "2024-01-01T00:00:01Z",
+                "conditions": [{"type": "Ready", "status": ready}],
+                "containerStatuses": [{"name": "web", "ready": ready == "True",
+                                       "restartCount": 0, "image": "nginx:1.27",
+                                       "imageID": "", "state": {"running": {}}}]
+            }
+        });
+        if let (Some(pod), Value::Object(extra)) = (pod.as_object_mut(), extra) {
+            for (k, v) in extra {
+                pod.insert(k, v);
+            }
+        }
+        dynamic(pod)
+    }
+
+    #[test]
+    fn pods_keep_only_what_policy_reads() {
+        let (key, value) = policy_entry(Kind::Pod, &served_pod("web-0", "7", "True", Value::Null));
+        assert_eq!(key, "shop/web-0");
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {
+                    "name": "web-0", "namespace": "shop", "labels": {"app": "web"},
+                    "annotations": {"cni.projectcalico.org/podIP": "10.244.1.5/32"}
+                },
+                "spec": {
+                    "nodeName": "node1", "serviceAccountName": "web",
+                    "containers": [{"name": "web", "ports": [
+                        {"name": "http", "containerPort": 80, "protocol": "TCP"}]}],
+                    "initContainers": [{"name": "init", "ports": [
+                        {"name": "metrics", "containerPort": 9090}]}]
+                },
+                "status": {"phase": "Running", "podIP": "10.244.1.5",
+                           "podIPs": [{"ip": "10.244.1.5"}]}
+            })
+        );
+        // The decode path of policy::resources turns the stripped pod into its endpoint.
+        let mut raw = RawPolicyResources::default();
+        raw.insert(Kind::Pod, key, value);
+        let resources = wiremesh_core::policy::PolicyResources::from_raw(&raw);
+        assert_eq!(resources.errors, vec![]);
+        let [endpoint] = resources.workload_endpoints.as_slice() else {
+            panic!("one endpoint: {resources:?}");
+        };
+        assert_eq!(endpoint.node, "node1");
+        assert_eq!(
+            endpoint.ips,
+            vec!["10.244.1.5/32".parse::<IpNet>().expect("net")]
+        );
+        assert_eq!(endpoint.ports.len(), 2, "{:?}", endpoint.ports);
+        assert_eq!(endpoint.profiles, ["kns.shop", "ksa.shop.web"]);
+    }
+
+    #[test]
+    fn pod_updates_policy_does_not_see_change_nothing() {
+        let mut cache = Cache::default();
+        let entry = |o: &DynamicObject| policy_cache_entry(Kind::Pod, o);
+        cache.apply(Event::Init, entry);
+        cache.apply(
+            Event::InitApply(served_pod("web-0", "7", "False", Value::Null)),
+            entry,
+        );
+        assert!(cache.apply(Event::InitDone, entry));
+        // Readiness, container status and version change: no reconcile.
+        assert!(!cache.apply(
+            Event::Apply(served_pod("web-0", "8", "True", Value::Null)),
+            entry
+        ));
+        // A label does.
+        let mut relabelled = served_pod("web-0", "9", "True", Value::Null);
+        relabelled
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert("tier".into(), "front".into());
+        assert!(cache.apply(Event::Apply(relabelled), entry));
+        // And so does the pod's phase.
+        let done = served_pod(
+            "web-0",
+            "10",
+            "False",
+            serde_json::json!({"status": {"phase": "Succeeded", "podIP": "10.244.1.5"}}),
+        );
+        assert!(cache.apply(Event::Apply(done), entry));
+    }
+
+    #[test]
+    fn every_ip_annotation_policy_reads_is_kept() {
+        for annotation in POD_IP_ANNOTATIONS {
+            let pod = dynamic(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "ns",
+                             "annotations": {annotation: "10.244.2.7", "other": "x"}},
+                "spec": {"nodeName": "node2", "containers": [{"name": "c"}]},
+                "status": {"phase": "Pending"}
+            }));
+            let (key, value) = policy_entry(Kind::Pod, &pod);
+            assert_eq!(
+                value["metadata"]["annotations"],
+                serde_json::json!({annotation: "10.244.2.7"})
+            );
+            let mut raw = RawPolicyResources::default();
+            raw.insert(Kind::Pod, key, value);
+            let resources = wiremesh_core::policy::PolicyResources::from_raw(&raw);
+            assert_eq!(resources.workload_endpoints.len(), 1, "{annotation}");
+        }
+        // Terminating with the IP annotation emptied: released, no endpoint.
+        let pod = dynamic(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "ns",
+                         "deletionTimestamp": "2024-01-01T00:00:00Z",
+                         "annotations": {"cni.projectcalico.org/podIP": ""}},
+            "spec": {"nodeName": "node2"},
+            "status": {"phase": "Running", "podIP": "10.244.2.7"}
+        }));
+        let (key, value) = policy_entry(Kind::Pod, &pod);
+        assert_eq!(
+            value["metadata"]["deletionTimestamp"],
+            "2024-01-01T00:00:00Z"
+        );
+        let mut raw = RawPolicyResources::default();
+        raw.insert(Kind::Pod, key, value);
+        let resources = wiremesh_core::policy::PolicyResources::from_raw(&raw);
+        assert_eq!(resources.workload_endpoints, vec![]);
+        assert_eq!(resources.errors, vec![]);
+    }
+
+    #[test]
+    fn namespaces_service_accounts_and_kubernetes_network_policies() {
+        let ns = dynamic(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "uid": "u", "resourceVersion": "3",
+                         "labels": {"kubernetes.io/metadata.name": "shop", "team": "a"},
+                         "annotations": {"owner": "ops"},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"}
+        }));
+        let (key, value) = policy_entry(Kind::Namespace, &ns);
+        assert_eq!(key, "shop");
+        assert_eq!(
+            value,
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+                "name": "shop", "labels": {"kubernetes.io/metadata.name": "shop", "team": "a"}}})
+        );
+        let sa = dynamic(serde_json::json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u",
+                         "labels": {"role": "frontend"}},
+            "secrets": [{"name": "web-token-abcde"}]
+        }));
+        let (sa_key, sa_value) = policy_entry(Kind::ServiceAccount, &sa);
+        assert_eq!(sa_key, "shop/web");
+        assert_eq!(
+            sa_value,
+            serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {
+                "name": "web", "namespace": "shop", "labels": {"role": "frontend"}}})
+        );
+        let np = dynamic(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "deny", "namespace": "shop", "uid": "u", "generation": 1,
+                         "annotations": {LAST_APPLIED_ANNOTATION: "{}"}},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}
+        }));
+        let (np_key, np_value) = policy_entry(Kind::KubernetesNetworkPolicy, &np);
+        assert_eq!(np_key, "shop/deny");
+        assert_eq!(
+            np_value,
+            serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "deny", "namespace": "shop"},
+                "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}})
+        );
+        let mut raw = RawPolicyResources::default();
+        raw.insert(Kind::Namespace, key, value);
+        raw.insert(Kind::ServiceAccount, sa_key, sa_value);
+        raw.insert(Kind::KubernetesNetworkPolicy, np_key, np_value);
+        let resources = wiremesh_core::policy::PolicyResources::from_raw(&raw);
+        assert_eq!(resources.errors, vec![]);
+        assert_eq!(
+            resources.profiles.keys().collect::<Vec<_>>(),
+            ["kns.shop", "ksa.shop.web"]
+        );
+        assert_eq!(resources.policies.len(), 1);
+    }
+
+    #[test]
+    fn the_kubernetes_kinds_are_every_kind_a_cluster_holds() {
+        // WorkloadEndpoints and Profiles are derived from Pods, Namespaces and ServiceAccounts.
+        let mut watched: Vec<Kind> = Kind::KUBERNETES.to_vec();
+        watched.extend([Kind::WorkloadEndpoint, Kind::Profile]);
+        watched.sort();
+        let mut all = Kind::ALL.to_vec();
+        all.sort();
+        assert_eq!(watched, all);
+        assert!(Kind::CALICO.iter().all(|k| Kind::KUBERNETES.contains(k)));
+        assert_eq!(
+            resource_name(Kind::KubernetesNetworkPolicy),
+            "networkpolicies.networking.k8s.io"
+        );
+        assert_eq!(resource_name(Kind::Pod), "pods");
+        assert_eq!(crd_of(Kind::Pod), None);
+        assert_eq!(
+            crd_of(Kind::Tier).as_deref(),
+            Some("tiers.projectcalico.org")
+        );
+        let reference = event_reference(&ProblemObject::Policy {
+            kind: Kind::KubernetesNetworkPolicy,
+            namespace: Some("shop".into()),
+            name: "deny".into(),
+        });
+        assert_eq!(
+            reference.api_version.as_deref(),
+            Some("networking.k8s.io/v1")
+        );
+        assert_eq!(reference.kind.as_deref(), Some("NetworkPolicy"));
     }
 }

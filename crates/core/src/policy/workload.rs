@@ -38,7 +38,7 @@ pub const SERVICE_ACCOUNT_LABEL_PREFIX: &str = "pcsa.";
 /// The name label every namespace profile applies (`pcns.projectcalico.org/name`).
 const PROFILE_NAME_LABEL: &str = "projectcalico.org/name";
 /// Where other CNIs record pod IPs before (or instead of) `status.podIPs`.
-const IP_ANNOTATIONS: [&str; 3] = [
+pub const IP_ANNOTATIONS: [&str; 3] = [
     "cni.projectcalico.org/podIPs",
     "cni.projectcalico.org/podIP",
     "vpc.amazonaws.com/pod-ips",

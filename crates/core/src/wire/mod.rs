@@ -78,6 +78,25 @@ impl Kind {
         ]
     };
 
+    /// The kinds the Kubernetes datastore list-watches: Calico's CRDs, Kubernetes'
+    /// NetworkPolicy, and the `v1` objects pods' endpoints and profiles are derived from (on
+    /// Kubernetes, as in Calico's KDD, WorkloadEndpoints and Profiles are never stored).
+    pub const KUBERNETES: [Kind; 10] = {
+        let c = Kind::CALICO;
+        [
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            c[5],
+            Kind::KubernetesNetworkPolicy,
+            Kind::Pod,
+            Kind::Namespace,
+            Kind::ServiceAccount,
+        ]
+    };
+
     pub const ALL: [Kind; 12] = {
         let s = Kind::STORED;
         [
