@@ -5,7 +5,8 @@ use std::process::Stdio;
 
 use serde_json::Value;
 
-use super::{IpFamily, Lab, LabError, LabStatus, UpOptions, VerifyExpect, verify};
+use super::pods::PortProtocol;
+use super::{IpFamily, Lab, LabError, LabStatus, UpOptions, VerifyExpect, probe, verify};
 use crate::cli::output::{self, OutputArgs};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -24,6 +25,22 @@ impl LabArgs {
         match &self.state_dir {
             Some(dir) => Lab::load_from(&self.name, dir),
             None => Lab::load(&self.name),
+        }
+    }
+}
+
+/// What `lab probe --protocols` takes (SCTP: not yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeProtocol {
+    Tcp,
+    Udp,
+}
+
+impl From<ProbeProtocol> for PortProtocol {
+    fn from(p: ProbeProtocol) -> Self {
+        match p {
+            ProbeProtocol::Tcp => PortProtocol::Tcp,
+            ProbeProtocol::Udp => PortProtocol::Udp,
         }
     }
 }
@@ -114,8 +131,13 @@ pub enum LabCommand {
         #[arg(long)]
         node: Option<String>,
     },
-    /// Load projectcalico.org/v3 manifests (policy kinds, FelixConfiguration) into the lab's
-    /// etcd; validated first, nothing is written if any object is invalid.
+    /// Load manifests into the lab: projectcalico.org/v3 policy kinds, FelixConfiguration and
+    /// NetworkPolicies into its datastore; v1 Namespaces and Pods become real lab pods (their
+    /// namespace, veth, addresses, port servers, WorkloadEndpoint and profiles; etcd labs only).
+    /// Validated first, nothing is written if any object is invalid.
+    #[command(
+        after_help = "Examples:\n  wiremesh lab apply -f pods.yaml\n  wiremesh lab apply --delete -f pods.yaml"
+    )]
     Apply {
         #[command(flatten)]
         lab: LabArgs,
@@ -124,6 +146,43 @@ pub enum LabCommand {
         /// Delete the objects instead.
         #[arg(long)]
         delete: bool,
+    },
+    /// Probe every lab pod from every lab pod (pod addresses: the lab has no Services) and print
+    /// one reachability table per protocol and port: rows = from, columns = to, `.` reachable,
+    /// `X` blocked, `-` self (not probed). TCP: a connection or a refusal answers; UDP: the
+    /// pod's echo. Exit 1 when --expect is given and a cell differs.
+    #[command(
+        after_help = "Examples:\n  wiremesh lab probe --ports 80,81 --protocols tcp,udp\n  wiremesh lab probe --expect expected.txt"
+    )]
+    Probe {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Ports to probe (default 80, or the tables of --expect).
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<u16>,
+        /// tcp, udp (default tcp, or the tables of --expect).
+        #[arg(long, value_delimiter = ',', value_enum)]
+        protocols: Vec<ProbeProtocol>,
+        /// Compare with the tables in this file (the format `lab probe` prints); print only the
+        /// differing cells.
+        #[arg(long)]
+        expect: Option<PathBuf>,
+        /// How long each probe waits for an answer, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// (internal) Serve a lab pod's ports: TCP accepts, UDP echoes (run in the pod's namespace).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long, value_delimiter = ',')]
+        tcp: Vec<u16>,
+        #[arg(long, value_delimiter = ',')]
+        udp: Vec<u16>,
+        /// Written once every port is bound.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
     /// Show nodes, namespaces and whether the processes are alive.
     Status {
@@ -258,11 +317,83 @@ pub async fn run(cmd: LabCommand) -> Result<i32, LabError> {
             Ok(0)
         }
         LabCommand::Apply { lab, files, delete } => {
-            let lab = lab.load()?;
+            let mut lab = lab.load()?;
             let manifest = super::policy::read_manifests(&files)?;
-            for key in lab.apply_manifest(&manifest, delete).await? {
+            for key in lab.apply(&manifest, delete).await? {
                 crate::outln!("{} {key}", if delete { "deleted" } else { "applied" });
             }
+            Ok(0)
+        }
+        LabCommand::Probe {
+            lab,
+            ports,
+            protocols,
+            expect,
+            timeout_ms,
+            output,
+        } => {
+            let lab = lab.load()?;
+            let expected = match &expect {
+                None => None,
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|source| LabError::Io {
+                        step: "reading the expected tables".into(),
+                        path: path.clone(),
+                        source,
+                    })?;
+                    let file = path.display().to_string();
+                    Some(probe::parse_tables(&file, &text).map_err(|e| {
+                        LabError::InvalidArgument {
+                            what: "--expect".into(),
+                            reason: e.to_string(),
+                        }
+                    })?)
+                }
+            };
+            let keys = match (&expected, ports.is_empty() && protocols.is_empty()) {
+                (Some(tables), true) => probe::keys_of(tables, &lab.state.ip_family.families()),
+                _ => {
+                    let ports = if ports.is_empty() { vec![80] } else { ports };
+                    let protocols: Vec<PortProtocol> = if protocols.is_empty() {
+                        vec![PortProtocol::Tcp]
+                    } else {
+                        protocols.into_iter().map(PortProtocol::from).collect()
+                    };
+                    lab.probe_keys(&protocols, &ports)
+                }
+            };
+            if lab.probe_pods().is_empty() {
+                return Err(LabError::InvalidArgument {
+                    what: "lab probe".into(),
+                    reason: "the lab has no pods: `lab apply -f` v1 Pod manifests first".into(),
+                });
+            }
+            let tables = lab
+                .probe(keys, std::time::Duration::from_millis(timeout_ms.max(1)))
+                .await?;
+            let differences = expected.as_ref().map(|e| probe::compare(&tables, e));
+            let report = probe::ProbeReport {
+                ok: differences.as_ref().is_none_or(Vec::is_empty),
+                tables,
+                expect: expect.map(|p| p.display().to_string()),
+                differences,
+            };
+            output::print(&report, output.format, probe::ProbeReport::text)?;
+            Ok(if report.ok { 0 } else { 1 })
+        }
+        LabCommand::Serve {
+            tcp,
+            udp,
+            ready_file,
+        } => {
+            tokio::task::spawn_blocking(move || {
+                super::serve::serve(&tcp, &udp, ready_file.as_deref())
+            })
+            .await
+            .map_err(|e| LabError::Timeout {
+                step: format!("serving ({e})"),
+                object: "lab serve".into(),
+            })??;
             Ok(0)
         }
         LabCommand::Status { lab, output } => {

@@ -5,7 +5,10 @@
 pub mod cli;
 mod hub;
 pub mod k8s;
+pub mod pods;
 pub mod policy;
+pub mod probe;
+pub mod serve;
 mod sys;
 mod topology;
 pub mod verify;
@@ -239,6 +242,13 @@ pub struct LabState {
     pub kubeconfig: Option<PathBuf>,
     #[serde(default)]
     pub ip_family: IpFamily,
+    /// Pods made by `lab apply` of `v1` Pods, by `namespace/name`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pods: BTreeMap<String, pods::LabPod>,
+    /// Kubernetes namespaces the lab knows (applied, or `default` once a pod used it), with
+    /// their labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// Options of `lab up`.
@@ -367,6 +377,11 @@ pub fn pod_netns(name: &str, index: u32) -> String {
     format!("wm-{name}-p{index}")
 }
 
+/// The namespace of the `number`th pod made by `lab apply` (a workload).
+pub fn workload_netns(name: &str, number: u32) -> String {
+    format!("wm-{name}-w{number}")
+}
+
 /// Whether `ns` is one of lab `name`'s namespaces (exactly, so lab `a` never matches `a-b`'s).
 pub fn is_lab_netns(name: &str, ns: &str) -> bool {
     let Some(rest) = ns.strip_prefix(&format!("wm-{name}-")) else {
@@ -376,7 +391,7 @@ pub fn is_lab_netns(name: &str, ns: &str) -> bool {
         rest.strip_prefix(p)
             .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
     };
-    rest == "hub" || numbered("n") || numbered("p")
+    rest == "hub" || numbered("n") || numbered("p") || numbered("w")
 }
 
 pub fn require_root() -> Result<(), LabError> {
@@ -449,6 +464,8 @@ impl Lab {
                 nodes: BTreeMap::new(),
                 kubeconfig: options.kubeconfig.clone(),
                 ip_family: options.ip_family,
+                pods: BTreeMap::new(),
+                namespaces: BTreeMap::new(),
                 dir,
             },
         };
@@ -586,12 +603,8 @@ impl Lab {
 
     /// Every namespace of this lab, pods first, hub last (the order `down` deletes them in).
     pub fn namespaces(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .state
-            .nodes
-            .values()
-            .map(|n| n.pod_netns.clone())
-            .collect();
+        let mut out: Vec<String> = self.state.pods.values().map(|p| p.netns.clone()).collect();
+        out.extend(self.state.nodes.values().map(|n| n.pod_netns.clone()));
         out.extend(self.state.nodes.values().map(|n| n.netns.clone()));
         out.push(self.state.hub_netns.clone());
         out
@@ -898,8 +911,16 @@ impl Lab {
                 reason: "is empty".into(),
             });
         }
-        let (target, n) = self.target(node)?;
         let mut args = vec!["netns".to_string(), "exec".into()];
+        if let Some(pod) = self.state.pods.get(node) {
+            args.push(pod.netns.clone());
+            args.extend(
+                cmd.iter()
+                    .map(|c| c.as_ref().to_string_lossy().into_owned()),
+            );
+            return Ok(args);
+        }
+        let (target, n) = self.target(node)?;
         match target {
             Target::Pod(_) => args.push(n.pod_netns.clone()),
             Target::Node(_) => {
@@ -1165,6 +1186,22 @@ impl Lab {
                     },
                 })
                 .collect(),
+            pods: s
+                .pods
+                .values()
+                .map(|p| LabPodStatus {
+                    pod: p.key(),
+                    node: p.node_name.clone(),
+                    netns: p.netns.clone(),
+                    netns_present: sys::netns_exists(&p.netns),
+                    interface: p.interface.clone(),
+                    addresses: join_addresses(p.addresses().into_iter()),
+                    server: match p.server_pid {
+                        None => "none (no TCP or UDP ports)".into(),
+                        pid => alive(pid, &p.netns),
+                    },
+                })
+                .collect(),
         }
     }
 }
@@ -1181,6 +1218,24 @@ pub struct LabStatus {
     pub datastore: String,
     pub etcd: String,
     pub nodes: Vec<LabNodeStatus>,
+    /// Pods made by `lab apply`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<LabPodStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabPodStatus {
+    /// `namespace/name`.
+    pub pod: String,
+    pub node: String,
+    pub netns: String,
+    pub netns_present: bool,
+    /// The node side of its veth.
+    pub interface: String,
+    pub addresses: String,
+    /// Its port server.
+    pub server: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1232,6 +1287,30 @@ impl LabStatus {
             ]);
         }
         out.push_str(&table.render(""));
+        if !self.pods.is_empty() {
+            let mut pods = crate::cli::output::Table::new(&[
+                "POD",
+                "NODE",
+                "NAMESPACE",
+                "",
+                "INTERFACE",
+                "ADDRESSES",
+                "SERVER",
+            ]);
+            for p in &self.pods {
+                pods.row(vec![
+                    p.pod.clone(),
+                    p.node.clone(),
+                    p.netns.clone(),
+                    present(p.netns_present).into(),
+                    p.interface.clone(),
+                    p.addresses.clone(),
+                    p.server.clone(),
+                ]);
+            }
+            out.push('\n');
+            out.push_str(&pods.render(""));
+        }
         out
     }
 }
@@ -1423,6 +1502,8 @@ mod tests {
         assert!(is_lab_netns("a", "wm-a-hub"));
         assert!(is_lab_netns("a", "wm-a-n12"));
         assert!(is_lab_netns("a", "wm-a-p3"));
+        assert!(is_lab_netns("a", "wm-a-w7"));
+        assert!(!is_lab_netns("a", "wm-a-w"));
         assert!(!is_lab_netns("a", "wm-a-b-hub"));
         assert!(!is_lab_netns("a", "wm-a-n"));
         assert!(!is_lab_netns("a", "wm-ab-hub"));
