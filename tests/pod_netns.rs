@@ -323,6 +323,21 @@ async fn pod_policy_is_enforced_by_interface_and_by_address() {
             ("a -> b", &t.a.ns, b, 80, false),
         ],
     );
+    // Per-rule counters count pod policy as they do host policy: the allow rule saw b's
+    // connection, the end of the default tier the refused ones.
+    let counters = nft
+        .counter_reader()
+        .expect("counters")
+        .read_counters()
+        .await
+        .expect("read");
+    for name in ["np/x/knp.default.allow-b-to-a/in0", "tier/default/in"] {
+        assert!(
+            counters.get(name).is_some_and(|c| c.packets > 0),
+            "{name}: {:?}",
+            counters.get(name)
+        );
+    }
 
     // Isolate y (ingress and egress): c is dispatched by address both ways.
     let three = format!("{both}{ISOLATE_Y}");

@@ -471,3 +471,59 @@ proptest::proptest! {
         );
     }
 }
+
+#[test]
+fn explain_follows_a_connection_from_pod_to_pod() {
+    use wiremesh_core::policy::explain::{Outcome, Reason, explain_pods};
+    use wiremesh_core::policy::model::Protocol;
+    // x/a (web, n1) -> y/c (web, n2): no policy selects c; a is open too: both profiles allow.
+    let res = resources(WEB_POLICY);
+    let settings = PolicySettings::default();
+    let stages =
+        explain_pods(&res, &settings, "x/b", "x/a", Protocol::Tcp, Some(80)).expect("explain");
+    assert_eq!(stages.len(), 2);
+    assert_eq!(stages[0].node, "n1");
+    assert_eq!(stages[0].verdict.reason, Reason::Profile("kns.x".into()));
+    // a's ingress: the web policy allows db (b is app=db) on 80.
+    let ingress = &stages[1].verdict;
+    assert_eq!(ingress.outcome, Outcome::Accept);
+    assert_eq!(
+        (
+            ingress.tier.as_deref(),
+            ingress.policy.as_deref(),
+            ingress.rule
+        ),
+        (Some("default"), Some("np/x/web"), Some(0))
+    );
+    // On another port the default tier's end drops it, on a's node.
+    let stages =
+        explain_pods(&res, &settings, "x/b", "x/a", Protocol::Tcp, Some(81)).expect("explain");
+    let last = stages.last().expect("stage");
+    assert_eq!(last.verdict.outcome, Outcome::Drop);
+    assert_eq!(last.verdict.reason, Reason::EndOfTier);
+    assert!(last.to_string().contains("ingress of pod x/a"), "{last}");
+    assert!(explain_pods(&res, &settings, "x/zz", "x/a", Protocol::Tcp, None).is_err());
+}
+
+#[test]
+fn unused_knows_pods() {
+    use wiremesh_core::policy::analysis::unused;
+    let res = resources(&format!(
+        "{WEB_POLICY}apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: nobody, namespace: x}}
+spec: {{selector: app == 'nothing', ingress: [{{action: Allow}}]}}
+"
+    ));
+    let findings: Vec<String> = unused(&res).iter().map(ToString::to_string).collect();
+    assert!(
+        !findings.iter().any(|f| f.starts_with("np/x/web:")),
+        "the web policy selects pods: {findings:?}"
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f == "np/x/nobody: it can select pods only, and selects none"),
+        "{findings:?}"
+    );
+}

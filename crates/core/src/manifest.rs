@@ -168,6 +168,7 @@ impl Manifest {
         for e in &res.errors {
             problems.push(self.position_error(e));
         }
+
         for o in self.objects.iter().filter(|o| o.kind.is_none()) {
             let stored = FelixConfigurationSpec::from_object(&o.value);
             for e in check_object(&o.key, &stored) {
@@ -179,6 +180,15 @@ impl Manifest {
             }
         }
         (res, problems)
+    }
+
+    /// The fields of `res` (from [`Manifest::validate`]) that have no effect, positioned:
+    /// reported, not problems.
+    pub fn warnings(&self, res: &PolicyResources) -> Vec<String> {
+        res.warnings
+            .iter()
+            .map(|w| format!("{} (warning)", self.position_error(w)))
+            .collect()
     }
 
     fn position_error(&self, e: &ValidationError) -> String {
@@ -340,5 +350,41 @@ spec:
             problems[1].starts_with("b.yaml:12: HostEndpoint \"h\": spec.ports[1].protocol:"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn fields_without_effect_are_warnings_not_problems() {
+        let text = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkSet
+metadata: {name: saas, labels: {list: saas}}
+spec:
+  nets: [192.0.2.0/24]
+  allowedEgressDomains: [api.example.com]
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: p}
+spec: {selector: all(), performanceHints: [AssumeNeededOnEveryNode], ingress: [{action: Allow}]}
+";
+        let m = Manifest::parse("w.yaml", text);
+        let (res, problems) = m.validate();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(res.network_sets.len(), 1, "the set applies, by its nets");
+        assert_eq!(res.policies.len(), 1);
+        let warnings = m.warnings(&res);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with(
+                "w.yaml:6: GlobalNetworkSet \"saas\": spec.allowedEgressDomains: has no effect"
+            ) && warnings[0].ends_with("(warning)"),
+            "{warnings:?}"
+        );
+        // Any other unknown field still makes the object invalid.
+        let (_, problems) = Manifest::parse(
+            "u.yaml",
+            &text.replace("allowedEgressDomains", "allowedEgressDomainz"),
+        )
+        .validate();
+        assert_eq!(problems.len(), 1, "{problems:?}");
     }
 }

@@ -1,5 +1,5 @@
 //! Findings about a set of policy resources that never change a verdict: policies that apply
-//! to no host endpoint, unreachable tiers, fully shadowed policies, rules that can never match
+//! to no host endpoint and no pod, unreachable tiers, fully shadowed policies, rules that can never match
 //! (`wiremesh policy unused`, docs/policy.md).
 
 use std::collections::BTreeSet;
@@ -13,6 +13,7 @@ use super::program::{
     selector_members,
 };
 use super::resources::PolicyResources;
+use super::workload::{effective_labels, selects};
 use crate::selector::Scope;
 
 /// One finding: what (`<policy>` or `tier <name>`) and why it never changes a verdict.
@@ -40,17 +41,34 @@ impl fmt::Display for Finding {
 /// Every finding, in a stable order.
 pub fn unused(res: &PolicyResources) -> Vec<Finding> {
     let mut out = Vec::new();
+    let pod_labels: Vec<_> = res
+        .workload_endpoints
+        .iter()
+        .map(|w| effective_labels(w, &res.profiles))
+        .collect();
     for p in &res.policies {
         let mut why = Vec::new();
-        if !p.selects_host_endpoints {
-            why.push("can never select a host endpoint".to_string());
-        } else if !res
-            .host_endpoints
-            .iter()
-            .any(|h| p.selector.matches_in(&h.labels, Scope::Global))
-        {
-            why.push("its selector matches no host endpoint".into());
-        } else if p.do_not_track
+        // doNotTrack and preDNAT policies apply to host endpoints only.
+        let selects_a_pod = !p.do_not_track
+            && !p.pre_dnat
+            && res
+                .workload_endpoints
+                .iter()
+                .zip(&pod_labels)
+                .any(|(w, labels)| selects(p, w, labels));
+        let selects_a_hep = p.selects_host_endpoints
+            && res
+                .host_endpoints
+                .iter()
+                .any(|h| p.selector.matches_in(&h.labels, Scope::Global));
+        if !selects_a_hep && !selects_a_pod {
+            why.push(if p.selects_host_endpoints {
+                "its selector matches no host endpoint and no pod".to_string()
+            } else {
+                "it can select pods only, and selects none".to_string()
+            });
+        } else if selects_a_hep
+            && p.do_not_track
             && res.host_endpoints.iter().all(|h| {
                 h.interface_name.as_deref() == Some("*")
                     || !p.selector.matches_in(&h.labels, Scope::Global)

@@ -9,8 +9,10 @@ use serde::Serialize;
 
 use super::model::{Action, Direction, Entity, Protocol, Rule, TierDefault};
 use super::program::{
-    EndpointProgram, FailsafePort, Hook, Program, named_port_set_id, rule_families,
+    EndpointProgram, FailsafePort, Hook, PolicyInputs, PolicySettings, Program, TierProgram,
+    WorkloadProgram, compile, named_port_set_id, rule_families,
 };
+use super::resources::PolicyResources;
 use crate::model::Family;
 
 /// Which path the packet takes through the host.
@@ -299,39 +301,9 @@ impl Ctx<'_> {
                 dir,
             ));
         }
-        for tier in tiers {
-            let mut passed = false;
-            'policies: for pid in &tier.policies {
-                let Some(policy) = self.program.policies.get(pid) else {
-                    continue;
-                };
-                for (i, rule) in policy.rules(dir).iter().enumerate() {
-                    if !self.rule_matches(rule) {
-                        continue;
-                    }
-                    let mut v = self.verdict(Outcome::Accept, Reason::Rule, ep, hook, dir);
-                    v.tier = Some(tier.name.clone());
-                    v.policy = Some(pid.clone());
-                    v.rule = Some(i);
-                    match rule.action {
-                        Action::Allow => return ChainResult::Accept(v),
-                        Action::Deny => {
-                            v.outcome = Outcome::Drop;
-                            return ChainResult::Drop(v);
-                        }
-                        Action::Pass => {
-                            passed = true;
-                            break 'policies;
-                        }
-                        Action::Log => self.logged.push(format!("{}/{pid}/{dir}[{i}]", tier.name)),
-                    }
-                }
-            }
-            if !passed && hook.has_tier_default() && tier.default_action == TierDefault::Deny {
-                let mut v = self.verdict(Outcome::Drop, Reason::EndOfTier, ep, hook, dir);
-                v.tier = Some(tier.name.clone());
-                return ChainResult::Drop(v);
-            }
+        let base = self.verdict(Outcome::Accept, Reason::Rule, ep, hook, dir);
+        if let Some(result) = self.run_tiers(tiers, dir, hook.has_tier_default(), &base) {
+            return result;
         }
         match hook {
             Hook::Normal => {
@@ -354,6 +326,85 @@ impl Ctx<'_> {
                 }
             }
             _ => ChainResult::Continue,
+        }
+    }
+
+    /// The tiers of one chain, in order: `Some` when a rule or an end-of-tier drop decides,
+    /// `None` when every tier passed or did not apply. `base` carries the stage's fields.
+    fn run_tiers(
+        &mut self,
+        tiers: &[TierProgram],
+        dir: Direction,
+        tier_default: bool,
+        base: &Verdict,
+    ) -> Option<ChainResult> {
+        for tier in tiers {
+            let mut passed = false;
+            'policies: for pid in &tier.policies {
+                let Some(policy) = self.program.policies.get(pid) else {
+                    continue;
+                };
+                for (i, rule) in policy.rules(dir).iter().enumerate() {
+                    if !self.rule_matches(rule) {
+                        continue;
+                    }
+                    let mut v = Verdict {
+                        tier: Some(tier.name.clone()),
+                        policy: Some(pid.clone()),
+                        rule: Some(i),
+                        ..base.clone()
+                    };
+                    match rule.action {
+                        Action::Allow => return Some(ChainResult::Accept(v)),
+                        Action::Deny => {
+                            v.outcome = Outcome::Drop;
+                            return Some(ChainResult::Drop(v));
+                        }
+                        Action::Pass => {
+                            passed = true;
+                            break 'policies;
+                        }
+                        Action::Log => self.logged.push(format!("{}/{pid}/{dir}[{i}]", tier.name)),
+                    }
+                }
+            }
+            if !passed && tier_default && tier.default_action == TierDefault::Deny {
+                return Some(ChainResult::Drop(Verdict {
+                    outcome: Outcome::Drop,
+                    reason: Reason::EndOfTier,
+                    tier: Some(tier.name.clone()),
+                    ..base.clone()
+                }));
+            }
+        }
+        None
+    }
+
+    /// A pod's chain for `dir` (Felix's workload chain): tiers, then its profiles in order,
+    /// then drop.
+    fn workload_chain(&mut self, wl: &WorkloadProgram, dir: Direction) -> Verdict {
+        let base = Verdict {
+            direction: Some(dir),
+            ..plain(Outcome::Accept, Reason::Rule)
+        };
+        match self.run_tiers(wl.tiers(dir), dir, true, &base) {
+            Some(ChainResult::Accept(v) | ChainResult::Drop(v)) => return v,
+            Some(ChainResult::Continue) | None => {}
+        }
+        let allowing = wl.profiles.iter().find(|p| match dir {
+            Direction::Ingress => p.allow_ingress,
+            Direction::Egress => p.allow_egress,
+        });
+        match allowing {
+            Some(p) => Verdict {
+                reason: Reason::Profile(p.name.clone()),
+                ..base
+            },
+            None => Verdict {
+                outcome: Outcome::Drop,
+                reason: Reason::EndpointDefaultDeny,
+                ..base
+            },
         }
     }
 
@@ -460,4 +511,115 @@ impl Ctx<'_> {
         }
         true
     }
+}
+
+/// One stage of a pod-to-pod connection: the source pod's egress on its node, or the
+/// destination pod's ingress on its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodStage {
+    pub node: String,
+    /// `namespace/pod`.
+    pub pod: String,
+    pub verdict: Verdict,
+}
+
+impl fmt::Display for PodStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dir = match self.verdict.direction {
+            Some(Direction::Ingress) => "ingress of",
+            _ => "egress of",
+        };
+        write!(
+            f,
+            "node {}, {dir} pod {}: {}",
+            self.node, self.pod, self.verdict
+        )
+    }
+}
+
+/// Why a pod-to-pod explanation could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PodExplainError {
+    #[error("no pod {0} (a WorkloadEndpoint, or a Pod that runs and has an IP)")]
+    NoSuchPod(String),
+    #[error("pods {0} and {1} have no address of the same IP family")]
+    NoCommonFamily(String, String),
+}
+
+/// How Calico decides a new connection from pod `from` to pod `to` (`namespace/pod` each) on
+/// `protocol`/`dport`, as the agents of their nodes would: the source's egress on its node,
+/// then (if allowed) the destination's ingress on its node. Host-endpoint forward policy on
+/// the way is not included. The stages in order; the last one decides.
+pub fn explain_pods(
+    res: &PolicyResources,
+    settings: &PolicySettings,
+    from: &str,
+    to: &str,
+    protocol: Protocol,
+    dport: Option<u16>,
+) -> Result<Vec<PodStage>, PodExplainError> {
+    let find = |id: &str| {
+        res.workload_endpoints
+            .iter()
+            .find(|w| format!("{}/{}", w.namespace, w.pod) == id)
+            .ok_or_else(|| PodExplainError::NoSuchPod(id.to_string()))
+    };
+    let (src_wep, dst_wep) = (find(from)?, find(to)?);
+    let (src, dst) = [Family::V4, Family::V6]
+        .into_iter()
+        .find_map(|fam| {
+            let addr = |w: &super::workload::WorkloadEndpoint| {
+                w.ips
+                    .iter()
+                    .find(|n| Family::of_net(n) == fam)
+                    .map(|n| n.addr())
+            };
+            Some((addr(src_wep)?, addr(dst_wep)?))
+        })
+        .ok_or_else(|| PodExplainError::NoCommonFamily(from.into(), to.into()))?;
+    let packet = Packet {
+        path: PacketPath::Forward,
+        iface: String::new(),
+        out_iface: None,
+        src,
+        dst,
+        protocol,
+        sport: dport.map(|_| 40000),
+        dport,
+        icmp_type: None,
+        icmp_code: None,
+    };
+    let mut stages = Vec::new();
+    for (wep, dir) in [(src_wep, Direction::Egress), (dst_wep, Direction::Ingress)] {
+        let program = compile(&PolicyInputs {
+            node: &wep.node,
+            resources: Some(res),
+            settings: settings.clone(),
+            ..Default::default()
+        });
+        let id = format!("{}/{}", wep.namespace, wep.pod);
+        let Some(wl) = program.workloads.iter().find(|w| w.id() == id) else {
+            return Err(PodExplainError::NoSuchPod(id));
+        };
+        let mut cx = Ctx {
+            program: &program,
+            packet: &packet,
+            logged: Vec::new(),
+        };
+        let verdict = cx.workload_chain(wl, dir);
+        let verdict = Verdict {
+            logged: cx.logged,
+            ..verdict
+        };
+        let dropped = verdict.outcome == Outcome::Drop;
+        stages.push(PodStage {
+            node: wep.node.clone(),
+            pod: id,
+            verdict,
+        });
+        if dropped {
+            break;
+        }
+    }
+    Ok(stages)
 }

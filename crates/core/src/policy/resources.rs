@@ -58,6 +58,58 @@ pub struct PolicyResources {
     /// `kns.*` and `ksa.*`, from `v1` Namespace and ServiceAccount objects.
     pub profiles: BTreeMap<String, Profile>,
     pub errors: Vec<ValidationError>,
+    /// Fields of valid objects that have no effect in wiremesh ([`IGNORED_FIELDS`]); the
+    /// object applies without them.
+    pub warnings: Vec<ValidationError>,
+}
+
+/// Valid Calico spec fields that wiremesh accepts but that have no effect here, per kind, and
+/// why. Any other unknown field makes the object invalid.
+pub const IGNORED_FIELDS: [(Kind, &str, &str); 4] = [
+    (
+        Kind::GlobalNetworkSet,
+        "allowedEgressDomains",
+        "domain names (Calico Enterprise) are not members in wiremesh: rules that refer to this set match its nets only, so a Deny rule also lets traffic to those domains through",
+    ),
+    (
+        Kind::NetworkSet,
+        "allowedEgressDomains",
+        "domain names (Calico Enterprise) are not members in wiremesh: rules that refer to this set match its nets only, so a Deny rule also lets traffic to those domains through",
+    ),
+    (
+        Kind::GlobalNetworkPolicy,
+        "performanceHints",
+        "a hint to Calico's dataplane; no effect in wiremesh",
+    ),
+    (
+        Kind::NetworkPolicy,
+        "performanceHints",
+        "a hint to Calico's dataplane; no effect in wiremesh",
+    ),
+];
+
+/// `value` without the [`IGNORED_FIELDS`] of `kind` it has, and the fields removed with why;
+/// `None` when it has none.
+fn without_ignored_fields(
+    kind: Kind,
+    value: &serde_json::Value,
+) -> Option<(serde_json::Value, Vec<(&'static str, &'static str)>)> {
+    let spec = value.get("spec")?.as_object()?;
+    let found: Vec<(&'static str, &'static str)> = IGNORED_FIELDS
+        .iter()
+        .filter(|(k, field, _)| *k == kind && spec.contains_key(*field))
+        .map(|(_, field, why)| (*field, *why))
+        .collect();
+    if found.is_empty() {
+        return None;
+    }
+    let mut stripped = value.clone();
+    if let Some(spec) = stripped.get_mut("spec").and_then(|s| s.as_object_mut()) {
+        for (field, _) in &found {
+            spec.remove(*field);
+        }
+    }
+    Some((stripped, found))
 }
 
 impl PolicyResources {
@@ -108,13 +160,31 @@ impl PolicyResources {
         out
     }
 
-    /// Validates one object and adds it. `key` names it in errors if it has no name.
+    /// Validates one object and adds it. `key` names it in errors if it has no name. Fields
+    /// with no effect in wiremesh are left out and reported in `warnings`.
     pub fn add_value(
         &mut self,
         kind: Kind,
         key: &str,
         value: &serde_json::Value,
     ) -> Result<(), ValidationError> {
+        let stripped;
+        let value = match without_ignored_fields(kind, value) {
+            None => value,
+            Some((without, fields)) => {
+                for (field, why) in fields {
+                    self.warnings.push(ValidationError {
+                        kind,
+                        name: stored_name(kind, key, value),
+                        field: format!("spec.{field}"),
+                        message: format!("has no effect: {why}"),
+                        unsupported: false,
+                    });
+                }
+                stripped = without;
+                &stripped
+            }
+        };
         match kind {
             Kind::GlobalNetworkPolicy => {
                 let stored = Stored::<GlobalNetworkPolicySpec>::decode(kind, key, value)?;
