@@ -377,3 +377,145 @@ async fn pod_policy_is_enforced_by_interface_and_by_address() {
         ],
     );
 }
+
+/// A pod behind a veth `veth` enslaved to bridge `cni0` of `node`, addressed `ip`/24 with the
+/// bridge as gateway: what the `bridge` CNI plugin (and flannel) build.
+fn bridged_pod(node: &Netns, veth: &str, ip: &'static str) -> Pod {
+    let ns = Netns::new("wmt-brpod").expect("netns");
+    node.ip(&[
+        "link",
+        "add",
+        veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
+    ])
+    .expect("veth");
+    sh(
+        node,
+        &format!("ip link set {veth} master cni0 && ip link set {veth} up"),
+    );
+    sh(
+        &ns,
+        &format!(
+            "ip link set lo up && ip link set eth0 up && ip addr add {ip}/24 dev eth0 \
+             && ip route add default via 10.97.2.1"
+        ),
+    );
+    Pod { ns, ip }
+}
+
+const ISOLATE_D: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: isolate-d, namespace: z}
+spec: {podSelector: {matchLabels: {pod: d}}, policyTypes: [Ingress]}
+---
+";
+
+/// Bridge CNIs: pods on one bridge with interface names the CNI picks (`veth…`), so their
+/// endpoints name interfaces (Calico's computed `cali…` names) that do not exist. Traffic
+/// between them is bridged: the inet forward hook sees it only with `br_netfilter`'s
+/// `bridge-nf-call-iptables` on, and then in and out interface are the bridge, so the pods are
+/// dispatched by address. Traffic from elsewhere is routed and needs nothing.
+#[tokio::test]
+async fn bridged_pods_are_policed_by_address_with_br_netfilter() {
+    if !root_or_skip("bridged_pods_are_policed_by_address_with_br_netfilter") {
+        return;
+    }
+    let node = Netns::new("wmt-brnode").expect("netns");
+    let remote = Netns::new("wmt-brremote").expect("netns");
+    node.ip(&[
+        "link",
+        "add",
+        "eth-r",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        remote.name(),
+    ])
+    .expect("veth");
+    sh(
+        &node,
+        &format!(
+            "ip link set lo up && ip link set eth-r up && ip addr add {NODE}/24 dev eth-r \
+             && sysctl -qw net.ipv4.ip_forward=1 && ip link add cni0 type bridge \
+             && ip addr add 10.97.2.1/24 dev cni0 && ip link set cni0 up"
+        ),
+    );
+    sh(
+        &remote,
+        &format!(
+            "ip link set lo up && ip link set eth0 up && ip addr add {REMOTE}/24 dev eth0 \
+             && ip route add 10.97.2.0/24 via {NODE}"
+        ),
+    );
+    let d = bridged_pod(&node, "veth1a2b3c4d", "10.97.2.2");
+    let e = bridged_pod(&node, "veth5e6f7a8b", "10.97.2.3");
+    let mut text = String::new();
+    for (pod, ip) in [("d", d.ip), ("e", e.ip)] {
+        text.push_str(&format!(
+            "apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {{name: n1-k8s-{pod}-eth0, namespace: z, labels: {{pod: {pod}}}}}
+spec: {{node: n1, orchestrator: k8s, pod: {pod}, endpoint: eth0, ipNetworks: [{ip}/32], profiles: [kns.z]}}
+---
+"
+        ));
+    }
+    text.push_str(
+        "apiVersion: projectcalico.org/v3
+kind: Profile
+metadata: {name: kns.z}
+spec: {ingress: [{action: Allow}], egress: [{action: Allow}]}
+---
+",
+    );
+    text.push_str(ISOLATE_D);
+    let manifest = Manifest::parse("bridged.yaml", &text);
+    let (res, problems) = manifest.validate();
+    assert!(problems.is_empty(), "{problems:?}");
+    let spec = desired_filter(&PolicyInputs {
+        node: "n1",
+        resources: Some(&res),
+        ..Default::default()
+    });
+    let mut nft = KernelNft::in_netns(node.name());
+    converge(&mut nft, &spec).await;
+
+    let bridge_nf = |on: bool| {
+        sh(
+            &node,
+            &format!(
+                "sysctl -qw net.bridge.bridge-nf-call-iptables={}",
+                u8::from(on)
+            ),
+        )
+    };
+    // Without br_netfilter the bridge passes pod-to-pod traffic by the IP hooks: unpoliced.
+    bridge_nf(false);
+    expect(
+        "bridge-nf-call-iptables=0",
+        &[
+            ("e -> d (bridged)", &e.ns, d.ip, 80, true),
+            ("remote -> d (routed)", &remote, d.ip, 80, false),
+        ],
+    );
+    bridge_nf(true);
+    expect(
+        "bridge-nf-call-iptables=1",
+        &[
+            ("e -> d (bridged)", &e.ns, d.ip, 80, false),
+            ("d -> e (bridged)", &d.ns, e.ip, 80, true),
+            ("remote -> d (routed)", &remote, d.ip, 80, false),
+            ("remote -> e (routed)", &remote, e.ip, 80, true),
+        ],
+    );
+    converge(&mut nft, &FilterSpec::default()).await;
+}
