@@ -9,7 +9,10 @@
 //! does), checks the annotations, `wg show` and encrypted pod-to-pod traffic (the lab's
 //! `verify`), disables it and checks the cleanup, then deletes its Node objects. Apart from the
 //! lab (no root needed): `kubernetes_pod_policy_kinds` reads Pods, Namespaces, ServiceAccounts
-//! and NetworkPolicies with the agent's own ServiceAccount token.
+//! and NetworkPolicies with the agent's own ServiceAccount token. Then, in the same test (the
+//! labs would share Node names): a subset of the Kubernetes NetworkPolicy conformance cases with
+//! lab pods published as Namespace and Pod objects (`pod_policy_conformance`, also run against
+//! the API stand-in).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -264,7 +267,7 @@ fn wg_peers(lab: &Lab, node: &str) -> Option<Vec<(String, u64)>> {
     )
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_end_to_end() {
     let Some(kubeconfig) = std::env::var_os(ENV).map(PathBuf::from) else {
         println!(
@@ -285,6 +288,8 @@ async fn kubernetes_end_to_end() {
     check_rbac(&client).await;
     let name = format!("ke{}", std::process::id() % 100_000);
     mesh_on_and_off(&client, &kubeconfig, &name).await;
+    let name = format!("kc{}", std::process::id() % 100_000);
+    pod_policy_conformance(&client, &kubeconfig, &name).await;
 }
 
 /// Waits (at most CONVERGE) until the adapter's snapshot is synced and `done`; fails at once
@@ -819,4 +824,324 @@ spec:
 
     lab.apply_manifest(&manifest, true).await.expect("delete");
     wait_within("the policy lifted", async || reachable("pod3", "pod1")).await;
+}
+
+/// Policy steps converge within this (the agents' watches, then their rule updates).
+const POLICY_CONVERGE: Duration = Duration::from_secs(20);
+
+/// The pod network of the lab's pods: encrypted, each agent needs the others' keys first.
+const MESH_CONVERGE: Duration = Duration::from_secs(60);
+
+fn conformance_manifest(yaml: &str) -> wiremesh_core::manifest::Manifest {
+    let m = wiremesh_core::manifest::Manifest::parse("conformance.yaml", yaml);
+    let (_, problems) = m.validate();
+    assert!(problems.is_empty(), "{problems:?}");
+    m
+}
+
+/// Namespaces `x`, `y` (labelled `ns: <name>`) with pods `a`, `b`, each serving 80 and 81 on
+/// TCP and UDP, as the upstream suite's model has them.
+fn conformance_pods(x: &str, y: &str) -> String {
+    let mut text = String::new();
+    for ns in [x, y] {
+        text.push_str(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n---\n"
+        ));
+        for pod in ["a", "b"] {
+            text.push_str(&format!(
+                "apiVersion: v1
+kind: Pod
+metadata: {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}}}
+spec:
+  containers:
+    - name: agnhost
+      image: registry.k8s.io/e2e-test-images/agnhost:2.53
+      ports:
+        - {{containerPort: 80, protocol: TCP, name: serve-80-tcp}}
+        - {{containerPort: 80, protocol: UDP, name: serve-80-udp}}
+        - {{containerPort: 81, protocol: TCP, name: serve-81-tcp}}
+        - {{containerPort: 81, protocol: UDP, name: serve-81-udp}}
+---
+"
+            ));
+        }
+    }
+    text
+}
+
+fn conformance_keys() -> Vec<wiremesh::cli::lab::probe::TableKey> {
+    use wiremesh::cli::lab::pods::PortProtocol;
+    let mut out = Vec::new();
+    for protocol in [PortProtocol::Tcp, PortProtocol::Udp] {
+        for port in [80, 81] {
+            out.push(wiremesh::cli::lab::probe::TableKey {
+                protocol,
+                port,
+                family: Some(wiremesh_core::model::Family::V4),
+            });
+        }
+    }
+    out
+}
+
+/// The truth tables `reachable(port, from, to)` describes, over `pods` (`namespace/name`).
+fn conformance_tables(
+    pods: &[String],
+    reachable: impl Fn(u16, &str, &str) -> bool,
+) -> Vec<wiremesh::cli::lab::probe::TruthTable> {
+    conformance_keys()
+        .into_iter()
+        .map(|key| wiremesh::cli::lab::probe::TruthTable {
+            key,
+            from: pods.to_vec(),
+            to: pods.to_vec(),
+            reachable: pods
+                .iter()
+                .map(|from| {
+                    pods.iter()
+                        .map(|to| (from != to).then(|| reachable(key.port, from, to)))
+                        .collect()
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Probes (the lab's `probe`, 1 s timeout) until the tables are `want`, at most `limit`.
+async fn wait_for_tables(
+    lab: &Lab,
+    what: &str,
+    limit: Duration,
+    want: &[wiremesh::cli::lab::probe::TruthTable],
+) {
+    let started = Instant::now();
+    let mut last = Vec::new();
+    while started.elapsed() < limit {
+        let tables = lab
+            .probe(conformance_keys(), Duration::from_secs(1))
+            .await
+            .expect("probe");
+        last = wiremesh::cli::lab::probe::compare(&tables, want);
+        if last.is_empty() {
+            eprintln!("{what}: as expected after {:?}", started.elapsed());
+            for table in &tables {
+                eprintln!("{}", table.text());
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let diffs: Vec<String> = last.iter().map(ToString::to_string).collect();
+    panic!(
+        "{what}: still different after {limit:?}:\n{}",
+        diffs.join("\n")
+    );
+}
+
+fn namespace_of(pod: &str) -> &str {
+    pod.split_once('/').map_or("", |(ns, _)| ns)
+}
+
+/// A subset of the Kubernetes NetworkPolicy conformance cases through the Kubernetes
+/// datastore: `lab apply` of Namespaces and Pods publishes them as objects (the agents derive
+/// the endpoints), NetworkPolicies go through the API, and every step is a set of probe truth
+/// tables: all reachable; default-deny-ingress in x; plus ingress from y on port 80; plus a
+/// default-deny-egress in y; all policies deleted. Then a Pod and a Namespace are deleted with
+/// `--delete`, and `lab down` deletes the remaining Pod objects.
+async fn pod_policy_conformance(client: &Client, kubeconfig: &Path, name: &str) {
+    use k8s_openapi::api::core::v1::Pod;
+    // Unique namespaces: on a bare API server a deleted Namespace stays Terminating.
+    let suffix = std::process::id() % 100_000;
+    let (x, y) = (format!("x-{suffix}"), format!("y-{suffix}"));
+    let _guard = support::lab::Guard(name.to_string());
+    let mut options = UpOptions::new(name, 3);
+    options.kubeconfig = Some(kubeconfig.to_path_buf());
+    options.binary = Some(PathBuf::from(env!("CARGO_BIN_EXE_wiremesh")));
+    let mut lab = Lab::up(options).await.expect("lab up --kubeconfig");
+
+    let touched = lab
+        .apply(&conformance_manifest(&conformance_pods(&x, &y)), false)
+        .await
+        .expect("apply namespaces and pods");
+    eprintln!("applied:\n{}", touched.join("\n"));
+    let pods: Vec<String> = [&x, &y]
+        .iter()
+        .flat_map(|ns| ["a", "b"].map(|p| format!("{ns}/{p}")))
+        .collect();
+    // Published as Kubernetes would have them: bound to the lab node, running, with the lab's
+    // address; no WorkloadEndpoint objects (the agents derive them).
+    for key in &pods {
+        let lab_pod = lab.lab_pod(key).expect("lab pod").clone();
+        let object = Api::<Pod>::namespaced(client.clone(), &lab_pod.namespace)
+            .get(&lab_pod.name)
+            .await
+            .unwrap_or_else(|e| panic!("Pod {key}: {e}"));
+        let spec = object.spec.expect("spec");
+        assert_eq!(spec.node_name.as_deref(), Some(lab_pod.node_name.as_str()));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let status = object.status.expect("status");
+        assert_eq!(status.phase.as_deref(), Some("Running"), "{key}");
+        let ipv4 = lab_pod.ipv4.expect("IPv4").to_string();
+        assert_eq!(status.pod_ip.as_deref(), Some(ipv4.as_str()), "{key}");
+    }
+    assert!(
+        touched.iter().all(|t| !t.contains("workloadendpoints")),
+        "{touched:?}"
+    );
+    Api::<ServiceAccount>::namespaced(client.clone(), &x)
+        .get("default")
+        .await
+        .expect("the lab created x's default ServiceAccount");
+
+    wait_for_tables(
+        &lab,
+        "all reachable",
+        MESH_CONVERGE,
+        &conformance_tables(&pods, |_, _, _| true),
+    )
+    .await;
+
+    let default_deny_ingress = format!(
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: default-deny-ingress, namespace: {x}}}
+spec:
+  podSelector: {{}}
+  policyTypes: [Ingress]
+"
+    );
+    lab.apply(&conformance_manifest(&default_deny_ingress), false)
+        .await
+        .expect("apply default-deny-ingress");
+    wait_for_tables(
+        &lab,
+        "default-deny-ingress in x",
+        POLICY_CONVERGE,
+        &conformance_tables(&pods, |_, _, to| namespace_of(to) != x),
+    )
+    .await;
+
+    let allow_from_y_on_80 = format!(
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: allow-y-on-80, namespace: {x}}}
+spec:
+  podSelector: {{}}
+  policyTypes: [Ingress]
+  ingress:
+    - from: [{{namespaceSelector: {{matchLabels: {{ns: {y}}}}}}}]
+      ports: [{{port: 80, protocol: TCP}}, {{port: 80, protocol: UDP}}]
+"
+    );
+    lab.apply(&conformance_manifest(&allow_from_y_on_80), false)
+        .await
+        .expect("apply allow-y-on-80");
+    wait_for_tables(
+        &lab,
+        "ingress into x from y on port 80 only",
+        POLICY_CONVERGE,
+        &conformance_tables(&pods, |port, from, to| {
+            namespace_of(to) != x || (namespace_of(from) == y && port == 80)
+        }),
+    )
+    .await;
+
+    let default_deny_egress = format!(
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: default-deny-egress, namespace: {y}}}
+spec:
+  podSelector: {{}}
+  policyTypes: [Egress]
+"
+    );
+    lab.apply(&conformance_manifest(&default_deny_egress), false)
+        .await
+        .expect("apply default-deny-egress");
+    // y's pods reach nobody now, not even x on port 80.
+    wait_for_tables(
+        &lab,
+        "egress from y denied",
+        POLICY_CONVERGE,
+        &conformance_tables(&pods, |_, from, to| {
+            namespace_of(from) != y && namespace_of(to) != x
+        }),
+    )
+    .await;
+
+    let all_policies = [
+        default_deny_ingress,
+        allow_from_y_on_80,
+        default_deny_egress,
+    ]
+    .join("---\n");
+    let touched = lab
+        .apply(&conformance_manifest(&all_policies), true)
+        .await
+        .expect("delete the policies");
+    assert_eq!(touched.len(), 3, "{touched:?}");
+    wait_for_tables(
+        &lab,
+        "all reachable again",
+        POLICY_CONVERGE,
+        &conformance_tables(&pods, |_, _, _| true),
+    )
+    .await;
+
+    // `--delete` of a Pod deletes its object and its plumbing; of a Namespace, its pods first.
+    let x_b = lab.lab_pod(&format!("{x}/b")).expect("x/b").clone();
+    let pod_b = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: b, namespace: {x}}}\nspec: {{containers: []}}\n"
+    );
+    lab.apply(&conformance_manifest(&pod_b), true)
+        .await
+        .expect("delete x/b");
+    assert!(lab.lab_pod(&x_b.key()).is_none());
+    assert!(!Path::new("/run/netns").join(&x_b.netns).exists());
+    let x_pods: Api<Pod> = Api::namespaced(client.clone(), &x);
+    assert!(
+        x_pods.get_opt("b").await.expect("get").is_none(),
+        "x/b's Pod object is gone"
+    );
+    let namespace_y = format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {y}}}\n");
+    let touched = lab
+        .apply(&conformance_manifest(&namespace_y), true)
+        .await
+        .expect("delete namespace y");
+    assert!(
+        touched.iter().any(|t| t.contains("Terminating")),
+        "{touched:?}"
+    );
+    let y_pods: Api<Pod> = Api::namespaced(client.clone(), &y);
+    for pod in ["a", "b"] {
+        assert!(
+            y_pods.get_opt(pod).await.expect("get").is_none(),
+            "{y}/{pod} is gone"
+        );
+    }
+    let remaining: Vec<String> = lab.lab_pods().map(|p| p.key()).collect();
+    assert_eq!(remaining, [format!("{x}/a")]);
+
+    // `lab down` deletes the Pod objects it created.
+    wiremesh::cli::lab::down(name, None).expect("lab down");
+    assert!(
+        x_pods.get_opt("a").await.expect("get").is_none(),
+        "x/a's Pod object is gone"
+    );
+}
+
+/// [`pod_policy_conformance`] against the in-memory API stand-in (no admission, no
+/// defaulting, but the same objects and watches), so it runs where no cluster exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_pod_policy_against_the_api_stand_in() {
+    if !support::root_or_skip("kubernetes_pod_policy_against_the_api_stand_in") {
+        return;
+    }
+    let server = ApiServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig()).expect("write kubeconfig");
+    let client = k8s::client(&kubeconfig).await.expect("connect");
+    let name = format!("kc{}", std::process::id() % 100_000);
+    pod_policy_conformance(&client, &kubeconfig, &name).await;
 }

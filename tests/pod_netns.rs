@@ -75,12 +75,11 @@ fn pod(node: &Netns, iface: &str, ip: &'static str) -> Pod {
     Pod { ns, ip }
 }
 
-/// The node: forwarding on, and a route to the pods' gateway address `169.254.1.1` so that proxy
-/// ARP on the pods' interfaces answers for it (as on a Calico node, where the default route
-/// does).
-fn topology() -> Topology {
-    let node = Netns::new("wmt-podnode").expect("netns");
-    let remote = Netns::new("wmt-podremote").expect("netns");
+/// A node namespace (forwarding on, `NODE` on `eth-r`, then `node_setup`) and a remote host
+/// behind `eth-r` (`REMOTE`, routing `pods` through the node).
+fn node_and_remote(prefix: &str, pods: &str, node_setup: &str) -> (Netns, Netns) {
+    let node = Netns::new(&format!("{prefix}node")).expect("netns");
+    let remote = Netns::new(&format!("{prefix}remote")).expect("netns");
     node.ip(&[
         "link",
         "add",
@@ -98,16 +97,26 @@ fn topology() -> Topology {
         &node,
         &format!(
             "ip link set lo up && ip link set eth-r up && ip addr add {NODE}/24 dev eth-r \
-             && sysctl -qw net.ipv4.ip_forward=1 \
-             && ip route add 169.254.1.1 dev eth-r"
+             && sysctl -qw net.ipv4.ip_forward=1 && {node_setup}"
         ),
     );
     sh(
         &remote,
         &format!(
             "ip link set lo up && ip link set eth0 up && ip addr add {REMOTE}/24 dev eth0 \
-             && ip route add 10.97.1.0/24 via {NODE}"
+             && ip route add {pods} via {NODE}"
         ),
+    );
+    (node, remote)
+}
+
+/// The node: a route to the pods' gateway address `169.254.1.1` so that proxy ARP on the pods'
+/// interfaces answers for it (as on a Calico node, where the default route does).
+fn topology() -> Topology {
+    let (node, remote) = node_and_remote(
+        "wmt-pod",
+        "10.97.1.0/24",
+        "ip route add 169.254.1.1 dev eth-r",
     );
     let a = pod(&node, &interface_name("cali", "x", "a"), "10.97.1.2");
     let b = pod(&node, &interface_name("cali", "x", "b"), "10.97.1.3");
@@ -426,35 +435,10 @@ async fn bridged_pods_are_policed_by_address_with_br_netfilter() {
     if !root_or_skip("bridged_pods_are_policed_by_address_with_br_netfilter") {
         return;
     }
-    let node = Netns::new("wmt-brnode").expect("netns");
-    let remote = Netns::new("wmt-brremote").expect("netns");
-    node.ip(&[
-        "link",
-        "add",
-        "eth-r",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        remote.name(),
-    ])
-    .expect("veth");
-    sh(
-        &node,
-        &format!(
-            "ip link set lo up && ip link set eth-r up && ip addr add {NODE}/24 dev eth-r \
-             && sysctl -qw net.ipv4.ip_forward=1 && ip link add cni0 type bridge \
-             && ip addr add 10.97.2.1/24 dev cni0 && ip link set cni0 up"
-        ),
-    );
-    sh(
-        &remote,
-        &format!(
-            "ip link set lo up && ip link set eth0 up && ip addr add {REMOTE}/24 dev eth0 \
-             && ip route add 10.97.2.0/24 via {NODE}"
-        ),
+    let (node, remote) = node_and_remote(
+        "wmt-br",
+        "10.97.2.0/24",
+        "ip link add cni0 type bridge && ip addr add 10.97.2.1/24 dev cni0 && ip link set cni0 up",
     );
     let d = bridged_pod(&node, "veth1a2b3c4d", "10.97.2.2");
     let e = bridged_pod(&node, "veth5e6f7a8b", "10.97.2.3");

@@ -17,7 +17,9 @@ use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::thread;
 
-use k8s_openapi::api::core::v1::Node;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use kube::ResourceExt as _;
 use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::config::Kubeconfig;
@@ -25,6 +27,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
+use super::pods::LabPod;
 use super::{IpFamily, LabError, NodeState};
 use wiremesh_core::model::{Family, FelixConfigurations};
 use wiremesh_datastore::kube::{
@@ -225,27 +228,244 @@ async fn delete_lab_nodes(client: &Client, lab: &str) -> Result<Vec<String>, Lab
     Ok(deleted)
 }
 
-/// [`delete_lab_nodes`] from synchronous code (such as `lab down`, which may itself run inside
-/// a runtime): on a thread with a runtime of its own.
-pub fn delete_lab_nodes_blocking(kubeconfig: &Path, lab: &str) -> Result<Vec<String>, LabError> {
+/// What a lab pod's containers run as far as the API server is concerned: it requires an image,
+/// and the lab runs none (its server stands in for the containers).
+const PLACEHOLDER_IMAGE: &str = "registry.k8s.io/pause:3.9";
+/// Lab pods are deleted at once: no kubelet confirms a graceful deletion.
+fn delete_now() -> DeleteParams {
+    DeleteParams::default().grace_period(0)
+}
+
+/// A JSON merge patch of `metadata.labels` from `current` to `wanted` (a merge patch merges
+/// maps, so labels no longer wanted are removed with null).
+fn labels_patch(current: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>) -> Value {
+    let mut labels = serde_json::Map::new();
+    for key in current.keys().filter(|k| !wanted.contains_key(*k)) {
+        labels.insert(key.clone(), Value::Null);
+    }
+    for (key, value) in wanted {
+        labels.insert(key.clone(), value.clone().into());
+    }
+    json!({ "metadata": { "labels": labels } })
+}
+
+fn decode_error(step: &str) -> impl FnOnce(serde_json::Error) -> LabError + '_ {
+    move |e| LabError::Kube {
+        step: step.to_string(),
+        source: Box::new(e),
+    }
+}
+
+/// The labels of Namespace `name` as the API server has them; None when it does not exist.
+pub async fn namespace_labels(
+    client: &Client,
+    name: &str,
+) -> Result<Option<BTreeMap<String, String>>, LabError> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let step = format!("reading Namespace {name}");
+    let found = api.get_opt(name).await.map_err(kube_error(&step))?;
+    Ok(found.map(|ns| ns.labels().clone()))
+}
+
+/// Creates Namespace `name` with `labels`, or sets its labels to exactly `labels`; then creates
+/// its `default` ServiceAccount when missing (no controller does on a bare API server, and pod
+/// admission needs it). Returns what was written.
+pub async fn publish_namespace(
+    client: &Client,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Vec<String>, LabError> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let step = format!("publishing Namespace {name}");
+    match api.get_opt(name).await.map_err(kube_error(&step))? {
+        Some(current) => {
+            api.patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(labels_patch(current.labels(), labels)),
+            )
+            .await
+            .map_err(kube_error(&step))?;
+        }
+        None => {
+            let object: Namespace = serde_json::from_value(json!({
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": { "name": name, "labels": labels },
+            }))
+            .map_err(decode_error(&step))?;
+            api.create(&PostParams::default(), &object)
+                .await
+                .map_err(kube_error(&step))?;
+        }
+    }
+    let mut touched = vec![format!("Namespace {name}")];
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
+    let step = format!("creating ServiceAccount {name}/default");
+    if accounts
+        .get_opt("default")
+        .await
+        .map_err(kube_error(&step))?
+        .is_none()
+    {
+        let account: ServiceAccount = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": { "name": "default", "namespace": name },
+        }))
+        .map_err(decode_error(&step))?;
+        match accounts.create(&PostParams::default(), &account).await {
+            Ok(_) => touched.push(format!("ServiceAccount {name}/default")),
+            // Created meanwhile by someone else: as good.
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(e) => return Err(kube_error(&step)(e)),
+        }
+    }
+    Ok(touched)
+}
+
+/// The Pod object of a lab pod: the manifest's Pod (`manifest`), bound to the lab node it runs
+/// on, without a mounted token (no token controller on a bare API server), containers without
+/// an image given a placeholder, and no status (written separately).
+pub fn pod_object(manifest: &Value, pod: &LabPod) -> Value {
+    let mut object = manifest.clone();
+    if let Some(map) = object.as_object_mut() {
+        map.remove("status");
+    }
+    object["metadata"]["namespace"] = pod.namespace.clone().into();
+    if let Some(meta) = object["metadata"].as_object_mut() {
+        for server_owned in ["resourceVersion", "uid", "creationTimestamp"] {
+            meta.remove(server_owned);
+        }
+    }
+    object["spec"]["nodeName"] = pod.node_name.clone().into();
+    object["spec"]["automountServiceAccountToken"] = false.into();
+    for list in ["containers", "initContainers"] {
+        if let Some(containers) = object["spec"][list].as_array_mut() {
+            for container in containers {
+                if container
+                    .get("image")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty)
+                {
+                    container["image"] = PLACEHOLDER_IMAGE.into();
+                }
+            }
+        }
+    }
+    object
+}
+
+/// The status a kubelet would write for a running lab pod.
+pub fn pod_status(pod: &LabPod) -> Value {
+    let addresses: Vec<String> = pod.addresses().iter().map(ToString::to_string).collect();
+    let pod_ips: Vec<Value> = addresses.iter().map(|a| json!({ "ip": a })).collect();
+    json!({ "status": {
+        "phase": "Running",
+        "podIP": addresses.first(),
+        "podIPs": pod_ips,
+    } })
+}
+
+/// Creates the Pod object of `pod` (from its manifest), or updates its labels when it exists on
+/// the same node (a Pod's spec cannot change; one left on another node is replaced), then
+/// writes its status through the status subresource, as the kubelet would.
+pub async fn publish_pod(
+    client: &Client,
+    manifest: &Value,
+    pod: &LabPod,
+) -> Result<String, LabError> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
+    let step = format!("publishing Pod {}", pod.key());
+    let wanted: Pod =
+        serde_json::from_value(pod_object(manifest, pod)).map_err(decode_error(&step))?;
+    let current = api.get_opt(&pod.name).await.map_err(kube_error(&step))?;
+    let same_node = current.as_ref().is_some_and(|c| {
+        c.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(pod.node_name.as_str())
+    });
+    match current {
+        Some(current) if same_node => {
+            api.patch(
+                &pod.name,
+                &PatchParams::default(),
+                &Patch::Merge(labels_patch(current.labels(), &pod.labels)),
+            )
+            .await
+            .map_err(kube_error(&step))?;
+        }
+        stale => {
+            if stale.is_some() {
+                delete_pod(client, &pod.namespace, &pod.name).await?;
+            }
+            api.create(&PostParams::default(), &wanted)
+                .await
+                .map_err(kube_error(&step))?;
+        }
+    }
+    api.patch_status(
+        &pod.name,
+        &PatchParams::default(),
+        &Patch::Merge(pod_status(pod)),
+    )
+    .await
+    .map_err(kube_error(&step))?;
+    Ok(format!("Pod {}", pod.key()))
+}
+
+/// Deletes a Pod object at once; a missing one is success.
+pub async fn delete_pod(client: &Client, namespace: &str, name: &str) -> Result<(), LabError> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    match api.delete(name, &delete_now()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(kube_error(&format!("deleting Pod {namespace}/{name}"))(e)),
+    }
+}
+
+/// Deletes Namespace `name`; a missing one is success. Without a namespace controller (a bare
+/// API server) it stays `Terminating`, and a Namespace of that name cannot be created until
+/// one finalizes it.
+pub async fn delete_namespace(client: &Client, name: &str) -> Result<(), LabError> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(kube_error(&format!("deleting Namespace {name}"))(e)),
+    }
+}
+
+/// [`delete_lab_nodes`] and the Pod objects `pods` (namespace, name) of the lab, pods first,
+/// from synchronous code; returns the names deleted (`namespace/name` for pods).
+pub fn delete_lab_objects_blocking(
+    kubeconfig: &Path,
+    lab: &str,
+    pods: Vec<(String, String)>,
+) -> Result<Vec<String>, LabError> {
     let (kubeconfig, lab) = (kubeconfig.to_path_buf(), lab.to_string());
     thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| LabError::Kube {
-                step: "starting a runtime to delete the lab's Node objects".into(),
+                step: "starting a runtime to delete the lab's objects".into(),
                 source: Box::new(e),
             })?;
         runtime.block_on(async {
             let client = client(&kubeconfig).await?;
-            delete_lab_nodes(&client, &lab).await
+            let mut deleted = Vec::new();
+            for (namespace, name) in pods {
+                delete_pod(&client, &namespace, &name).await?;
+                deleted.push(format!("Pod {namespace}/{name}"));
+            }
+            let nodes = delete_lab_nodes(&client, &lab).await?;
+            deleted.extend(nodes.into_iter().map(|n| format!("Node {n}")));
+            Ok(deleted)
         })
     })
     .join()
     .unwrap_or_else(|_| {
         Err(LabError::Kube {
-            step: "deleting the lab's Node objects".into(),
+            step: "deleting the lab's objects".into(),
             source: "the thread panicked".into(),
         })
     })
@@ -516,6 +736,59 @@ mod tests {
                 .and_then(|a| a.token.as_ref())
                 .is_some(),
             "credentials are kept"
+        );
+    }
+
+    #[test]
+    fn a_lab_pod_is_published_bound_running_and_without_a_token() {
+        let manifest = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "a", "labels": { "pod": "a" }, "resourceVersion": "7" },
+            "spec": { "containers": [
+                { "name": "c", "ports": [{ "containerPort": 80 }] },
+                { "name": "d", "image": "nginx:1.27" },
+            ] },
+            "status": { "phase": "Pending" },
+        });
+        let pod = LabPod {
+            namespace: "x".into(),
+            name: "a".into(),
+            node: 2,
+            node_name: "node2".into(),
+            netns: "wm-t-w1".into(),
+            interface: "cali0123456789a".into(),
+            slot: 10,
+            ipv4: Some("10.244.2.10".parse().expect("ip")),
+            ipv6: Some("fd00:10:244:2::a".parse().expect("ip")),
+            labels: BTreeMap::from([("pod".to_string(), "a".to_string())]),
+            service_account: "default".into(),
+            ports: Vec::new(),
+            endpoint_key: String::new(),
+            server_pid: None,
+        };
+        let object = pod_object(&manifest, &pod);
+        assert_eq!(object["metadata"]["namespace"], "x");
+        assert!(object["metadata"].get("resourceVersion").is_none());
+        assert!(
+            object.get("status").is_none(),
+            "status goes through the subresource"
+        );
+        assert_eq!(object["spec"]["nodeName"], "node2");
+        assert_eq!(object["spec"]["automountServiceAccountToken"], false);
+        assert_eq!(object["spec"]["containers"][0]["image"], PLACEHOLDER_IMAGE);
+        assert_eq!(object["spec"]["containers"][1]["image"], "nginx:1.27");
+        assert_eq!(
+            pod_status(&pod),
+            json!({ "status": { "phase": "Running", "podIP": "10.244.2.10",
+                "podIPs": [{ "ip": "10.244.2.10" }, { "ip": "fd00:10:244:2::a" }] } })
+        );
+        let current = BTreeMap::from([
+            ("gone".to_string(), "1".to_string()),
+            ("pod".to_string(), "old".to_string()),
+        ]);
+        assert_eq!(
+            labels_patch(&current, &pod.labels),
+            json!({ "metadata": { "labels": { "gone": null, "pod": "a" } } })
         );
     }
 

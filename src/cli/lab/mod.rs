@@ -1399,9 +1399,16 @@ pub fn down(name: &str, state_dir: Option<&Path>) -> Result<(), LabError> {
     let dir = state_dir.map_or_else(|| default_state_dir(name), Path::to_path_buf);
     let mut relays = Vec::new();
     let mut kubeconfig = None;
+    let mut pod_objects = Vec::new();
     let mut namespaces = match Lab::load_from(name, &dir) {
         Ok(lab) => {
             kubeconfig = lab.state.kubeconfig.clone();
+            pod_objects = lab
+                .state
+                .pods
+                .values()
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .collect();
             relays = lab
                 .state
                 .nodes
@@ -1427,10 +1434,13 @@ pub fn down(name: &str, state_dir: Option<&Path>) -> Result<(), LabError> {
     // the hub goes last so etcd outlives the agents.
     let mut problems = Vec::new();
     if let Some(kubeconfig) = &kubeconfig {
-        // Only the Node objects this lab created (labelled with its name).
-        match k8s::delete_lab_nodes_blocking(kubeconfig, name) {
-            Ok(deleted) => info!(lab = name, nodes = ?deleted, "deleted the lab's Node objects"),
-            Err(e) => problems.push(format!("Node objects of the lab: {e}")),
+        // Only the Pod objects of its pods and the Node objects this lab created (labelled
+        // with its name).
+        match k8s::delete_lab_objects_blocking(kubeconfig, name, pod_objects) {
+            Ok(deleted) => {
+                info!(lab = name, objects = ?deleted, "deleted the lab's Pod and Node objects")
+            }
+            Err(e) => problems.push(format!("Pod and Node objects of the lab: {e}")),
         }
     }
     if !relays.is_empty() {

@@ -9,7 +9,10 @@
 //! - a small server (`wiremesh lab serve`) listens on its container ports: TCP accepts, UDP
 //!   echoes;
 //! - its WorkloadEndpoint, the `kns.<namespace>` profile (the Namespace's labels as `pcns.*`)
-//!   and the `ksa.<namespace>.<account>` profile go to the lab's etcd.
+//!   and the `ksa.<namespace>.<account>` profile go to the lab's etcd;
+//! - in a Kubernetes lab (`lab up --kubeconfig`) the Namespace, its `default` ServiceAccount and
+//!   the Pod (bound to its lab node, status written as a kubelet would) go to the API server
+//!   instead, and the agents derive the endpoint and profiles themselves.
 //!
 //! The lab's own `pod<i>` (one per node, on `veth-pod`) is separate and unchanged.
 
@@ -25,7 +28,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use super::sys::{self, ip, run};
-use super::{Lab, LabError, NodeState, clear_netns};
+use super::{Lab, LabError, NodeState, clear_netns, k8s};
 use wiremesh_core::manifest::ManifestObject;
 use wiremesh_core::model::Family;
 use wiremesh_core::policy::workload::{
@@ -160,6 +163,8 @@ pub struct PodRequest {
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
     pub ports: Vec<PodPort>,
+    /// The Pod as the manifest has it (a Kubernetes lab publishes it).
+    pub object: Value,
 }
 
 impl PodRequest {
@@ -313,6 +318,7 @@ pub fn pod_request(
             .filter(|a| !a.is_empty())
             .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.into()),
         ports,
+        object: object.value.clone(),
     })
 }
 
@@ -624,12 +630,27 @@ impl Lab {
         Ok(out)
     }
 
-    /// Records a namespace and writes its `kns.` profile.
+    /// A client of a Kubernetes lab's API server; None for an etcd lab.
+    pub(super) async fn kube_client(&self) -> Result<Option<kube::Client>, LabError> {
+        match &self.state.kubeconfig {
+            Some(kubeconfig) => Ok(Some(k8s::client(kubeconfig).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a namespace and writes its `kns.` profile (a Kubernetes lab: the Namespace object
+    /// and its `default` ServiceAccount); returns what was written.
     pub(super) async fn put_namespace(
         &mut self,
         name: &str,
         labels: BTreeMap<String, String>,
-    ) -> Result<String, LabError> {
+    ) -> Result<Vec<String>, LabError> {
+        if let Some(client) = self.kube_client().await? {
+            let touched = k8s::publish_namespace(&client, name, &labels).await?;
+            self.state.namespaces.insert(name.to_string(), labels);
+            self.save()?;
+            return Ok(touched);
+        }
         let key = profile_key(&format!("kns.{name}"));
         let body = serde_json::to_vec(&namespace_profile(name, &labels)).unwrap_or_default();
         self.state.namespaces.insert(name.to_string(), labels);
@@ -639,7 +660,7 @@ impl Lab {
             w.put_raw(&k, body).await
         })
         .await?;
-        Ok(key)
+        Ok(vec![key])
     }
 
     /// Deletes a namespace: its pods, its profiles, its record.
@@ -654,6 +675,19 @@ impl Lab {
             .collect();
         for pod in pods {
             touched.extend(self.delete_pod(&pod).await?);
+        }
+        if let Some(client) = self.kube_client().await? {
+            k8s::delete_namespace(&client, name).await?;
+            warn!(
+                namespace = name,
+                "Namespace deleted: without a namespace controller (a bare API server) it stays Terminating"
+            );
+            touched.push(format!(
+                "Namespace {name} (deleted; it stays Terminating until a namespace controller finalizes it, which a bare API server has not)"
+            ));
+            self.state.namespaces.remove(name);
+            self.save()?;
+            return Ok(touched);
         }
         let key = profile_key(&format!("kns.{name}"));
         let k = key.clone();
@@ -676,6 +710,7 @@ impl Lab {
             self.put_namespace(&name, labels).await?;
         }
         let key = request.key();
+        let manifest = request.object.clone();
         let pod = match self.state.pods.get(&key).cloned() {
             Some(mut existing) => {
                 existing.labels = request.labels;
@@ -685,6 +720,22 @@ impl Lab {
             }
             None => self.create_pod(request).await?,
         };
+        let summary = format!(
+            "pod {key} on {}: {} ({}, netns {})",
+            pod.node_name,
+            pod.addresses()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            pod.interface,
+            pod.netns
+        );
+        if let Some(client) = self.kube_client().await? {
+            // The agents derive the endpoint and profiles from the Pod and its Namespace.
+            let published = k8s::publish_pod(&client, &manifest, &pod).await?;
+            return Ok(vec![summary, published]);
+        }
         let mut writes = vec![
             (
                 profile_key(&service_account_profile_name(
@@ -707,17 +758,7 @@ impl Lab {
             Ok(())
         })
         .await?;
-        let mut out = vec![format!(
-            "pod {key} on {}: {} ({}, netns {})",
-            pod.node_name,
-            pod.addresses()
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
-            pod.interface,
-            pod.netns
-        )];
+        let mut out = vec![summary];
         out.extend(keys);
         Ok(out)
     }
@@ -852,6 +893,13 @@ impl Lab {
             info!(pod = key, "no such pod in the lab");
             return Ok(Vec::new());
         };
+        if let Some(client) = self.kube_client().await? {
+            // The Pod object first, as a kubelet's teardown follows it: the agents drop its
+            // chains.
+            k8s::delete_pod(&client, &pod.namespace, &pod.name).await?;
+            self.unplumb(&pod)?;
+            return Ok(vec![format!("pod {key}"), format!("Pod {key}")]);
+        }
         let account_used = self.state.pods.values().any(|p| {
             p.key() != pod.key()
                 && p.namespace == pod.namespace
@@ -873,17 +921,23 @@ impl Lab {
             Ok(())
         })
         .await?;
-        clear_netns(std::slice::from_ref(&pod.netns))?;
-        let (log, pid_file, ready) = self.server_files(&pod);
-        for f in [log, pid_file, ready] {
-            let _ = fs::remove_file(f);
-        }
-        self.state.pods.remove(key);
-        self.save()?;
-        info!(pod = key, "pod deleted");
+        self.unplumb(&pod)?;
         let mut out = vec![format!("pod {key}")];
         out.extend(keys);
         Ok(out)
+    }
+
+    /// Removes a pod's namespace (with its server and veth), its files and its record.
+    fn unplumb(&mut self, pod: &LabPod) -> Result<(), LabError> {
+        clear_netns(std::slice::from_ref(&pod.netns))?;
+        let (log, pid_file, ready) = self.server_files(pod);
+        for f in [log, pid_file, ready] {
+            let _ = fs::remove_file(f);
+        }
+        self.state.pods.remove(&pod.key());
+        self.save()?;
+        info!(pod = %pod.key(), "pod deleted");
+        Ok(())
     }
 }
 

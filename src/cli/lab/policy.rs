@@ -1,7 +1,8 @@
 //! `wiremesh lab apply -f FILE`: projectcalico.org/v3 manifests into the lab's datastore: etcd
 //! in Calico's key layout, or the Kubernetes API of a `lab up --kubeconfig` lab (policy kinds,
-//! and FelixConfiguration for failsafe ports). `v1` Namespaces and Pods become real lab pods
-//! with their WorkloadEndpoints and profiles (etcd labs; see `pods`).
+//! and FelixConfiguration for failsafe ports). `v1` Namespaces and Pods become real lab pods,
+//! published as WorkloadEndpoints and profiles (etcd labs) or as Namespace and Pod objects
+//! (Kubernetes labs; see `pods`).
 
 use std::path::Path;
 
@@ -65,23 +66,17 @@ impl Lab {
                 .filter(|o| o.kind == Some(kind))
                 .collect()
         };
-        // The lab has no ServiceAccount objects (each pod's `ksa.` profile carries the name only).
+        let (pods, namespaces) = (of_kind(Kind::Pod), of_kind(Kind::Namespace));
+        if self.state.kubeconfig.is_some() {
+            return self.apply_kube(manifest, &pods, &namespaces, delete).await;
+        }
+        // The etcd lab has no ServiceAccount objects (each pod's `ksa.` profile carries the
+        // name only).
         if let Some(o) = of_kind(Kind::ServiceAccount).first() {
             return Err(LabError::InvalidArgument {
                 what: format!("ServiceAccount {} ({})", o.key, o.position),
                 reason: "the lab does not take ServiceAccount objects yet (use them with `wiremesh policy which-endpoints -f`)".into(),
             });
-        }
-        let (pods, namespaces) = (of_kind(Kind::Pod), of_kind(Kind::Namespace));
-        if let Some(kubeconfig) = &self.state.kubeconfig {
-            if let Some(o) = pods.iter().chain(&namespaces).next() {
-                return Err(LabError::InvalidArgument {
-                    what: format!("{} {} ({})", o.kind.map_or("", Kind::kind_name), o.key, o.position),
-                    reason: "pods and namespaces are not supported yet in a Kubernetes lab (`lab up --kubeconfig`): apply them with kubectl; the lab runs pods only with its etcd".into(),
-                });
-            }
-            let client = super::k8s::client(kubeconfig).await?;
-            return super::k8s::apply_manifest(&client, manifest, delete).await;
         }
         let mut namespace_labels = Vec::new();
         for o in &namespaces {
@@ -101,7 +96,7 @@ impl Lab {
                 namespace_labels.iter().map(|(n, _)| n.clone()).collect();
             let requests = self.check_pods(&pods, &created)?;
             for (name, labels) in namespace_labels {
-                touched.push(self.put_namespace(&name, labels).await?);
+                touched.extend(self.put_namespace(&name, labels).await?);
             }
             for request in requests {
                 touched.extend(self.put_pod(request).await?);
@@ -134,6 +129,79 @@ impl Lab {
             Ok(())
         })
         .await?;
+        Ok(touched)
+    }
+
+    /// [`Lab::apply`] in a Kubernetes lab: Namespaces (with their `default` ServiceAccount),
+    /// ServiceAccounts, Pods (plumbed here, published as objects), then the rest through the
+    /// API; on delete Pods, the rest, then Namespaces (after their pods).
+    async fn apply_kube(
+        &mut self,
+        manifest: &Manifest,
+        pods: &[&ManifestObject],
+        namespaces: &[&ManifestObject],
+        delete: bool,
+    ) -> Result<Vec<String>, LabError> {
+        let client = self
+            .kube_client()
+            .await?
+            .ok_or_else(|| LabError::InvalidArgument {
+                what: "lab".into(),
+                reason: "not a Kubernetes lab".into(),
+            })?;
+        let mut namespace_labels = Vec::new();
+        for o in namespaces {
+            namespace_labels.push(namespace_request(o)?);
+        }
+        let subset = |wanted: &dyn Fn(Option<Kind>) -> bool| Manifest {
+            objects: manifest
+                .objects
+                .iter()
+                .filter(|o| wanted(o.kind))
+                .cloned()
+                .collect(),
+            errors: Vec::new(),
+        };
+        let accounts = subset(&|k| k == Some(Kind::ServiceAccount));
+        let rest =
+            subset(&|k| !matches!(k, Some(Kind::ServiceAccount | Kind::Pod | Kind::Namespace)));
+        let mut touched = Vec::new();
+        if delete {
+            for o in pods {
+                touched.extend(self.delete_pod(&o.key).await?);
+            }
+            touched.extend(super::k8s::apply_manifest(&client, &rest, true).await?);
+            touched.extend(super::k8s::apply_manifest(&client, &accounts, true).await?);
+            for (name, _) in &namespace_labels {
+                touched.extend(self.delete_namespace(name).await?);
+            }
+            return Ok(touched);
+        }
+        let created: BTreeSet<String> = namespace_labels.iter().map(|(n, _)| n.clone()).collect();
+        // A pod's namespace may exist in the cluster already: take its labels from there.
+        let mut existing = Vec::new();
+        for o in pods {
+            let namespace = o.key.split_once('/').map_or("default", |(ns, _)| ns);
+            if created.contains(namespace) || existing.iter().any(|(n, _)| n == namespace) {
+                continue;
+            }
+            if let Some(labels) = super::k8s::namespace_labels(&client, namespace).await? {
+                existing.push((namespace.to_string(), labels));
+            }
+        }
+        for (name, labels) in &existing {
+            self.state.namespaces.insert(name.clone(), labels.clone());
+        }
+        let requests = self.check_pods(pods, &created)?;
+        // Known namespaces too: their `default` ServiceAccount may be missing.
+        for (name, labels) in namespace_labels.into_iter().chain(existing) {
+            touched.extend(self.put_namespace(&name, labels).await?);
+        }
+        touched.extend(super::k8s::apply_manifest(&client, &accounts, false).await?);
+        for request in requests {
+            touched.extend(self.put_pod(request).await?);
+        }
+        touched.extend(super::k8s::apply_manifest(&client, &rest, false).await?);
         Ok(touched)
     }
 }
